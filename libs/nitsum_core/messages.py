@@ -1,0 +1,285 @@
+"""The wire protocol: one msgspec Struct per subject, msgpack-encoded.
+
+Structs are frozen-free but ``forbid_unknown_fields`` is off on purpose: a newer peer may add
+optional fields without breaking an older one (subjects carry the major version).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from nitsum_core.errors import NitsumError, ProtocolError, error_class
+
+
+class ErrorInfo(msgspec.Struct):
+    """An error on the wire: a stable machine code and a message that says what to do."""
+
+    code: str
+    message: str
+
+    @classmethod
+    def from_exc(cls, exc: NitsumError) -> ErrorInfo:
+        return cls(code=exc.code, message=exc.message)
+
+    def to_exc(self) -> NitsumError:
+        return error_class(self.code)(self.message)
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    """Client -> router (ROUTER_GENERATE). Exactly one of ``prompt`` / ``messages`` is set."""
+
+    request_id: str
+    tier: str = "interactive"
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+    timeout_s: float = 300.0
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    """Per-request accounting, sent with the final chunk."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    worker_slot: int
+    reroutes: int = 0
+
+
+class StreamChunk(msgspec.Struct, kw_only=True):
+    """Router -> client (reply inbox): new text for one request; the last one has ``finished``."""
+
+    request_id: str
+    seq: int
+    text: str = ""
+    token_ids: list[int] = msgspec.field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    error: ErrorInfo | None = None
+    usage: Usage | None = None
+
+
+class CancelRequest(msgspec.Struct):
+    """Client -> router (ROUTER_CANCEL)."""
+
+    request_id: str
+
+
+class SamplingParams(msgspec.Struct, kw_only=True):
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class WorkerSubmit(msgspec.Struct, kw_only=True):
+    """Router -> worker (worker_submit(slot)); answered with SubmitAck."""
+
+    request_id: str
+    router_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    epoch: int = 0
+
+
+class SubmitAck(msgspec.Struct, kw_only=True):
+    request_id: str
+    accepted: bool
+    error: ErrorInfo | None = None
+
+
+class WorkerAbort(msgspec.Struct):
+    """Router -> worker (worker_abort(slot)): stop generating and free the KV blocks."""
+
+    request_id: str
+
+
+class TokenItem(msgspec.Struct, kw_only=True):
+    request_id: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: ErrorInfo | None = None
+
+
+class TokenBatch(msgspec.Struct, kw_only=True):
+    """Worker -> router (router_tokens(router_id)): every new token of one engine step."""
+
+    slot: int
+    step: int
+    items: list[TokenItem]
+
+
+class WorkerHeartbeat(msgspec.Struct, kw_only=True):
+    """Worker -> all (WORKER_HEARTBEAT): liveness plus the load numbers the router routes on."""
+
+    slot: int
+    worker_id: str
+    pid: int
+    model: str
+    max_model_len: int
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    steps: int
+    tokens_generated: int
+    sent_at: float
+
+
+class KvEvent(msgspec.Struct, kw_only=True):
+    """Worker -> kv_broker (KV_EVENTS): a request's KV blocks were allocated, grown or freed."""
+
+    slot: int
+    request_id: str
+    kind: Literal["alloc", "free"]
+    block_ids: list[int] = msgspec.field(default_factory=list)
+    head_start: int = 0
+    head_end: int = 0
+    num_tokens: int = 0
+
+
+class KvLookup(msgspec.Struct):
+    request_id: str
+
+
+class KvLocation(msgspec.Struct, kw_only=True):
+    request_id: str
+    found: bool
+    slot: int = -1
+    block_ids: list[int] = msgspec.field(default_factory=list)
+    head_start: int = 0
+    head_end: int = 0
+    num_tokens: int = 0
+
+
+class KvListRequest(msgspec.Struct):
+    slot: int | None = None
+
+
+class KvListReply(msgspec.Struct):
+    entries: list[KvLocation]
+
+
+class Instance(msgspec.Struct, kw_only=True):
+    """One serving instance: an aligned block of slots running at TP ``len(slots)``."""
+
+    instance_id: int
+    slots: list[int]
+    role: Literal["prefill", "decode", "mixed"] = "mixed"
+    tiers: list[str] = msgspec.field(default_factory=list)  # empty: every tier
+
+    @property
+    def tp(self) -> int:
+        return len(self.slots)
+
+    @property
+    def leader(self) -> int:
+        return self.slots[0]
+
+
+class Topology(msgspec.Struct, kw_only=True):
+    """Epoch ``epoch`` of the pool cut; stored in the TOPOLOGY_BUCKET KV bucket."""
+
+    epoch: int
+    instances: list[Instance]
+    written_at: float
+    reason: str = ""
+
+
+class TopologyRequest(msgspec.Struct):
+    pass
+
+
+class WorkerView(msgspec.Struct, kw_only=True):
+    slot: int
+    alive: bool
+    running: int
+    waiting: int
+    in_flight: int
+    free_blocks: int
+    total_blocks: int
+    last_seen_s: float
+
+
+class RouterStatus(msgspec.Struct, kw_only=True):
+    router_id: str
+    epoch: int
+    workers: list[WorkerView]
+    in_flight_by_tier: dict[str, int]
+    completed: int
+    failed: int
+    rerouted: int
+    tiers: list[str]
+
+
+class StatusRequest(msgspec.Struct):
+    pass
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    """Encode any protocol message to msgpack bytes."""
+    return _encoder.encode(msg)
+
+
+def decode(cls: type[T], data: bytes) -> T:
+    """Decode ``data`` as ``cls``; raise ProtocolError saying what was wrong on any bad input."""
+    dec = _decoders.get(cls)
+    if dec is None:
+        dec = _decoders[cls] = msgspec.msgpack.Decoder(cls)
+    try:
+        return dec.decode(data)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid {cls.__name__}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed {cls.__name__} (not msgpack of the expected shape): {exc}") from None
+
+
+ALL_MESSAGE_TYPES: tuple[type[msgspec.Struct], ...] = (
+    ErrorInfo,
+    ChatMessage,
+    GenerateRequest,
+    Usage,
+    StreamChunk,
+    CancelRequest,
+    SamplingParams,
+    WorkerSubmit,
+    SubmitAck,
+    WorkerAbort,
+    TokenItem,
+    TokenBatch,
+    WorkerHeartbeat,
+    KvEvent,
+    KvLookup,
+    KvLocation,
+    KvListRequest,
+    KvListReply,
+    Instance,
+    Topology,
+    TopologyRequest,
+    WorkerView,
+    RouterStatus,
+    StatusRequest,
+)

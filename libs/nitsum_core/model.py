@@ -1,0 +1,214 @@
+"""Our Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2; GQA) over a paged KV cache.
+
+The forward pass takes a *flat* batch: the new tokens of every scheduled sequence, concatenated.
+Linear layers run once over all of them (that is where batching pays); attention runs batched
+for decoding sequences and per sequence for prefill chunks, reading K/V from the paged cache.
+
+Weight layout: q/k/v are fused with rows grouped by KV head ([q rows of group g, k_g, v_g] for
+each group g), so the slice of any TP degree that divides the KV heads is one contiguous row
+block -- a view, never a copy (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a Llama-family model, read from an HF ``config.json``."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict) -> ModelSpec:
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; Nitsum runs {sorted(SUPPORTED_MODEL_TYPES)}"
+            )
+        heads = cfg["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4  # float32
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step indices shared by every layer (built once per step by the engine)."""
+
+    positions: torch.Tensor  # [T] position of each new token
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    logits_index: torch.Tensor  # [S] flat index of the last new token of each sampling sequence
+    # Decode group (one new token per sequence): flat token rows, gather slots, key mask.
+    decode_rows: torch.Tensor | None = None  # [B]
+    decode_slots: torch.Tensor | None = None  # [B, L] cache slots to read (padded)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] additive mask (0 / -inf)
+    # Prefill chunks: (first flat row, number of rows, cache slots of the whole context or None
+    # when the chunk is the whole context so the fresh K/V can be used directly).
+    prefills: list[tuple[int, int, torch.Tensor | None]] | None = None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as HF's LlamaRMSNorm so greedy outputs match token for token.
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaModel:
+    """Weights plus a forward pass; no nn.Module state beyond plain tensors (easy to slice and view)."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], hf_config: dict) -> None:
+        self.spec = spec
+        s = spec
+        self.group = s.num_heads // s.num_kv_heads
+        self.embed = weights["model.embed_tokens.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed) if not s.tie_word_embeddings else self.embed
+        self.final_norm = weights["model.norm.weight"]
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for i in range(s.num_layers):
+            p = f"model.layers.{i}."
+            q = weights[p + "self_attn.q_proj.weight"].view(s.num_kv_heads, self.group * s.head_dim, -1)
+            k = weights[p + "self_attn.k_proj.weight"].view(s.num_kv_heads, s.head_dim, -1)
+            v = weights[p + "self_attn.v_proj.weight"].view(s.num_kv_heads, s.head_dim, -1)
+            layer = {
+                "qkv": torch.cat([q, k, v], dim=1).reshape(-1, s.hidden_size).contiguous(),
+                "o": weights[p + "self_attn.o_proj.weight"],
+                "gate_up": torch.cat(
+                    [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]], dim=0
+                ).contiguous(),
+                "down": weights[p + "mlp.down_proj.weight"],
+                "ln1": weights[p + "input_layernorm.weight"],
+                "ln2": weights[p + "post_attention_layernorm.weight"],
+            }
+            if s.attention_bias:
+                qb = weights[p + "self_attn.q_proj.bias"].view(s.num_kv_heads, -1)
+                kb = weights[p + "self_attn.k_proj.bias"].view(s.num_kv_heads, -1)
+                vb = weights[p + "self_attn.v_proj.bias"].view(s.num_kv_heads, -1)
+                layer["qkv_bias"] = torch.cat([qb, kb, vb], dim=1).reshape(-1).contiguous()
+            self.layers.append(layer)
+        self._init_rope(hf_config)
+
+    def _init_rope(self, hf_config: dict) -> None:
+        # Reuse transformers' rotary implementation for the inverse frequencies so every rope
+        # scaling variant (llama3, linear, dynamic...) is computed exactly as the reference does.
+        from transformers import AutoConfig
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        cfg = AutoConfig.for_model(**{**hf_config, "model_type": "llama"})
+        rope = LlamaRotaryEmbedding(cfg)
+        positions = torch.arange(self.spec.max_position_embeddings)
+        freqs = torch.outer(positions.float(), rope.inv_freq.float())
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = (emb.cos() * rope.attention_scaling).contiguous()
+        self.sin = (emb.sin() * rope.attention_scaling).contiguous()
+
+    def new_kv_cache(self, num_slots: int) -> torch.Tensor:
+        """KV storage for ``num_slots`` token positions: [layers, 2, slots, kv_heads, head_dim]."""
+        s = self.spec
+        return torch.zeros(s.num_layers, 2, num_slots, s.num_kv_heads, s.head_dim, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: torch.Tensor) -> torch.Tensor:
+        """Logits [S, vocab] for the sampling rows in ``meta.logits_index``."""
+        s = self.spec
+        hd, nkv, grp = s.head_dim, s.num_kv_heads, self.group
+        num_tokens = input_ids.shape[0]
+        x = F.embedding(input_ids, self.embed)
+        cos = self.cos[meta.positions].unsqueeze(1)  # [T, 1, hd]
+        sin = self.sin[meta.positions].unsqueeze(1)
+        for li, w in enumerate(self.layers):
+            h = _rms_norm(x, w["ln1"], s.rms_norm_eps)
+            qkv = F.linear(h, w["qkv"], w.get("qkv_bias")).view(num_tokens, nkv, grp + 2, hd)
+            q = qkv[:, :, :grp].reshape(num_tokens, nkv * grp, hd)
+            k = qkv[:, :, grp]
+            v = qkv[:, :, grp + 1]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_cache, v_cache = kv[li, 0], kv[li, 1]
+            k_cache.index_copy_(0, meta.slot_mapping, k)
+            v_cache.index_copy_(0, meta.slot_mapping, v)
+            attn = torch.empty(num_tokens, nkv * grp, hd)
+            if meta.decode_rows is not None:
+                qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, hd]
+                kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, hd]
+                vd = v_cache[meta.decode_slots].transpose(1, 2)
+                od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
+                attn[meta.decode_rows] = od.squeeze(2)
+            for start, n, ctx_slots in meta.prefills or ():
+                qp = q[start : start + n].transpose(0, 1)  # [H, n, hd]
+                if ctx_slots is None:
+                    kp = k[start : start + n].transpose(0, 1)
+                    vp = v[start : start + n].transpose(0, 1)
+                    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+                else:
+                    kp = k_cache[ctx_slots].transpose(0, 1)  # [Hkv, ctx, hd]
+                    vp = v_cache[ctx_slots].transpose(0, 1)
+                    ctx = ctx_slots.shape[0]
+                    # The chunk's queries are the last n positions of the context.
+                    mask = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=ctx - n)
+                    op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
+                attn[start : start + n] = op.transpose(0, 1)
+            x = x + F.linear(attn.view(num_tokens, -1), w["o"])
+            h = _rms_norm(x, w["ln2"], s.rms_norm_eps)
+            gate, up = F.linear(h, w["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w["down"])
+        x = x[meta.logits_index]
+        x = _rms_norm(x, self.final_norm, s.rms_norm_eps)
+        return F.linear(x, self.lm_head)
+
+
+def load_model(checkpoint_dir: str | Path) -> LlamaModel:
+    """Load a safetensors Llama-family checkpoint directory (config.json + *.safetensors)."""
+    path = Path(checkpoint_dir)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path} has no config.json; pass an HF checkpoint directory or a .gguf file")
+    hf_config = json.loads(cfg_path.read_text())
+    spec = ModelSpec.from_config_dict(hf_config)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weight files")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update({k: t.float() for k, t in load_file(str(f)).items()})
+    return LlamaModel(spec, weights, hf_config)
