@@ -86,4 +86,6 @@ def resolve_checkpoint(model: str = DEFAULT_MODEL) -> Path:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not an HF checkpoint directory (no config.json)")
         return path
-    raise FileNotFoundError(f"model {model!r} not found: pass 'smollm2', a .gguf file or an HF checkpoint directory")
+    raise FileNotFoundError(
+        f"model {model!r} not found: pass 'smollm2', a .gguf file or an HF checkpoint directory"
+    )

@@ -60,6 +60,7 @@ class Engine:
         self.kv = model.new_kv_cache(num_blocks * config.block_size)
         self._params: dict[str, RequestParams] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._seqs: dict[str, Sequence] = {}
         self.steps = 0
         self.tokens_generated = 0
 
@@ -67,7 +68,9 @@ class Engine:
     def capacity_tokens(self) -> int:
         return self.blocks.num_blocks * self.blocks.block_size
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: RequestParams, priority: int = 0) -> None:
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: RequestParams, priority: int = 0
+    ) -> None:
         if request_id in self._params:
             raise ValueError(f"duplicate request id {request_id}")
         if not prompt_ids:
@@ -84,11 +87,19 @@ class Engine:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else hash(request_id) & 0x7FFFFFFF)
             self._generators[request_id] = gen
-        self.scheduler.add(Sequence(request_id, list(prompt_ids), len(prompt_ids), priority))
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), priority)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def num_tokens(self, request_id: str) -> int:
+        """Prompt + generated tokens of a live request (0 if unknown)."""
+        seq = self._seqs.get(request_id)
+        return len(seq.token_ids) if seq else 0
 
     def abort(self, request_id: str) -> bool:
         self._params.pop(request_id, None)
         self._generators.pop(request_id, None)
+        self._seqs.pop(request_id, None)
         return self.scheduler.remove(request_id) is not None
 
     def has_work(self) -> bool:
@@ -156,16 +167,16 @@ class Engine:
             if not item.samples:
                 continue
             params = self._params[seq.seq_id]
-            token = sample_one(logits[row], params.temperature, params.top_p, self._generators.get(seq.seq_id))
+            token = sample_one(
+                logits[row], params.temperature, params.top_p, self._generators.get(seq.seq_id)
+            )
             row += 1
             seq.token_ids.append(token)
             self.tokens_generated += 1
             reason = None
             if token in self.eos_token_ids and not params.ignore_eos:
                 reason = "stop"
-            elif seq.num_generated >= params.max_tokens:
-                reason = "length"
-            elif len(seq.token_ids) >= self.max_model_len:
+            elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
                 reason = "length"
             outputs.append(StepOutput(seq.seq_id, [token], reason))
             if reason is not None:

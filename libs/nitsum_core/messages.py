@@ -94,6 +94,7 @@ class WorkerSubmit(msgspec.Struct, kw_only=True):
     router_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
+    priority: int = 0
     epoch: int = 0
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def sample_one(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+def sample_one(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
     """Pick the next token from one row of logits."""
     if temperature <= 0.0:
         return int(torch.argmax(logits))

@@ -40,7 +40,9 @@ class Tokenizer:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; send a plain prompt instead of messages")
         text = self.hf.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
         )
         return list(self.hf.encode(text, add_special_tokens=False))
 

@@ -1,0 +1,1 @@
+"""kv_broker: the directory of which worker holds which request's KV blocks (DESIGN §2)."""

@@ -1,0 +1,115 @@
+"""The KV directory: fed by workers' KvEvent messages, answered by KV_LOOKUP / KV_LIST.
+
+Plans for migration and prefill->decode hand-off will be computed from this directory; bytes
+never pass through the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from nats.aio.msg import Msg
+from nats.micro.request import Request
+from nitsum_core import messages as m
+from nitsum_core import subjects
+from nitsum_core.bus import connect
+from nitsum_core.errors import ProtocolError
+from nitsum_core.logs import setup_logging
+from nitsum_core.service import register, stop_event_on_signals
+
+
+class KvDirectory:
+    """request id -> where its KV lives. Pure state, no I/O (unit-testable)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, m.KvLocation] = {}
+
+    def apply(self, ev: m.KvEvent) -> None:
+        if ev.kind == "free":
+            cur = self.entries.get(ev.request_id)
+            if cur is not None and cur.slot == ev.slot:
+                del self.entries[ev.request_id]
+            return
+        self.entries[ev.request_id] = m.KvLocation(
+            request_id=ev.request_id,
+            found=True,
+            slot=ev.slot,
+            block_ids=list(ev.block_ids),
+            head_start=ev.head_start,
+            head_end=ev.head_end,
+            num_tokens=ev.num_tokens,
+        )
+
+    def lookup(self, request_id: str) -> m.KvLocation:
+        return self.entries.get(request_id) or m.KvLocation(request_id=request_id, found=False)
+
+    def on_slot(self, slot: int | None) -> list[m.KvLocation]:
+        return [e for e in self.entries.values() if slot is None or e.slot == slot]
+
+    def drop_slot(self, slot: int) -> int:
+        gone = [k for k, e in self.entries.items() if e.slot == slot]
+        for k in gone:
+            del self.entries[k]
+        return len(gone)
+
+
+class KvBroker:
+    def __init__(self, nats_url: str, worker_timeout_s: float = 2.0) -> None:
+        self.nats_url = nats_url
+        self.worker_timeout_s = worker_timeout_s
+        self.directory = KvDirectory()
+        self.last_seen: dict[int, float] = {}
+        self.log = setup_logging("kv_broker")
+
+    async def run(self) -> None:
+        stop = stop_event_on_signals()
+        nc = await connect(self.nats_url, name="nitsum-kv-broker")
+        await nc.subscribe(subjects.KV_EVENTS, cb=self._on_event)
+        await nc.subscribe(subjects.WORKER_HEARTBEAT, cb=self._on_heartbeat)
+        svc = await register(nc, subjects.SERVICE_KV_BROKER, "Nitsum KV broker: KV block directory")
+        await svc.add_endpoint(name="lookup", subject=subjects.KV_LOOKUP, handler=self._on_lookup)
+        await svc.add_endpoint(name="list", subject=subjects.KV_LIST, handler=self._on_list)
+        reaper = asyncio.create_task(self._reap_dead_workers())
+        self.log.info("kv broker ready")
+        await stop.wait()
+        reaper.cancel()
+        await svc.stop()
+        await nc.drain()
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            self.directory.apply(m.decode(m.KvEvent, msg.data))
+        except ProtocolError as exc:
+            self.log.warning("dropped malformed kv event", error=str(exc))
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        with contextlib.suppress(ProtocolError):
+            self.last_seen[m.decode(m.WorkerHeartbeat, msg.data).slot] = time.monotonic()
+
+    async def _reap_dead_workers(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for slot, seen in list(self.last_seen.items()):
+                if now - seen > self.worker_timeout_s:
+                    del self.last_seen[slot]
+                    dropped = self.directory.drop_slot(slot)
+                    self.log.warning("worker gone; its KV entries dropped", slot=slot, entries=dropped)
+
+    async def _on_lookup(self, request: Request) -> None:
+        try:
+            q = m.decode(m.KvLookup, request.data)
+        except ProtocolError as exc:
+            await request.respond_error("400", exc.message)
+            return
+        await request.respond(m.encode(self.directory.lookup(q.request_id)))
+
+    async def _on_list(self, request: Request) -> None:
+        try:
+            q = m.decode(m.KvListRequest, request.data) if request.data else m.KvListRequest()
+        except ProtocolError as exc:
+            await request.respond_error("400", exc.message)
+            return
+        await request.respond(m.encode(m.KvListReply(entries=self.directory.on_slot(q.slot))))

@@ -1,0 +1,1 @@
+"""router: ingress, tokenisation, admission, routing, streaming and TTFT/TPOT accounting (DESIGN §2)."""

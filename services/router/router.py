@@ -1,0 +1,440 @@
+"""The router service.
+
+Clients send a GenerateRequest to ROUTER_GENERATE with a reply inbox; the router validates it,
+tokenises, routes it to the least-loaded live instance leader that serves its tier, and streams
+StreamChunk messages back to the inbox (seq 0 = accepted, then text, then one final chunk with
+usage). Worker liveness comes from heartbeats; a worker silent for ``worker_timeout_s`` is
+declared dead and its requests are re-run elsewhere with prompt + tokens generated so far, so
+the client sees one continuous stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.micro.request import Request
+from nitsum_core import messages as m
+from nitsum_core import subjects, topology
+from nitsum_core.bus import connect
+from nitsum_core.checkpoints import resolve_checkpoint
+from nitsum_core.config import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, Tier, check_tier
+from nitsum_core.errors import (
+    InvalidRequest,
+    NitsumError,
+    NoWorkers,
+    Overloaded,
+    PromptTooLong,
+    ProtocolError,
+    RequestTimeout,
+    WorkerLost,
+)
+from nitsum_core.logs import setup_logging
+from nitsum_core.routing import Candidate, eligible_leaders, least_loaded
+from nitsum_core.service import register, stop_event_on_signals
+from nitsum_core.tokenizer import IncrementalDetokenizer, Tokenizer
+from nitsum_router.flight import Flight
+
+
+@dataclass
+class WorkerState:
+    slot: int
+    heartbeat: m.WorkerHeartbeat
+    last_seen: float
+    alive: bool = True
+    in_flight: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    worker_timeout_s: float = 2.0
+    submit_timeout_s: float = 2.0
+    max_in_flight: int = 4096
+    max_reroutes: int = 2
+
+
+class Router:
+    def __init__(
+        self, nats_url: str, model: str, tiers: dict[str, Tier], config: RouterConfig | None = None
+    ) -> None:
+        self.nats_url = nats_url
+        self.model = model
+        self.tiers = tiers
+        self.config = config or RouterConfig()
+        self.router_id = uuid.uuid4().hex[:10]
+        self.log = setup_logging("router").bind(router_id=self.router_id)
+        self.nc: Client | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.workers: dict[int, WorkerState] = {}
+        self.flights: dict[str, Flight] = {}
+        self.topology: m.Topology | None = None
+        self.completed = 0
+        self.failed = 0
+        self.rerouted = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        stop = stop_event_on_signals()
+        self.tokenizer = await asyncio.to_thread(Tokenizer, resolve_checkpoint(self.model))
+        self.nc = nc = await connect(self.nats_url, name=f"nitsum-router-{self.router_id}")
+        await nc.subscribe(subjects.WORKER_HEARTBEAT, cb=self._on_heartbeat)
+        await nc.subscribe(subjects.router_tokens(self.router_id), cb=self._on_tokens)
+        await nc.subscribe(subjects.ROUTER_CANCEL, cb=self._on_cancel)
+        kv = await topology.open_bucket(nc.jetstream())
+        watcher = asyncio.create_task(topology.watch(kv, self._on_topology))
+        monitor = asyncio.create_task(self._monitor())
+        svc = await register(nc, subjects.SERVICE_ROUTER, "Nitsum router: admission, routing, streaming")
+        await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=self._on_generate)
+        await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=self._on_status)
+        self.log.info("router ready", tiers=sorted(self.tiers))
+        await stop.wait()
+        self.log.info("router stopping", in_flight=len(self.flights))
+        for f in list(self.flights.values()):
+            await self._fail(f, NitsumError("the router is shutting down; retry against another router"))
+        watcher.cancel()
+        monitor.cancel()
+        await svc.stop()
+        await nc.drain()
+
+    def _spawn(self, coro) -> None:  # noqa: ANN001
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- topology and liveness ---------------------------------------------------------------
+    async def _on_topology(self, topo: m.Topology) -> None:
+        self.topology = topo
+        self.log.info(
+            "topology", epoch=topo.epoch, instances=[i.slots for i in topo.instances], reason=topo.reason
+        )
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = m.decode(m.WorkerHeartbeat, msg.data)
+        except ProtocolError as exc:
+            self.log.warning("dropped malformed heartbeat", error=str(exc))
+            return
+        w = self.workers.get(hb.slot)
+        now = time.monotonic()
+        if w is None or w.heartbeat.worker_id != hb.worker_id:
+            if w is not None and w.alive:
+                # Same slot, new process: the old one's requests are gone with it.
+                await self._worker_died(w, "replaced by a new worker process")
+            self.workers[hb.slot] = WorkerState(hb.slot, hb, now)
+            self.log.info("worker joined", slot=hb.slot, worker_id=hb.worker_id)
+            return
+        w.heartbeat, w.last_seen = hb, now
+        if not w.alive:
+            w.alive = True
+            self.log.info("worker back", slot=hb.slot)
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if w.alive and now - w.last_seen > self.config.worker_timeout_s:
+                    await self._worker_died(w, f"no heartbeat for {now - w.last_seen:.1f}s")
+            for f in list(self.flights.values()):
+                if not f.finished and now > f.deadline:
+                    await self._abort_on_worker(f)
+                    await self._fail(f, RequestTimeout(f"request exceeded its timeout of {f.req.timeout_s}s"))
+
+    async def _worker_died(self, w: WorkerState, why: str) -> None:
+        w.alive = False
+        lost = [self.flights[r] for r in w.in_flight if r in self.flights]
+        w.in_flight.clear()
+        self.log.warning("worker lost", slot=w.slot, why=why, in_flight=len(lost))
+        for f in lost:
+            f.slot = None
+            if f.reroutes >= self.config.max_reroutes:
+                await self._fail(
+                    f, WorkerLost(f"worker slot {w.slot} died ({why}) and the reroute limit was hit")
+                )
+                continue
+            f.reroutes += 1
+            self.rerouted += 1
+            self._spawn(self._dispatch(f, exclude={w.slot}, why=f"worker slot {w.slot} died ({why})"))
+
+    # ---- admission -----------------------------------------------------------------------------
+    def _max_model_len(self) -> int | None:
+        lens = [w.heartbeat.max_model_len for w in self.workers.values() if w.alive]
+        return min(lens) if lens else None
+
+    def _admit(self, req: m.GenerateRequest) -> tuple[Tier, list[int]]:
+        tier = check_tier(self.tiers, req.tier)
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequest("send exactly one of 'prompt' (text) or 'messages' (chat)")
+        if req.prompt is not None and not req.prompt.strip():
+            raise InvalidRequest("the prompt is empty")
+        if req.messages is not None and (
+            not req.messages or not any(msg.content.strip() for msg in req.messages)
+        ):
+            raise InvalidRequest("the chat has no message with content")
+        if not 0 < req.max_tokens <= MAX_TOKENS_LIMIT:
+            raise InvalidRequest(f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {req.max_tokens}")
+        if req.temperature < 0 or not 0 < req.top_p <= 1:
+            raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
+        if len(req.stop) > MAX_STOP_STRINGS or any(not s for s in req.stop):
+            raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
+        if req.timeout_s <= 0:
+            raise InvalidRequest("timeout_s must be positive")
+        if not req.request_id or req.request_id in self.flights:
+            raise InvalidRequest(f"request_id {req.request_id!r} is empty or already in flight")
+        if len(self.flights) >= self.config.max_in_flight:
+            raise Overloaded(
+                f"router has {len(self.flights)} requests in flight (limit {self.config.max_in_flight}); retry later"
+            )
+        limit = self._max_model_len()
+        if limit is None:
+            raise NoWorkers("no live worker; start workers (nitsum up) and retry")
+        tok = self.tokenizer
+        assert tok is not None
+        try:
+            ids = (
+                tok.encode_prompt(req.prompt)
+                if req.prompt is not None
+                else tok.encode_chat(req.messages or [])
+            )
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if len(ids) >= limit:
+            raise PromptTooLong(
+                f"prompt is {len(ids)} tokens; the context window is {limit} tokens; shorten it"
+            )
+        if len(ids) + req.max_tokens > limit:
+            raise InvalidRequest(
+                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context window of "
+                f"{limit}; use max_tokens <= {limit - len(ids)}"
+            )
+        return tier, ids
+
+    async def _on_generate(self, request: Request) -> None:
+        # nats.micro exposes no public reply subject; the stream goes to the request's inbox.
+        reply = request._msg.reply
+        request_id = ""
+        try:
+            req = m.decode(m.GenerateRequest, request.data)
+            request_id = req.request_id
+            tier, ids = self._admit(req)
+        except NitsumError as exc:
+            self.failed += 1
+            self.log.info("rejected", request_id=request_id, code=exc.code, reason=exc.message)
+            if reply:
+                chunk = m.StreamChunk(
+                    request_id=request_id,
+                    seq=0,
+                    finished=True,
+                    finish_reason="error",
+                    error=m.ErrorInfo.from_exc(exc),
+                )
+                await self.nc.publish(reply, m.encode(chunk))
+            return
+        if not reply:
+            self.log.warning("generate request without a reply inbox dropped", request_id=request_id)
+            return
+        assert self.tokenizer is not None
+        flight = Flight(
+            req=req,
+            reply=reply,
+            tier=tier,
+            prompt_ids=ids,
+            detok=IncrementalDetokenizer(self.tokenizer),
+            deadline=time.monotonic() + req.timeout_s,
+        )
+        self.flights[req.request_id] = flight
+        await self.nc.publish(reply, m.encode(m.StreamChunk(request_id=req.request_id, seq=0)))
+        self._spawn(self._dispatch(flight))
+
+    async def _dispatch(self, f: Flight, exclude: set[int] | None = None, why: str = "") -> None:
+        """Send the request (or its remainder, after a worker loss) to the best live worker."""
+        assert self.nc is not None
+        exclude = set(exclude or ())
+        remaining = f.req.max_tokens - len(f.generated)
+        submit = m.WorkerSubmit(
+            request_id=f.req.request_id,
+            router_id=self.router_id,
+            prompt_ids=f.prompt_ids + f.generated,
+            sampling=m.SamplingParams(
+                max_tokens=remaining,
+                temperature=f.req.temperature,
+                top_p=f.req.top_p,
+                seed=f.req.seed,
+                ignore_eos=f.req.ignore_eos,
+            ),
+            priority=f.tier.priority,
+            epoch=self.topology.epoch if self.topology else 0,
+        )
+        payload = m.encode(submit)
+        while not f.finished:
+            alive = {s for s, w in self.workers.items() if w.alive} - exclude
+            leaders = eligible_leaders(self.topology, f.tier.name, alive)
+            slot = least_loaded(
+                [
+                    Candidate(s, len(self.workers[s].in_flight) + self.workers[s].heartbeat.waiting)
+                    for s in leaders
+                ]
+            )
+            if slot is None:
+                await self._fail(
+                    f, NoWorkers(f"no live worker serves tier {f.tier.name!r}" + (f" ({why})" if why else ""))
+                )
+                return
+            try:
+                resp = await self.nc.request(
+                    subjects.worker_submit(slot), payload, timeout=self.config.submit_timeout_s
+                )
+                ack = m.decode(m.SubmitAck, resp.data)
+            except (NoRespondersError, NatsTimeout) as exc:
+                self.log.warning("worker did not take the request", slot=slot, error=type(exc).__name__)
+                exclude.add(slot)
+                continue
+            if not ack.accepted:
+                err = ack.error.to_exc() if ack.error else NitsumError("worker refused the request")
+                await self._fail(f, err)
+                return
+            if f.finished:  # cancelled or timed out while the submit was in the air
+                await self.nc.publish(subjects.worker_abort(slot), m.encode(m.WorkerAbort(f.req.request_id)))
+                return
+            f.slot = slot
+            self.workers[slot].in_flight.add(f.req.request_id)
+            if why:
+                self.log.info(
+                    "rerouted", request_id=f.req.request_id, slot=slot, why=why, generated=len(f.generated)
+                )
+            return
+
+    # ---- token stream ---------------------------------------------------------------------------
+    async def _on_tokens(self, msg: Msg) -> None:
+        try:
+            batch = m.decode(m.TokenBatch, msg.data)
+        except ProtocolError as exc:
+            self.log.warning("dropped malformed token batch", error=str(exc))
+            return
+        now = time.monotonic()
+        for item in batch.items:
+            f = self.flights.get(item.request_id)
+            if f is None or f.finished or f.slot != batch.slot:
+                continue  # finished, cancelled, or a late batch from a worker we gave up on
+            if item.token_ids:
+                if f.first_token_at is None:
+                    f.first_token_at = now
+                f.last_token_at = now
+                f.generated.extend(item.token_ids)
+                f.detok.add(item.token_ids)
+            if item.error is not None:
+                await self._fail(f, item.error.to_exc())
+                continue
+            stop_at = f.find_stop() if f.req.stop else None
+            if stop_at is not None:
+                f.detok.text = f.detok.text[:stop_at]
+                await self._abort_on_worker(f)
+                await self._finish(f, "stop")
+            elif item.finished:
+                await self._finish(f, item.finish_reason or "stop")
+            else:
+                text = f.releasable_text(final=False)
+                if text or item.token_ids:
+                    chunk = m.StreamChunk(
+                        request_id=f.req.request_id, seq=f.next_seq(), text=text, token_ids=item.token_ids
+                    )
+                    await self.nc.publish(f.reply, m.encode(chunk))
+
+    def _release(self, f: Flight) -> None:
+        f.finished = True
+        self.flights.pop(f.req.request_id, None)
+        if f.slot is not None and f.slot in self.workers:
+            self.workers[f.slot].in_flight.discard(f.req.request_id)
+
+    async def _finish(self, f: Flight, reason: str) -> None:
+        self._release(f)
+        self.completed += 1
+        now = time.monotonic()
+        first = f.first_token_at or now
+        n = len(f.generated)
+        usage = m.Usage(
+            prompt_tokens=len(f.prompt_ids),
+            completion_tokens=n,
+            ttft_s=first - f.arrived,
+            tpot_s=((f.last_token_at or first) - first) / (n - 1) if n > 1 else 0.0,
+            e2e_s=now - f.arrived,
+            worker_slot=f.slot if f.slot is not None else -1,
+            reroutes=f.reroutes,
+        )
+        chunk = m.StreamChunk(
+            request_id=f.req.request_id,
+            seq=f.next_seq(),
+            text=f.releasable_text(final=True),
+            finished=True,
+            finish_reason=reason,
+            usage=usage,
+        )
+        await self.nc.publish(f.reply, m.encode(chunk))
+
+    async def _fail(self, f: Flight, exc: NitsumError) -> None:
+        if f.finished:
+            return
+        self._release(f)
+        self.failed += 1
+        self.log.warning("request failed", request_id=f.req.request_id, code=exc.code, reason=exc.message)
+        chunk = m.StreamChunk(
+            request_id=f.req.request_id,
+            seq=f.next_seq(),
+            finished=True,
+            finish_reason="error",
+            error=m.ErrorInfo.from_exc(exc),
+        )
+        await self.nc.publish(f.reply, m.encode(chunk))
+
+    async def _abort_on_worker(self, f: Flight) -> None:
+        if f.slot is not None:
+            await self.nc.publish(subjects.worker_abort(f.slot), m.encode(m.WorkerAbort(f.req.request_id)))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = m.decode(m.CancelRequest, msg.data)
+        except ProtocolError as exc:
+            self.log.warning("dropped malformed cancel", error=str(exc))
+            return
+        f = self.flights.get(cancel.request_id)
+        if f is None or f.finished:
+            return
+        await self._abort_on_worker(f)
+        await self._finish(f, "cancelled")
+
+    # ---- status ---------------------------------------------------------------------------------
+    async def _on_status(self, request: Request) -> None:
+        now = time.monotonic()
+        by_tier: dict[str, int] = dict.fromkeys(self.tiers, 0)
+        for f in self.flights.values():
+            by_tier[f.tier.name] = by_tier.get(f.tier.name, 0) + 1
+        status = m.RouterStatus(
+            router_id=self.router_id,
+            epoch=self.topology.epoch if self.topology else -1,
+            workers=[
+                m.WorkerView(
+                    slot=w.slot,
+                    alive=w.alive,
+                    running=w.heartbeat.running,
+                    waiting=w.heartbeat.waiting,
+                    in_flight=len(w.in_flight),
+                    free_blocks=w.heartbeat.free_blocks,
+                    total_blocks=w.heartbeat.total_blocks,
+                    last_seen_s=now - w.last_seen,
+                )
+                for w in sorted(self.workers.values(), key=lambda w: w.slot)
+            ],
+            in_flight_by_tier=by_tier,
+            completed=self.completed,
+            failed=self.failed,
+            rerouted=self.rerouted,
+            tiers=sorted(self.tiers),
+        )
+        await request.respond(m.encode(status))
