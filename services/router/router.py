@@ -287,24 +287,33 @@ class Router:
                     f, NoWorkers(f"no live worker serves tier {f.tier.name!r}" + (f" ({why})" if why else ""))
                 )
                 return
+            # Count the request against the worker before the round trip, so that a burst of
+            # concurrent submissions spreads out instead of all picking the same "idle" worker.
+            # f.slot is set now too: the worker may stream the first token before its ack lands.
+            worker = self.workers[slot]
+            worker.in_flight.add(f.req.request_id)
+            f.slot = slot
             try:
                 resp = await self.nc.request(
                     subjects.worker_submit(slot), payload, timeout=self.config.submit_timeout_s
                 )
                 ack = m.decode(m.SubmitAck, resp.data)
             except (NoRespondersError, NatsTimeout) as exc:
+                worker.in_flight.discard(f.req.request_id)
+                f.slot = None
                 self.log.warning("worker did not take the request", slot=slot, error=type(exc).__name__)
                 exclude.add(slot)
                 continue
             if not ack.accepted:
+                worker.in_flight.discard(f.req.request_id)
+                f.slot = None
                 err = ack.error.to_exc() if ack.error else NitsumError("worker refused the request")
                 await self._fail(f, err)
                 return
             if f.finished:  # cancelled or timed out while the submit was in the air
+                worker.in_flight.discard(f.req.request_id)
                 await self.nc.publish(subjects.worker_abort(slot), m.encode(m.WorkerAbort(f.req.request_id)))
                 return
-            f.slot = slot
-            self.workers[slot].in_flight.add(f.req.request_id)
             if why:
                 self.log.info(
                     "rerouted", request_id=f.req.request_id, slot=slot, why=why, generated=len(f.generated)

@@ -1,0 +1,1 @@
+"""The ``nitsum`` command line."""

@@ -1,0 +1,176 @@
+"""The Nitsum client SDK.
+
+    async with NitsumClient("nats://127.0.0.1:4222") as c:
+        async for chunk in c.generate("Hello", tier="interactive", max_tokens=32):
+            print(chunk.text, end="")
+
+Errors arrive as typed exceptions (``UnknownTier``, ``PromptTooLong``, ``WorkerLost``...), all
+subclasses of ``NitsumError``. ``generate_sync`` is the blocking one-shot helper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client
+from nats.errors import NoServersError
+
+from nitsum_core import messages as m
+from nitsum_core import subjects
+from nitsum_core.bus import connect
+from nitsum_core.errors import NitsumError, NotRunning, ProtocolError, RequestTimeout
+
+
+@dataclass
+class Completion:
+    """A whole generation: text, token ids, why it stopped, and the router's timings."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: m.Usage
+    first_chunk_at: float = 0.0  # client-side monotonic times, for loadgen's own TTFT
+    chunk_times: list[float] = field(default_factory=list)
+
+
+class NitsumClient:
+    def __init__(self, nats_url: str, accept_timeout_s: float = 10.0) -> None:
+        self.nats_url = nats_url
+        self.accept_timeout_s = accept_timeout_s
+        self.nc: Client | None = None
+
+    async def __aenter__(self) -> NitsumClient:
+        try:
+            self.nc = await connect(self.nats_url, name="nitsum-client", allow_reconnect=True)
+        except (TimeoutError, NoServersError, OSError) as exc:
+            raise NotRunning(
+                f"cannot reach NATS at {self.nats_url} ({exc}); is `nitsum up` running?"
+            ) from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.nc is not None:
+            await self.nc.close()
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | list[m.ChatMessage] | None = None,
+        tier: str = "interactive",
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        ignore_eos: bool = False,
+        timeout_s: float = 300.0,
+        request_id: str | None = None,
+    ) -> AsyncIterator[m.StreamChunk]:
+        """Stream chunks of one generation; the last has ``finished`` and ``usage``."""
+        if self.nc is None:
+            raise RuntimeError("use `async with NitsumClient(url) as client`")
+        chat = None
+        if messages is not None:
+            chat = [
+                x if isinstance(x, m.ChatMessage) else m.ChatMessage(x["role"], x["content"])
+                for x in messages
+            ]
+        req = m.GenerateRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            tier=tier,
+            prompt=prompt,
+            messages=chat,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop or []),
+            ignore_eos=ignore_eos,
+            timeout_s=timeout_s,
+        )
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        finished = False
+        try:
+            await self.nc.publish(subjects.ROUTER_GENERATE, m.encode(req), reply=inbox)
+            deadline = time.monotonic() + timeout_s + 5.0
+            accepted = False
+            while True:
+                wait = self.accept_timeout_s if not accepted else max(0.1, deadline - time.monotonic())
+                try:
+                    msg = await sub.next_msg(timeout=wait)
+                except TimeoutError:  # nats' TimeoutError subclasses it
+                    if not accepted:
+                        raise NotRunning(
+                            f"no router answered within {self.accept_timeout_s}s; is `nitsum up` running?"
+                        ) from None
+                    raise RequestTimeout(
+                        f"request {req.request_id} got no answer within {timeout_s}s"
+                    ) from None
+                chunk = m.decode(m.StreamChunk, msg.data)
+                accepted = True
+                if chunk.error is not None:
+                    finished = True
+                    raise chunk.error.to_exc()
+                if chunk.finished:
+                    finished = True
+                yield chunk
+                if finished:
+                    return
+        finally:
+            await sub.unsubscribe()
+            if not finished and self.nc.is_connected:
+                # The caller stopped reading (break, cancel, error): free the worker's KV now.
+                await self.nc.publish(subjects.ROUTER_CANCEL, m.encode(m.CancelRequest(req.request_id)))
+
+    async def complete(self, prompt: str | None = None, **kwargs: object) -> Completion:
+        """Run one generation to the end and return it whole."""
+        text: list[str] = []
+        ids: list[int] = []
+        times: list[float] = []
+        last: m.StreamChunk | None = None
+        async for chunk in self.generate(prompt, **kwargs):  # type: ignore[arg-type]
+            if chunk.seq == 0:
+                continue
+            times.append(time.monotonic())
+            text.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        if last is None or last.usage is None:
+            raise ProtocolError("stream ended without a final chunk")
+        return Completion(
+            request_id=last.request_id,
+            text="".join(text),
+            token_ids=ids,
+            finish_reason=last.finish_reason or "stop",
+            usage=last.usage,
+            first_chunk_at=times[0] if times else 0.0,
+            chunk_times=times,
+        )
+
+    async def status(self, timeout_s: float = 2.0) -> m.RouterStatus:
+        assert self.nc is not None
+        try:
+            msg = await self.nc.request(subjects.ROUTER_STATUS, b"", timeout=timeout_s)
+        except Exception as exc:
+            raise NotRunning(f"no router answered the status request ({type(exc).__name__})") from None
+        return m.decode(m.RouterStatus, msg.data)
+
+
+def generate_sync(nats_url: str, prompt: str | None = None, **kwargs: object) -> Completion:
+    """Blocking helper: one generation, returned whole."""
+
+    async def _run() -> Completion:
+        async with NitsumClient(nats_url) as client:
+            return await client.complete(prompt, **kwargs)
+
+    return asyncio.run(_run())
+
+
+__all__ = ["NitsumClient", "Completion", "generate_sync", "NitsumError"]
