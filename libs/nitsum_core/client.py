@@ -4,7 +4,8 @@
         async for chunk in c.generate("Hello", tier="interactive", max_tokens=32):
             print(chunk.text, end="")
 
-Errors arrive as typed exceptions (``UnknownTier``, ``PromptTooLong``, ``WorkerLost``...), all
+Close a stream you leave early with ``contextlib.aclosing`` (or leave the client's ``async with``)
+so the worker stops generating at once. Errors arrive as typed exceptions (``UnknownTier``, ``PromptTooLong``, ``WorkerLost``...), all
 subclasses of ``NitsumError``. ``generate_sync`` is the blocking one-shot helper.
 """
 
@@ -43,6 +44,9 @@ class NitsumClient:
         self.nats_url = nats_url
         self.accept_timeout_s = accept_timeout_s
         self.nc: Client | None = None
+        # Streams the caller may have abandoned without closing (``break`` out of ``async for``
+        # leaves an async generator open until it is garbage-collected): cancelled on exit.
+        self._open: set[str] = set()
 
     async def __aenter__(self) -> NitsumClient:
         try:
@@ -54,8 +58,14 @@ class NitsumClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.nc is not None:
-            await self.nc.close()
+        if self.nc is None:
+            return
+        if self._open and self.nc.is_connected:
+            for request_id in self._open:
+                await self.nc.publish(subjects.ROUTER_CANCEL, m.encode(m.CancelRequest(request_id)))
+            await self.nc.flush()
+        self._open.clear()
+        await self.nc.close()
 
     async def generate(
         self,
@@ -97,6 +107,7 @@ class NitsumClient:
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
         finished = False
+        self._open.add(req.request_id)
         try:
             await self.nc.publish(subjects.ROUTER_GENERATE, m.encode(req), reply=inbox)
             deadline = time.monotonic() + timeout_s + 5.0
@@ -124,10 +135,12 @@ class NitsumClient:
                 if finished:
                     return
         finally:
-            await sub.unsubscribe()
-            if not finished and self.nc.is_connected:
-                # The caller stopped reading (break, cancel, error): free the worker's KV now.
-                await self.nc.publish(subjects.ROUTER_CANCEL, m.encode(m.CancelRequest(req.request_id)))
+            self._open.discard(req.request_id)
+            if self.nc.is_connected:
+                await sub.unsubscribe()
+                if not finished:
+                    # The caller stopped reading (break, cancel, error): free the worker's KV now.
+                    await self.nc.publish(subjects.ROUTER_CANCEL, m.encode(m.CancelRequest(req.request_id)))
 
     async def complete(self, prompt: str | None = None, **kwargs: object) -> Completion:
         """Run one generation to the end and return it whole."""

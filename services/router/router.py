@@ -345,9 +345,9 @@ class Router:
             if stop_at is not None:
                 f.detok.text = f.detok.text[:stop_at]
                 await self._abort_on_worker(f)
-                await self._finish(f, "stop")
+                await self._finish(f, "stop", item.token_ids)
             elif item.finished:
-                await self._finish(f, item.finish_reason or "stop")
+                await self._finish(f, item.finish_reason or "stop", item.token_ids)
             else:
                 text = f.releasable_text(final=False)
                 if text or item.token_ids:
@@ -362,7 +362,8 @@ class Router:
         if f.slot is not None and f.slot in self.workers:
             self.workers[f.slot].in_flight.discard(f.req.request_id)
 
-    async def _finish(self, f: Flight, reason: str) -> None:
+    async def _finish(self, f: Flight, reason: str, token_ids: list[int] | None = None) -> None:
+        """Send the final chunk (rest of the text, the last step's tokens, usage)."""
         self._release(f)
         self.completed += 1
         now = time.monotonic()
@@ -381,6 +382,7 @@ class Router:
             request_id=f.req.request_id,
             seq=f.next_seq(),
             text=f.releasable_text(final=True),
+            token_ids=token_ids or [],
             finished=True,
             finish_reason=reason,
             usage=usage,

@@ -1,0 +1,74 @@
+"""Shared fixtures: a real nats-server, real checkpoints, real stacks of service processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from nitsum_core.bus import EmbeddedNats
+from nitsum_core.checkpoints import resolve_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TRACES = Path(os.environ.get("NITSUM_TRACES", REPO.parent / "shared" / "traces"))
+
+
+def traces_dir() -> Path:
+    if not TRACES.is_dir():
+        pytest.skip(f"trace directory {TRACES} not present (set NITSUM_TRACES)")
+    return TRACES
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted to safetensors (cached under ~/.cache/nitsum)."""
+    return resolve_checkpoint("smollm2")
+
+
+def write_tiny_llama(path: Path, tokenizer_from: Path, seed: int = 0, **overrides: int) -> Path:
+    """A small random-initialised Llama checkpoint saved as a real HF safetensors directory.
+
+    It shares SmolLM2's vocabulary so the router can tokenise for it. Weights are drawn with a
+    large std so logits are peaked: greedy comparisons then test the maths, not float ties.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        initializer_range=0.15,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).float()
+    model.save_pretrained(str(path))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        src = tokenizer_from / name
+        if src.exists():
+            shutil.copy(src, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path):
+    """A real nats-server with JetStream on a free port, stopped after the test."""
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()

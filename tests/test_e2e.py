@@ -1,0 +1,226 @@
+"""End to end through all four services on a real NATS with a real model (SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+from nitsum_cli.stack import Stack, StackConfig
+from nitsum_core import messages as m
+from nitsum_core import subjects, topology
+from nitsum_core.bus import connect
+from nitsum_core.client import NitsumClient
+from nitsum_core.errors import InvalidRequest, PromptTooLong, UnknownTier
+from nitsum_core.tokenizer import Tokenizer
+from transformers import AutoModelForCausalLM
+
+CHAT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path):
+    s = Stack(StackConfig(workers=2, home=tmp_path_factory.mktemp("smol-stack"), kv_cache_mb=256))
+    await s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_smol(smollm2_dir: Path):
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+async def test_chat_greedy_equals_hf(stack: Stack, smollm2_dir: Path, hf_smol) -> None:
+    tok = Tokenizer(smollm2_dir)
+    for question in (CHAT, "Give me three tips for writing clear code."):
+        prompt = tok.encode_chat([m.ChatMessage("user", question)])
+        async with NitsumClient(stack.nats_url) as c:
+            done = await c.complete(messages=[{"role": "user", "content": question}], max_tokens=40)
+        assert done.usage.prompt_tokens == len(prompt)
+        assert done.token_ids == hf_greedy(hf_smol, prompt, 40)
+        assert done.text == tok.decode(done.token_ids)
+        assert done.usage.ttft_s > 0 and done.usage.completion_tokens == len(done.token_ids)
+
+
+async def test_eight_concurrent_requests_equal_their_single_runs(stack: Stack) -> None:
+    prompts = [
+        ("Once upon a time", 12),
+        ("The quick brown fox jumps over the lazy dog. " * 6, 20),
+        ("def fibonacci(n):", 30),
+        ("List of prime numbers: 2, 3, 5,", 8),
+        ("In 1492, Columbus", 25),
+        ("Translate to French: good morning, how are you today? " * 3, 16),
+        ("Q: What is 12 times 12?\nA:", 10),
+        ("The mitochondria is", 35),
+    ]
+    async with NitsumClient(stack.nats_url) as c:
+        singles = [await c.complete(p, max_tokens=n, ignore_eos=True) for p, n in prompts]
+        together = await asyncio.gather(*[c.complete(p, max_tokens=n, ignore_eos=True) for p, n in prompts])
+    for (_, n), one, many in zip(prompts, singles, together, strict=True):
+        assert len(many.token_ids) == n
+        assert many.token_ids == one.token_ids
+        assert many.text == one.text
+    assert {d.usage.worker_slot for d in together} == {0, 1}  # spread over both workers
+
+
+async def _raw_request(nc, payload: bytes, timeout: float = 10.0) -> m.StreamChunk:
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(subjects.ROUTER_GENERATE, payload, reply=inbox)
+    msg = await sub.next_msg(timeout=timeout)
+    await sub.unsubscribe()
+    return m.decode(m.StreamChunk, msg.data)
+
+
+async def test_bad_input_gets_typed_errors_and_service_continues(stack: Stack) -> None:
+    nc = await connect(stack.nats_url, name="test-bad-input")
+    try:
+        for garbage in (
+            b"\x00\xffnot msgpack",
+            b"",
+            msgspec.msgpack.encode({"request_id": 5, "prompt": "hi"}),
+        ):
+            chunk = await _raw_request(nc, garbage)
+            assert chunk.finished and chunk.error is not None
+            assert chunk.error.code == "malformed" and "GenerateRequest" in chunk.error.message
+        # Garbage straight at a worker's submit endpoint: a typed refusal, the worker lives on.
+        resp = await nc.request(subjects.worker_submit(0), b"\xc1junk", timeout=5)
+        ack = m.decode(m.SubmitAck, resp.data)
+        assert not ack.accepted and ack.error.code == "malformed"
+        # A token batch of garbage to the router's token subject is dropped, not fatal.
+        await nc.publish(subjects.router_tokens("nobody"), b"junk")
+    finally:
+        await nc.close()
+
+    async with NitsumClient(stack.nats_url) as c:
+        with pytest.raises(UnknownTier, match="known tiers: agent, background, interactive"):
+            await c.complete("hi", tier="platinum")
+        with pytest.raises(InvalidRequest, match="empty"):
+            await c.complete("   ")
+        with pytest.raises(InvalidRequest, match="exactly one"):
+            await c.complete(None)
+        with pytest.raises(PromptTooLong, match="context window is 4096"):
+            await c.complete("word " * 5000, max_tokens=4)
+        for bad in (0, -3, 10**9):
+            with pytest.raises(InvalidRequest, match="max_tokens"):
+                await c.complete("hello", max_tokens=bad)
+        with pytest.raises(InvalidRequest, match="max_tokens <= "):
+            await c.complete("word " * 4000, max_tokens=500)
+        with pytest.raises(InvalidRequest, match="top_p"):
+            await c.complete("hello", temperature=-1.0)
+        ok = await c.complete(messages=[{"role": "user", "content": CHAT}], max_tokens=16)
+        assert "Paris" in ok.text
+        status = await c.status()
+        assert all(w.alive for w in status.workers) and len(status.workers) == 2
+
+
+async def test_stop_strings_and_cancel_free_the_worker(stack: Stack) -> None:
+    async with NitsumClient(stack.nats_url) as c:
+        full = await c.complete(messages=[{"role": "user", "content": CHAT}], max_tokens=20)
+        assert "Paris" in full.text
+        cut = await c.complete(messages=[{"role": "user", "content": CHAT}], max_tokens=20, stop=["Paris"])
+        assert cut.finish_reason == "stop" and "Paris" not in cut.text
+        assert full.text.startswith(cut.text) and cut.text.strip()
+
+        seen = 0
+        async for chunk in c.generate("Tell me a very long story.", max_tokens=400, ignore_eos=True):
+            seen += len(chunk.token_ids)
+            if seen >= 3:
+                break  # the client cancels on exit from the stream
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status = await c.status()
+            if sum(w.in_flight for w in status.workers) == 0 and all(w.running == 0 for w in status.workers):
+                break
+            await asyncio.sleep(0.3)
+        assert sum(w.in_flight for w in status.workers) == 0
+        assert all(w.running == 0 and w.free_blocks == w.total_blocks for w in status.workers)
+
+
+async def test_kv_broker_tracks_where_a_request_lives(stack: Stack) -> None:
+    rid = "kv-" + uuid.uuid4().hex[:8]
+    nc = await connect(stack.nats_url, name="test-kv")
+    try:
+        async with NitsumClient(stack.nats_url) as c:
+            location = None
+            stream = c.generate(
+                "Write a long essay about rivers.", max_tokens=200, ignore_eos=True, request_id=rid
+            )
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    if chunk.token_ids:
+                        await asyncio.sleep(0.3)  # let the alloc event reach the broker
+                        resp = await nc.request(subjects.KV_LOOKUP, m.encode(m.KvLookup(rid)), timeout=5)
+                        location = m.decode(m.KvLocation, resp.data)
+                        listed = await nc.request(
+                            subjects.KV_LIST, m.encode(m.KvListRequest(slot=location.slot)), timeout=5
+                        )
+                        assert rid in [e.request_id for e in m.decode(m.KvListReply, listed.data).entries]
+                        break
+        assert location is not None and location.found
+        assert location.slot in (0, 1) and location.block_ids and location.head_end == 3
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            resp = await nc.request(subjects.KV_LOOKUP, m.encode(m.KvLookup(rid)), timeout=5)
+            if not m.decode(m.KvLocation, resp.data).found:
+                break
+            await asyncio.sleep(0.2)
+        assert not m.decode(m.KvLocation, resp.data).found  # freed after cancel
+    finally:
+        await nc.close()
+
+
+async def test_topology_bucket_cas_and_service_discovery(stack: Stack) -> None:
+    nc = await connect(stack.nats_url, name="test-topology")
+    try:
+        kv = await topology.open_bucket(nc.jetstream())
+        topo, rev = await topology.read(kv)
+        assert topo is not None and topo.epoch >= 1 and rev >= 1
+        assert sorted(i.slots for i in topo.instances) == [[0], [1]]
+        stale = m.Topology(epoch=topo.epoch + 1, instances=[], written_at=0.0, reason="rogue controller")
+        with pytest.raises(topology.TopologyConflict):
+            await topology.write_cas(kv, stale, rev - 1 if rev > 1 else rev + 5)
+        assert (await topology.read(kv))[0] == topo  # unchanged
+
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SRV.PING", b"", reply=inbox)
+        names: list[str] = []
+        deadline = time.monotonic() + 1.0
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                names.append(json.loads((await sub.next_msg(timeout=left)).data)["name"])
+            except Exception:
+                break
+        assert sorted(set(names)) == sorted(
+            [
+                subjects.SERVICE_ROUTER,
+                subjects.SERVICE_CONTROLLER,
+                subjects.SERVICE_KV_BROKER,
+                subjects.SERVICE_WORKER,
+            ]
+        )
+        assert names.count(subjects.SERVICE_WORKER) == 2
+        stats = await nc.request(f"$SRV.STATS.{subjects.SERVICE_ROUTER}", b"", timeout=2)
+        endpoints = {e["name"]: e for e in json.loads(stats.data)["endpoints"]}
+        assert endpoints["generate"]["num_requests"] > 0
+    finally:
+        await nc.close()

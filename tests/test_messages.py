@@ -1,0 +1,144 @@
+"""Wire protocol: every message round-trips; bad bytes give a clean, typed error."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from nitsum_core import messages as m
+from nitsum_core import subjects
+from nitsum_core.errors import ProtocolError, UnknownTier, error_class
+
+SAMPLES: list[msgspec.Struct] = [
+    m.ErrorInfo(code="unknown_tier", message="no such tier"),
+    m.ChatMessage(role="user", content="héllo ✓"),
+    m.GenerateRequest(
+        request_id="r1",
+        tier="agent",
+        messages=[m.ChatMessage("system", "be brief"), m.ChatMessage("user", "hi")],
+        max_tokens=7,
+        temperature=0.7,
+        top_p=0.9,
+        seed=3,
+        stop=["\n\n"],
+        ignore_eos=True,
+        timeout_s=12.5,
+    ),
+    m.GenerateRequest(request_id="r2", prompt="plain"),
+    m.Usage(
+        prompt_tokens=3, completion_tokens=4, ttft_s=0.1, tpot_s=0.02, e2e_s=0.2, worker_slot=1, reroutes=1
+    ),
+    m.StreamChunk(
+        request_id="r1",
+        seq=3,
+        text="abc",
+        token_ids=[1, 2],
+        finished=True,
+        finish_reason="length",
+        usage=m.Usage(prompt_tokens=1, completion_tokens=2, ttft_s=0.0, tpot_s=0.0, e2e_s=0.0, worker_slot=0),
+    ),
+    m.StreamChunk(request_id="r1", seq=1, error=m.ErrorInfo("timeout", "too slow"), finished=True),
+    m.CancelRequest("r1"),
+    m.SamplingParams(max_tokens=5, temperature=1.0, top_p=0.5, seed=9, ignore_eos=False),
+    m.WorkerSubmit(
+        request_id="r1",
+        router_id="rt",
+        prompt_ids=[1, 2, 3],
+        sampling=m.SamplingParams(max_tokens=2),
+        priority=2,
+        epoch=4,
+    ),
+    m.SubmitAck(request_id="r1", accepted=False, error=m.ErrorInfo("invalid_request", "bad")),
+    m.WorkerAbort("r1"),
+    m.TokenItem(request_id="r1", token_ids=[5], finished=True, finish_reason="stop"),
+    m.TokenBatch(
+        slot=1,
+        step=10,
+        items=[m.TokenItem(request_id="a", token_ids=[1]), m.TokenItem(request_id="b", token_ids=[])],
+    ),
+    m.WorkerHeartbeat(
+        slot=0,
+        worker_id="w",
+        pid=1,
+        model="smollm2",
+        max_model_len=4096,
+        running=1,
+        waiting=2,
+        free_blocks=3,
+        total_blocks=4,
+        block_size=16,
+        steps=5,
+        tokens_generated=6,
+        sent_at=1.5,
+    ),  # fmt: skip
+    m.KvEvent(
+        slot=0, request_id="r", kind="alloc", block_ids=[4, 5], head_start=0, head_end=3, num_tokens=20
+    ),
+    m.KvLookup("r"),
+    m.KvLocation(request_id="r", found=True, slot=1, block_ids=[1], head_start=0, head_end=3, num_tokens=9),
+    m.KvListRequest(slot=None),
+    m.KvListReply(entries=[m.KvLocation(request_id="x", found=True)]),
+    m.Instance(instance_id=0, slots=[0, 1], role="decode", tiers=["interactive"]),
+    m.Topology(epoch=3, instances=[m.Instance(instance_id=0, slots=[0])], written_at=1.0, reason="test"),
+    m.TopologyRequest(),
+    m.WorkerView(
+        slot=0, alive=True, running=1, waiting=0, in_flight=1, free_blocks=1, total_blocks=2, last_seen_s=0.1
+    ),
+    m.RouterStatus(
+        router_id="r",
+        epoch=1,
+        workers=[],
+        in_flight_by_tier={"interactive": 1},
+        completed=1,
+        failed=0,
+        rerouted=0,
+        tiers=["interactive"],
+    ),  # fmt: skip
+    m.StatusRequest(),
+]
+
+
+def test_every_message_type_has_a_sample() -> None:
+    assert {type(s) for s in SAMPLES} == set(m.ALL_MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda s: type(s).__name__)
+def test_round_trip(msg: msgspec.Struct) -> None:
+    data = m.encode(msg)
+    assert isinstance(data, bytes)
+    assert m.decode(type(msg), data) == msg
+
+
+@pytest.mark.parametrize("cls", m.ALL_MESSAGE_TYPES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("garbage", [b"", b"\xff\xfe\x00garbage", b"not msgpack at all", b"\x01"])
+def test_garbage_raises_typed_error(cls: type, garbage: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        m.decode(cls, garbage)
+    assert cls.__name__ in str(info.value)
+    assert info.value.code == "malformed"
+
+
+def test_wrong_field_type_is_reported() -> None:
+    bad = msgspec.msgpack.encode({"request_id": "x", "max_tokens": "many"})
+    with pytest.raises(ProtocolError, match="max_tokens"):
+        m.decode(m.GenerateRequest, bad)
+
+
+def test_missing_required_field_is_reported() -> None:
+    with pytest.raises(ProtocolError, match="request_id"):
+        m.decode(m.GenerateRequest, msgspec.msgpack.encode({"prompt": "hi"}))
+
+
+def test_error_info_maps_back_to_exception_class() -> None:
+    exc = m.ErrorInfo("unknown_tier", "no tier x").to_exc()
+    assert isinstance(exc, UnknownTier) and exc.message == "no tier x"
+    assert error_class("from-the-future").__name__ == "NitsumError"
+
+
+def test_subjects_are_versioned_and_distinct() -> None:
+    names = [
+        subjects.ROUTER_GENERATE, subjects.ROUTER_CANCEL, subjects.ROUTER_STATUS, subjects.WORKER_HEARTBEAT,
+        subjects.KV_EVENTS, subjects.KV_LOOKUP, subjects.KV_LIST, subjects.CONTROLLER_TOPOLOGY,
+        subjects.worker_submit(0), subjects.worker_abort(0), subjects.router_tokens("abc"),
+    ]  # fmt: skip
+    assert all(s.startswith("nitsum.v1.") for s in names)
+    assert len(set(names)) == len(names)
