@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from nitsum_cli.stack import Stack, StackConfig
 from nitsum_core import topology
 from nitsum_core.bus import connect
 from nitsum_core.client import NitsumClient
 from nitsum_core.errors import WorkerLost
 from nitsum_core.tokenizer import Tokenizer
+from transformers import AutoModelForCausalLM
 
 PROMPTS = [f"Request number {i}: " + "tell me something " * (i + 1) for i in range(6)]
 N_TOKENS = 150
