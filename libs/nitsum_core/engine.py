@@ -105,49 +105,51 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        table = self.blocks.block_table(seq.seq_id)
-        bs = self.blocks.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def _build_metadata(self, plan: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata]:
+        bs = self.blocks.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_rows: list[int] = []
         decode_rows: list[int] = []
-        decode_ctx: list[list[int]] = []
-        prefills: list[tuple[int, int, torch.Tensor | None]] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[tuple[int, int, torch.Tensor | None, int]] = []
         for item in plan:
             seq, start, n = item.seq, item.start, item.num_new
+            table = self.blocks.block_table(seq.seq_id)
             row = len(ids)
             end = start + n
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(self._slots(seq, start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if item.samples:
                 logits_rows.append(row + n - 1)
             if n == 1 and start > 0:
                 decode_rows.append(row)
-                decode_ctx.append(self._slots(seq, 0, end))
+                decode_tables.append(table[: -(-end // bs)])
+                decode_lens.append(end)
             elif start == 0:
-                prefills.append((row, n, None))
+                prefills.append((row, n, None, n))
             else:
-                prefills.append((row, n, torch.tensor(self._slots(seq, 0, end))))
+                prefills.append((row, n, torch.tensor(table[: -(-end // bs)]), end))
         meta = AttentionMetadata(
             positions=torch.tensor(positions),
             slot_mapping=torch.tensor(slots),
             logits_index=torch.tensor(logits_rows, dtype=torch.long),
             prefills=prefills,
+            block_size=bs,
         )
         if decode_rows:
-            longest = max(len(c) for c in decode_ctx)
-            padded = [c + [0] * (longest - len(c)) for c in decode_ctx]
-            mask = torch.zeros(len(decode_ctx), 1, 1, longest)
-            for i, c in enumerate(decode_ctx):
-                mask[i, 0, 0, len(c) :] = float("-inf")
-            meta.decode_rows = torch.tensor(decode_rows)
-            meta.decode_slots = torch.tensor(padded)
+            widest = max(len(t) for t in decode_tables)
+            mask = torch.zeros(len(decode_rows), 1, 1, widest * bs)
+            for i, length in enumerate(decode_lens):
+                mask[i, 0, 0, length:] = float("-inf")
+            contiguous = decode_rows == list(range(decode_rows[0], decode_rows[0] + len(decode_rows)))
+            meta.decode_rows = (
+                slice(decode_rows[0], decode_rows[0] + len(decode_rows)) if contiguous else torch.tensor(decode_rows)
+            )
+            meta.decode_blocks = torch.tensor([t + [0] * (widest - len(t)) for t in decode_tables])
             meta.decode_mask = mask
         return torch.tensor(ids), meta
 

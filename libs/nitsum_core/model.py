@@ -74,13 +74,15 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] position of each new token
     slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
     logits_index: torch.Tensor  # [S] flat index of the last new token of each sampling sequence
-    # Decode group (one new token per sequence): flat token rows, gather slots, key mask.
-    decode_rows: torch.Tensor | None = None  # [B]
-    decode_slots: torch.Tensor | None = None  # [B, L] cache slots to read (padded)
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] additive mask (0 / -inf)
-    # Prefill chunks: (first flat row, number of rows, cache slots of the whole context or None
-    # when the chunk is the whole context so the fresh K/V can be used directly).
-    prefills: list[tuple[int, int, torch.Tensor | None]] | None = None
+    # Decode group (one new token per sequence): its flat rows, the KV blocks of each
+    # sequence (padded with block 0) and an additive key mask hiding padding.
+    decode_rows: slice | torch.Tensor | None = None  # [B] (a slice when the rows are contiguous)
+    decode_blocks: torch.Tensor | None = None  # [B, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] (0 / -inf)
+    # Prefill chunks: (first flat row, number of rows, blocks holding the whole context and its
+    # length), or None for the blocks when the chunk is the whole context (fresh K/V used as is).
+    prefills: list[tuple[int, int, torch.Tensor | None, int]] | None = None
+    block_size: int = 16
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -167,23 +169,31 @@ class LlamaModel:
             k_cache, v_cache = kv[li, 0], kv[li, 1]
             k_cache.index_copy_(0, meta.slot_mapping, k)
             v_cache.index_copy_(0, meta.slot_mapping, v)
-            attn = torch.empty(num_tokens, nkv * grp, hd)
+            # Gather whole blocks (contiguous block_size x heads x head_dim rows): far cheaper
+            # than gathering token by token; padding and the tail of the last block are masked.
+            k_blocks = k_cache.view(-1, meta.block_size, nkv, hd)
+            v_blocks = v_cache.view(-1, meta.block_size, nkv, hd)
+            all_decode = isinstance(meta.decode_rows, slice) and meta.decode_rows == slice(0, num_tokens)
+            attn = q if all_decode else torch.empty(num_tokens, nkv * grp, hd)
             if meta.decode_rows is not None:
+                nb = meta.decode_blocks.shape[0]
                 qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, hd]
-                kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, hd]
-                vd = v_cache[meta.decode_slots].transpose(1, 2)
+                kd = k_blocks.index_select(0, meta.decode_blocks.view(-1)).view(nb, -1, nkv, hd).transpose(1, 2)
+                vd = v_blocks.index_select(0, meta.decode_blocks.view(-1)).view(nb, -1, nkv, hd).transpose(1, 2)
                 od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
-                attn[meta.decode_rows] = od.squeeze(2)
-            for start, n, ctx_slots in meta.prefills or ():
+                if attn is q:
+                    attn = od.squeeze(2)
+                else:
+                    attn[meta.decode_rows] = od.squeeze(2)
+            for start, n, ctx_blocks, ctx in meta.prefills or ():
                 qp = q[start : start + n].transpose(0, 1)  # [H, n, hd]
-                if ctx_slots is None:
+                if ctx_blocks is None:
                     kp = k[start : start + n].transpose(0, 1)
                     vp = v[start : start + n].transpose(0, 1)
                     op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
                 else:
-                    kp = k_cache[ctx_slots].transpose(0, 1)  # [Hkv, ctx, hd]
-                    vp = v_cache[ctx_slots].transpose(0, 1)
-                    ctx = ctx_slots.shape[0]
+                    kp = k_blocks.index_select(0, ctx_blocks).view(-1, nkv, hd)[:ctx].transpose(0, 1)
+                    vp = v_blocks.index_select(0, ctx_blocks).view(-1, nkv, hd)[:ctx].transpose(0, 1)
                     # The chunk's queries are the last n positions of the context.
                     mask = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=ctx - n)
                     op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)

@@ -1,0 +1,109 @@
+"""Control-plane overhead: TTFT and TPOT through the real stack vs the same engine in-process.
+
+Both sides run the same requests one at a time (no queueing) with the same engine settings and
+torch thread count. The stack side is measured at the client (send -> first token chunk; mean
+gap between token chunks), so it includes NATS hops, router tokenisation/detokenisation and the
+worker's thread hand-offs. Overhead = stack p50 - in-process p50.
+
+    python benchmarks/control_plane.py [--requests 20] [--prompt-words 64] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from nitsum_cli.stack import Stack, StackConfig
+from nitsum_core.checkpoints import resolve_checkpoint
+from nitsum_core.client import NitsumClient
+from nitsum_core.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.model import load_model
+from nitsum_core.tokenizer import Tokenizer
+from nitsum_loadgen.replay import synth_prompt
+
+
+def in_process(prompts: list[str], n: int, threads: int) -> tuple[list[float], list[float]]:
+    torch.set_num_threads(threads)
+    ckpt = resolve_checkpoint("smollm2")
+    tok = Tokenizer(ckpt)
+    engine = Engine(load_model(ckpt), EngineConfig(kv_cache_mb=256), tok.eos_token_ids)
+    ttfts, tpots = [], []
+    for i, text in enumerate([prompts[0], *prompts]):  # first one warms up
+        t0 = time.perf_counter()
+        ids = tok.encode_prompt(text)  # the router tokenises too: count it on both sides
+        engine.add_request(f"r{i}", ids, RequestParams(max_tokens=n, ignore_eos=True))
+        times = []
+        while engine.has_work():
+            if engine.step():
+                times.append(time.perf_counter())
+        if i:
+            ttfts.append(times[0] - t0)
+            tpots.append((times[-1] - times[0]) / (len(times) - 1))
+    return ttfts, tpots
+
+
+async def through_stack(prompts: list[str], n: int, threads: int) -> tuple[list[float], list[float]]:
+    home = Path(tempfile.mkdtemp(prefix="nitsum-overhead-"))
+    stack = Stack(StackConfig(workers=1, threads_per_worker=threads, kv_cache_mb=256, home=home))
+    await stack.start()
+    ttfts, tpots = [], []
+    try:
+        async with NitsumClient(stack.nats_url) as c:
+            for i, text in enumerate([prompts[0], *prompts]):
+                t0 = time.perf_counter()
+                times = []
+                async for chunk in c.generate(text, max_tokens=n, ignore_eos=True):
+                    if chunk.token_ids:
+                        times.append(time.perf_counter())
+                if i:
+                    ttfts.append(times[0] - t0)
+                    tpots.append((times[-1] - times[0]) / (len(times) - 1))
+    finally:
+        stack.stop()
+    return ttfts, tpots
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=20)
+    p.add_argument("--prompt-words", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default="bench_results/control_plane.json")
+    a = p.parse_args()
+    rng = random.Random(0)
+    prompts = [synth_prompt(a.prompt_words, rng) for _ in range(a.requests)]
+    stack_ttft, stack_tpot = asyncio.run(through_stack(prompts, a.new_tokens, a.threads))
+    local_ttft, local_tpot = in_process(prompts, a.new_tokens, a.threads)
+    med = statistics.median
+    rows = {
+        "ttft_p50_ms": (med(local_ttft) * 1e3, med(stack_ttft) * 1e3),
+        "tpot_p50_ms": (med(local_tpot) * 1e3, med(stack_tpot) * 1e3),
+    }
+    print(f"{'metric':<12} | {'in-process':>10} | {'via stack':>10} | {'overhead':>9} | target")
+    print("-" * 62)
+    targets = {"ttft_p50_ms": 2.0, "tpot_p50_ms": 1.0}
+    for k, (local, remote) in rows.items():
+        print(f"{k:<12} | {local:>10.2f} | {remote:>10.2f} | {remote - local:>+8.2f} | < {targets[k]} ms")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "config": vars(a),
+        "in_process": {"ttft_s": local_ttft, "tpot_s": local_tpot},
+        "stack": {"ttft_s": stack_ttft, "tpot_s": stack_tpot},
+        "summary": {k: {"in_process": v[0], "stack": v[1], "overhead": v[1] - v[0]} for k, v in rows.items()},
+    }
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
