@@ -2,7 +2,9 @@
 
 For each batch size B, both sides run B prompts of the same length (so HF needs no padding) and
 generate exactly N tokens (EOS ignored). Decode time = time(N tokens) - time(1 token), which
-cancels prefill on both sides; decode tok/s = B * (N - 1) / decode time. Best of --repeats.
+cancels prefill on both sides; decode tok/s = B * (N - 1) / decode time. The two engines are
+measured alternately (ours, HF, ours, HF...) --repeats times and the medians are reported, so
+machine noise hits both sides alike.
 
     python benchmarks/engine_cpu.py [--batches 1 8 32] [--new-tokens 64] [--prompt-len 32]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -52,8 +55,9 @@ def time_hf(hf, prompts: list[list[int]], n: int) -> float:
     return dt
 
 
-def best(fn, repeats: int) -> float:  # noqa: ANN001
-    return min(fn() for _ in range(repeats))
+def decode_tps(timer, prompts: list[list[int]], n: int) -> float:  # noqa: ANN001
+    """Decode tokens/s: a run of n tokens minus a run of 1 token (prefill) on the same prompts."""
+    return len(prompts) * (n - 1) / max(1e-9, timer(prompts, n) - timer(prompts, 1))
 
 
 def main() -> None:
@@ -61,7 +65,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="bench_results/engine_cpu.json")
     a = p.parse_args()
@@ -77,12 +81,21 @@ def main() -> None:
     for b in a.batches:
         prompts = _prompts(b, a.prompt_len)
         time_ours(engine, prompts, 2), time_hf(hf, prompts, 2)  # warm-up
-        ours = best(lambda p=prompts: time_ours(engine, p, n), a.repeats)
-        ours -= best(lambda p=prompts: time_ours(engine, p, 1), a.repeats)
-        ref = best(lambda p=prompts: time_hf(hf, p, n), a.repeats)
-        ref -= best(lambda p=prompts: time_hf(hf, p, 1), a.repeats)
-        ours_tps, hf_tps = b * (n - 1) / ours, b * (n - 1) / ref
-        rows.append({"batch": b, "nitsum_tok_s": ours_tps, "hf_tok_s": hf_tps, "ratio": ours_tps / hf_tps})
+        ours_runs, hf_runs = [], []
+        for _ in range(a.repeats):
+            ours_runs.append(decode_tps(lambda p, k: time_ours(engine, p, k), prompts, n))
+            hf_runs.append(decode_tps(lambda p, k: time_hf(hf, p, k), prompts, n))
+        ours_tps, hf_tps = statistics.median(ours_runs), statistics.median(hf_runs)
+        rows.append(
+            {
+                "batch": b,
+                "nitsum_tok_s": ours_tps,
+                "hf_tok_s": hf_tps,
+                "ratio": ours_tps / hf_tps,
+                "nitsum_runs": ours_runs,
+                "hf_runs": hf_runs,
+            }
+        )
         print(
             f"batch {b:>3}: nitsum {ours_tps:8.1f} tok/s   HF generate {hf_tps:8.1f} tok/s   ratio {ours_tps / hf_tps:5.2f}x",
             flush=True,

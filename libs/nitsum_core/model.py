@@ -104,7 +104,10 @@ class LlamaModel:
         s = spec
         self.group = s.num_heads // s.num_kv_heads
         self.embed = weights["model.embed_tokens.weight"]
-        self.lm_head = weights.get("lm_head.weight", self.embed) if not s.tie_word_embeddings else self.embed
+        lm_head = weights.get("lm_head.weight", self.embed) if not s.tie_word_embeddings else self.embed
+        # Kept as [hidden, vocab]: MKL's GEMM is ~1.2-1.6x faster on the vocab projection in this
+        # layout than through F.linear's transposed view (it is the single largest matmul).
+        self.lm_head_t = lm_head.t().contiguous()
         self.final_norm = weights["model.norm.weight"]
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(s.num_layers):
@@ -204,7 +207,7 @@ class LlamaModel:
             x = x + F.linear(F.silu(gate) * up, w["down"])
         x = x[meta.logits_index]
         x = _rms_norm(x, self.final_norm, s.rms_norm_eps)
-        return F.linear(x, self.lm_head)
+        return x @ self.lm_head_t
 
 
 def load_model(checkpoint_dir: str | Path) -> LlamaModel:
