@@ -1,7 +1,7 @@
 """Control-plane overhead: TTFT and TPOT through the real stack vs the same engine in-process.
 
-Both sides run the same requests one at a time (no queueing) with the same engine settings and
-torch thread count. The stack side is measured at the client (send -> first token chunk; mean
+Both sides run the same requests one at a time (no queueing), alternating (stack, in-process,
+stack, ...), with the same engine settings and torch thread count. The stack side is measured at the client (send -> first token chunk; mean
 gap between token chunks), so it includes NATS hops, router tokenisation/detokenisation and the
 worker's thread hand-offs. Overhead = stack p50 - in-process p50.
 
@@ -30,45 +30,54 @@ from nitsum_core.tokenizer import Tokenizer
 from nitsum_loadgen.replay import synth_prompt
 
 
-def in_process(prompts: list[str], n: int, threads: int) -> tuple[list[float], list[float]]:
-    torch.set_num_threads(threads)
-    ckpt = resolve_checkpoint("smollm2")
-    tok = Tokenizer(ckpt)
-    engine = Engine(load_model(ckpt), EngineConfig(kv_cache_mb=256), tok.eos_token_ids)
-    ttfts, tpots = [], []
-    for i, text in enumerate([prompts[0], *prompts]):  # first one warms up
+class InProcess:
+    """The same engine, tokenizer and settings, called directly."""
+
+    def __init__(self) -> None:
+        ckpt = resolve_checkpoint("smollm2")
+        self.tok = Tokenizer(ckpt)
+        self.engine = Engine(load_model(ckpt), EngineConfig(kv_cache_mb=256), self.tok.eos_token_ids)
+        self.count = 0
+
+    def run(self, text: str, n: int) -> tuple[float, float]:
+        self.count += 1
         t0 = time.perf_counter()
-        ids = tok.encode_prompt(text)  # the router tokenises too: count it on both sides
-        engine.add_request(f"r{i}", ids, RequestParams(max_tokens=n, ignore_eos=True))
+        ids = self.tok.encode_prompt(text)  # the router tokenises too: count it on both sides
+        self.engine.add_request(f"r{self.count}", ids, RequestParams(max_tokens=n, ignore_eos=True))
         times = []
-        while engine.has_work():
-            if engine.step():
+        while self.engine.has_work():
+            if self.engine.step():
                 times.append(time.perf_counter())
-        if i:
-            ttfts.append(times[0] - t0)
-            tpots.append((times[-1] - times[0]) / (len(times) - 1))
-    return ttfts, tpots
+        return times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
 
 
-async def through_stack(prompts: list[str], n: int, threads: int) -> tuple[list[float], list[float]]:
+async def via_stack(client: NitsumClient, text: str, n: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    times = []
+    async for chunk in client.generate(text, max_tokens=n, ignore_eos=True):
+        if chunk.token_ids:
+            times.append(time.perf_counter())
+    return times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
+
+
+async def measure(prompts: list[str], n: int, threads: int) -> dict[str, list[tuple[float, float]]]:
+    """Alternate one request through the stack and one in-process, so noise hits both alike."""
+    torch.set_num_threads(threads)
+    local = InProcess()
     home = Path(tempfile.mkdtemp(prefix="nitsum-overhead-"))
     stack = Stack(StackConfig(workers=1, threads_per_worker=threads, kv_cache_mb=256, home=home))
     await stack.start()
-    ttfts, tpots = [], []
+    out: dict[str, list[tuple[float, float]]] = {"in_process": [], "stack": []}
     try:
-        async with NitsumClient(stack.nats_url) as c:
-            for i, text in enumerate([prompts[0], *prompts]):
-                t0 = time.perf_counter()
-                times = []
-                async for chunk in c.generate(text, max_tokens=n, ignore_eos=True):
-                    if chunk.token_ids:
-                        times.append(time.perf_counter())
-                if i:
-                    ttfts.append(times[0] - t0)
-                    tpots.append((times[-1] - times[0]) / (len(times) - 1))
+        async with NitsumClient(stack.nats_url) as client:
+            await via_stack(client, prompts[0], n)  # warm-up both
+            local.run(prompts[0], n)
+            for text in prompts:
+                out["stack"].append(await via_stack(client, text, n))
+                out["in_process"].append(local.run(text, n))
     finally:
         stack.stop()
-    return ttfts, tpots
+    return out
 
 
 def main() -> None:
@@ -81,8 +90,9 @@ def main() -> None:
     a = p.parse_args()
     rng = random.Random(0)
     prompts = [synth_prompt(a.prompt_words, rng) for _ in range(a.requests)]
-    stack_ttft, stack_tpot = asyncio.run(through_stack(prompts, a.new_tokens, a.threads))
-    local_ttft, local_tpot = in_process(prompts, a.new_tokens, a.threads)
+    runs = asyncio.run(measure(prompts, a.new_tokens, a.threads))
+    local_ttft, local_tpot = (list(x) for x in zip(*runs["in_process"], strict=True))
+    stack_ttft, stack_tpot = (list(x) for x in zip(*runs["stack"], strict=True))
     med = statistics.median
     rows = {
         "ttft_p50_ms": (med(local_ttft) * 1e3, med(stack_ttft) * 1e3),

@@ -27,7 +27,7 @@ class StackConfig:
     model: str = DEFAULT_MODEL
     nats_url: str | None = None  # None: start an embedded nats-server
     tiers_file: str | None = None
-    threads_per_worker: int | None = None  # None: cores // workers (at least 1)
+    threads_per_worker: int | None = None  # None: (cores - 1) // workers, at least 1
     kv_cache_mb: int = 512
     max_model_len: int = 4096
     worker_timeout_s: float = 2.0
@@ -59,7 +59,10 @@ class Stack:
     def _threads(self) -> int:
         if self.config.threads_per_worker:
             return self.config.threads_per_worker
-        return max(1, (os.cpu_count() or 1) // max(1, self.config.workers))
+        # Leave one core to the control plane (NATS, router, controller, broker): a worker whose
+        # OpenMP team spans every core stalls whenever they run (measured: +169 ms TTFT with
+        # 2 threads on 2 cores vs +3 ms with 1; docs/benchmarks.md).
+        return max(1, ((os.cpu_count() or 1) - 1) // max(1, self.config.workers))
 
     def launch(self) -> None:
         """Start every process (does not wait for readiness)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -90,6 +91,9 @@ class GpuWorker:
         return engine
 
     async def run(self) -> None:
+        # The engine thread holds the GIL between torch calls; a short switch interval lets the
+        # loop thread publish a finished step's tokens within ~1 ms instead of up to 5 ms.
+        sys.setswitchinterval(0.001)
         stop = stop_event_on_signals()
         self._loop = asyncio.get_running_loop()
         self.engine = await asyncio.to_thread(self._load)
