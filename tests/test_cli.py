@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from nitsum_core.checkpoints import model_cache_dir
 
 NITSUM = [sys.executable, "-m", "nitsum_cli.main"]
 
@@ -38,7 +39,8 @@ def test_generate_without_a_stack_says_what_to_do(tmp_path: Path) -> None:
 def up(tmp_path_factory: pytest.TempPathFactory):
     """`nitsum up` in the background, found by the other commands through its stack file."""
     home = tmp_path_factory.mktemp("cli-home")
-    env = {**os.environ, "NITSUM_HOME": str(home)}
+    # A fresh state dir, but the converted model stays in the shared cache (no 40 s re-conversion).
+    env = {**os.environ, "NITSUM_HOME": str(home), "NITSUM_MODEL_CACHE": str(model_cache_dir())}
     env.pop("NITSUM_NATS_URL", None)
     proc = subprocess.Popen(
         [*NITSUM, "up", "--workers", "1", "--kv-cache-mb", "128"],

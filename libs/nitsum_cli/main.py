@@ -31,7 +31,10 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker in MiB (default 512)")
     p.add_argument("--max-model-len", type=int, default=4096, help="context window in tokens (default 4096)")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch threads per worker (default (cores-1)/workers, at least 1)"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default (cores-1)/workers, at least 1)",
     )
 
 

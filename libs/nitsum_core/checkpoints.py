@@ -38,7 +38,13 @@ def smollm2_gguf_path() -> Path:
 def _cache_dir_for(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return state_dir() / "models" / f"{gguf.stem}-{key}"
+    return model_cache_dir() / f"{gguf.stem}-{key}"
+
+
+def model_cache_dir() -> Path:
+    """Converted checkpoints: ``$NITSUM_MODEL_CACHE``, default ``<state dir>/models``."""
+    override = os.environ.get("NITSUM_MODEL_CACHE")
+    return Path(override) if override else state_dir() / "models"
 
 
 def convert_gguf(gguf: Path) -> Path:

@@ -147,7 +147,9 @@ class Engine:
                 mask[i, 0, 0, length:] = float("-inf")
             contiguous = decode_rows == list(range(decode_rows[0], decode_rows[0] + len(decode_rows)))
             meta.decode_rows = (
-                slice(decode_rows[0], decode_rows[0] + len(decode_rows)) if contiguous else torch.tensor(decode_rows)
+                slice(decode_rows[0], decode_rows[0] + len(decode_rows))
+                if contiguous
+                else torch.tensor(decode_rows)
             )
             meta.decode_blocks = torch.tensor([t + [0] * (widest - len(t)) for t in decode_tables])
             meta.decode_mask = mask

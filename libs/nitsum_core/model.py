@@ -181,8 +181,16 @@ class LlamaModel:
             if meta.decode_rows is not None:
                 nb = meta.decode_blocks.shape[0]
                 qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, hd]
-                kd = k_blocks.index_select(0, meta.decode_blocks.view(-1)).view(nb, -1, nkv, hd).transpose(1, 2)
-                vd = v_blocks.index_select(0, meta.decode_blocks.view(-1)).view(nb, -1, nkv, hd).transpose(1, 2)
+                kd = (
+                    k_blocks.index_select(0, meta.decode_blocks.view(-1))
+                    .view(nb, -1, nkv, hd)
+                    .transpose(1, 2)
+                )
+                vd = (
+                    v_blocks.index_select(0, meta.decode_blocks.view(-1))
+                    .view(nb, -1, nkv, hd)
+                    .transpose(1, 2)
+                )
                 od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
                 if attn is q:
                     attn = od.squeeze(2)

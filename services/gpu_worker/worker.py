@@ -19,7 +19,7 @@ import torch
 from nats.aio.client import Client
 from nats.micro.request import Request
 from nitsum_core import messages as m
-from nitsum_core import subjects
+from nitsum_core import subjects, topology
 from nitsum_core.bus import connect
 from nitsum_core.checkpoints import resolve_checkpoint
 from nitsum_core.engine import Engine, EngineConfig, RequestParams, StepOutput
@@ -66,6 +66,7 @@ class GpuWorker:
         self.nc: Client | None = None
         self._commands: queue.Queue[_Submit | _Abort | None] = queue.Queue()
         self._owner: dict[str, str] = {}  # request id -> router id (asyncio side)
+        self.epoch = 0  # topology epoch this worker last saw (from the KV bucket watch)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._outbox: asyncio.Queue[tuple[int, dict[str, list[m.TokenItem]], list[m.KvEvent]]]
@@ -107,6 +108,8 @@ class GpuWorker:
         await nc.subscribe(subjects.worker_abort(self.slot), cb=self._on_abort)
         self._thread = threading.Thread(target=self._engine_loop, name=f"engine-{self.slot}", daemon=True)
         self._thread.start()
+        kv = await topology.open_bucket(nc.jetstream())
+        watcher = asyncio.create_task(topology.watch(kv, self._on_topology))
         self._outbox = asyncio.Queue()
         publisher = asyncio.create_task(self._publisher())
         heartbeat = asyncio.create_task(self._heartbeat_loop())
@@ -115,11 +118,30 @@ class GpuWorker:
         self.log.info("worker stopping")
         heartbeat.cancel()
         publisher.cancel()
+        watcher.cancel()
         self._commands.put(None)
         await svc.stop()
         await nc.drain()
 
     # ---- NATS handlers (asyncio side) ----------------------------------------------------
+    def _on_topology(self, topo: m.Topology) -> None:
+        mine = [i for i in topo.instances if self.slot in i.slots]
+        self.epoch = topo.epoch
+        if mine:
+            inst = mine[0]
+            self.log.info(
+                "topology",
+                epoch=topo.epoch,
+                instance=inst.instance_id,
+                tp=inst.tp,
+                rank=inst.slots.index(self.slot),
+                role=inst.role,
+            )
+        else:
+            self.log.info(
+                "topology: this slot is in no instance (idle until the next epoch)", epoch=topo.epoch
+            )
+
     def _validate(self, req: m.WorkerSubmit) -> RequestParams:
         engine = self.engine
         assert engine is not None

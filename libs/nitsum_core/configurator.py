@@ -1,0 +1,277 @@
+"""The configurator (DESIGN §1, §7): how to cut the pool this window. Pure and clock-free.
+
+Given each tier's recent demand (arrival rate, length mix) and the performance model, it scores
+every option (tier x TP x role) by SLO-safe requests/s per GPU, capped by what actually arrives
+and weighted by the tier's starvation factor (arrivals / served), and hands out GPUs one aligned
+TP-sized group at a time. ``exhaustive`` searches every aligned partition for small pools and is
+the yardstick for the greedy search. ``should_switch`` is the hysteresis against switching cost.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Literal, NamedTuple
+
+from nitsum_core.config import Tier
+from nitsum_core.perf_model import PerfModel
+
+Role = Literal["mixed", "prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class TierDemand:
+    """What one tier asked for in the last window."""
+
+    tier: Tier
+    arrival_rps: float
+    mean_prompt: float
+    mean_output: float
+    served_rps: float | None = None  # None: assume served as much as arrived
+
+    @property
+    def starvation(self) -> float:
+        """arrivals / served (>= 1): a tier that got less than it asked for weighs more."""
+        if self.served_rps is None or self.arrival_rps <= 0:
+            return 1.0
+        return max(1.0, self.arrival_rps / max(self.served_rps, 1e-3))
+
+
+class Capacity(NamedTuple):
+    """SLO-safe request rates of one instance for one tier, by role."""
+
+    prefill_rps: float
+    decode_rps: float
+    mixed_rps: float
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """An instance: aligned slots [start, start + tp), its role and the tier it serves."""
+
+    start: int
+    tp: int
+    role: Role
+    tier: str
+
+    @property
+    def slots(self) -> list[int]:
+        return list(range(self.start, self.start + self.tp))
+
+
+@dataclass
+class Plan:
+    assignments: list[Assignment] = field(default_factory=list)
+    predicted_goodput_rps: float = 0.0
+
+    def describe(self) -> str:
+        return ", ".join(f"[{a.start}:{a.start + a.tp}] TP{a.tp} {a.role} {a.tier}" for a in self.assignments)
+
+
+def _max_decode_batch(
+    perf: PerfModel, tp: int, tpot_s: float, ctx_per_seq: float, kv_tokens_per_seq: float
+) -> int:
+    """Largest decode batch whose step time stays within the TPOT target and whose KV fits."""
+    kv_cap = perf.kv_capacity_tokens(tp)
+    hi = max(1, int(kv_cap // max(1.0, kv_tokens_per_seq)))
+    if perf.step_time(tp, 0, 1, int(ctx_per_seq)) > tpot_s:
+        return 0
+    lo = 1
+    while lo < hi:  # step time grows with the batch: binary search the last feasible size
+        mid = (lo + hi + 1) // 2
+        if perf.step_time(tp, 0, mid, int(mid * ctx_per_seq)) <= tpot_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def slo_safe_capacity(perf: PerfModel, tp: int, demand: TierDemand) -> Capacity:
+    """The request rates a TP-``tp`` instance can prefill and decode for this tier within its SLO."""
+    tier = demand.tier
+    prompt, output = max(1.0, demand.mean_prompt), max(1.0, demand.mean_output)
+    # Prefill as an M/D/1 queue: wait = rho * t / (2 (1 - rho)); need t + wait <= TTFT target.
+    t_pre = perf.step_time(tp, int(prompt), 0, 0)
+    if t_pre >= tier.ttft_s:
+        pre = 0.0
+    else:
+        rho = 2 * (tier.ttft_s - t_pre) / (2 * tier.ttft_s - t_pre)
+        pre = min(rho, 0.95) / t_pre
+    # Decode: B sequences in flight, each needing ``output`` steps of at most the TPOT target.
+    batch = _max_decode_batch(perf, tp, tier.tpot_s, prompt + output / 2, prompt + output)
+    if not batch:
+        return Capacity(pre, 0.0, 0.0)
+    step = perf.step_time(tp, 0, batch, int(batch * (prompt + output / 2)))
+    dec = batch / (step * output)
+    # Mixed: prefills run inside decode steps and stretch them. With a fraction lam * t_pre of
+    # the time spent prefilling, TPOT grows to step / (1 - lam * t_pre); keep that within target
+    # (at the smallest step) and keep decode throughput over the remaining time.
+    if pre == 0.0:
+        return Capacity(0.0, dec, 0.0)
+    smallest = perf.step_time(tp, 0, 1, int(prompt + output / 2))
+    interference = max(0.0, 1.0 - smallest / tier.tpot_s) / t_pre
+    mixed = min(pre, interference, dec / (1.0 + dec * t_pre))
+    return Capacity(pre, dec, mixed)
+
+
+def plan_goodput(
+    assignments: Iterable[Assignment], caps: dict[tuple[str, int], Capacity], demands: dict[str, TierDemand]
+) -> float:
+    """Predicted goodput: per tier, min(arrivals, what its instances can serve within SLO)."""
+    mixed: dict[str, float] = {}
+    pre: dict[str, float] = {}
+    dec: dict[str, float] = {}
+    for a in assignments:
+        cap = caps[(a.tier, a.tp)]
+        if a.role == "mixed":
+            mixed[a.tier] = mixed.get(a.tier, 0.0) + cap.mixed_rps
+        elif a.role == "prefill":
+            pre[a.tier] = pre.get(a.tier, 0.0) + cap.prefill_rps
+        else:
+            dec[a.tier] = dec.get(a.tier, 0.0) + cap.decode_rps
+    total = 0.0
+    for name, d in demands.items():
+        served = mixed.get(name, 0.0) + min(pre.get(name, 0.0), dec.get(name, 0.0))
+        total += min(d.arrival_rps, served)
+    return total
+
+
+def _capacities(
+    perf: PerfModel, demands: dict[str, TierDemand], tp_choices: Sequence[int]
+) -> dict[tuple[str, int], Capacity]:
+    return {(n, tp): slo_safe_capacity(perf, tp, d) for n, d in demands.items() for tp in tp_choices}
+
+
+def valid_tp_choices(pool: int, perf: PerfModel, max_tp: int = 8) -> list[int]:
+    """Powers of two that divide the pool and the model's KV heads (no head padding here)."""
+    out = []
+    tp = 1
+    while tp <= min(pool, max_tp):
+        if pool % tp == 0 and perf.model.num_kv_heads % tp == 0 and perf.kv_capacity_tokens(tp) > 0:
+            out.append(tp)
+        tp *= 2
+    return out
+
+
+class _Buddy:
+    """Aligned free blocks of the pool: a TP-k instance takes slots [j*k, (j+1)*k)."""
+
+    def __init__(self, pool: int) -> None:
+        self.free = [True] * pool
+
+    def find(self, tp: int) -> int | None:
+        for start in range(0, len(self.free) - tp + 1, tp):
+            if all(self.free[start : start + tp]):
+                return start
+        return None
+
+    def take(self, start: int, tp: int) -> None:
+        for i in range(start, start + tp):
+            self.free[i] = False
+
+
+def _greedy_pass(
+    pool: int, demands: dict[str, TierDemand], tps: Sequence[int], roles: Sequence[Role], caps
+) -> Plan:  # noqa: ANN001
+    """One greedy pass. Each tier needs its arrival rate twice over -- prefill capacity and
+    decode capacity; a mixed instance supplies both, a prefill or decode one supplies one. An
+    option's gain is the demand it newly covers (averaged over the two), per GPU, times the
+    tier's starvation factor; so a prefill-heavy tier gets one decode group and many prefill
+    groups, and a light tier gets the smallest group that meets its SLO."""
+    buddy = _Buddy(pool)
+    chosen: list[Assignment] = []
+    need_p = {n: d.arrival_rps for n, d in demands.items()}
+    need_d = dict(need_p)
+    while True:
+        best: tuple[float, Assignment, float, float] | None = None
+        for name, d in demands.items():
+            for tp in tps:
+                start = buddy.find(tp)
+                if start is None:
+                    continue
+                cap = caps[(name, tp)]
+                for role in roles:
+                    p = cap.mixed_rps if role == "mixed" else cap.prefill_rps if role == "prefill" else 0.0
+                    q = cap.mixed_rps if role == "mixed" else cap.decode_rps if role == "decode" else 0.0
+                    got_p, got_d = min(p, need_p[name]), min(q, need_d[name])
+                    score = (got_p + got_d) / 2 * d.starvation / tp
+                    if score > 1e-12 and (best is None or score > best[0]):
+                        best = (score, Assignment(start, tp, role, name), got_p, got_d)
+        if best is None:
+            break
+        _, a, got_p, got_d = best
+        chosen.append(a)
+        buddy.take(a.start, a.tp)
+        need_p[a.tier] -= got_p
+        need_d[a.tier] -= got_d
+    # Idle slots serve the most demanded tier as TP-1 mixed instances (capacity is never wasted).
+    if demands:
+        busiest = max(demands.values(), key=lambda d: d.arrival_rps * d.starvation).tier.name
+        while (start := buddy.find(1)) is not None:
+            chosen.append(Assignment(start, 1, "mixed", busiest))
+            buddy.take(start, 1)
+    return Plan(sorted(chosen, key=lambda a: a.start), plan_goodput(chosen, caps, demands))
+
+
+def greedy(
+    pool: int,
+    perf: PerfModel,
+    demands: dict[str, TierDemand],
+    tp_choices: Sequence[int] | None = None,
+    roles: Sequence[Role] = ("mixed", "prefill", "decode"),
+) -> Plan:
+    """DESIGN §1's greedy search: best marginal goodput per GPU, one aligned group at a time.
+
+    Run once per cap on the largest TP (a few passes; each is linear in the pool) and keep the
+    best: a pass that may take a large group early can fragment the pool for the rest.
+    """
+    tps = sorted(tp_choices or valid_tp_choices(pool, perf), reverse=True)
+    caps = _capacities(perf, demands, tps)
+    plans = [_greedy_pass(pool, demands, [t for t in tps if t <= cap], roles, caps) for cap in tps]
+    return max(plans, key=lambda p: p.predicted_goodput_rps)
+
+
+def aligned_partitions(pool: int, tps: Sequence[int]) -> list[list[tuple[int, int]]]:
+    """Every way to cut [0, pool) into aligned blocks of the given sizes, as (start, tp) lists."""
+
+    @cache
+    def cut(start: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+        if start == pool:
+            return ((),)
+        out = []
+        for tp in tps:
+            if start % tp == 0 and start + tp <= pool:
+                out.extend(((start, tp), *rest) for rest in cut(start + tp))
+        return tuple(out)
+
+    return [list(p) for p in cut(0)]
+
+
+def exhaustive(
+    pool: int,
+    perf: PerfModel,
+    demands: dict[str, TierDemand],
+    tp_choices: Sequence[int] | None = None,
+    roles: Sequence[Role] = ("mixed", "prefill", "decode"),
+) -> Plan:
+    """The optimum over every aligned partition and every (tier, role) per instance (pool <= 8)."""
+    if pool > 8:
+        raise ValueError("exhaustive search is for pools of at most 8 slots")
+    tps = sorted(tp_choices or valid_tp_choices(pool, perf))
+    caps = _capacities(perf, demands, tps)
+    labels = [(t, r) for t in demands for r in roles]
+    best = Plan()
+    for part in aligned_partitions(pool, tps):
+        for choice in itertools.product(labels, repeat=len(part)):
+            plan = [Assignment(s, tp, r, t) for (s, tp), (t, r) in zip(part, choice, strict=True)]
+            g = plan_goodput(plan, caps, demands)
+            if g > best.predicted_goodput_rps + 1e-12:
+                best = Plan(plan, g)
+    return best
+
+
+def should_switch(current_rps: float, proposed_rps: float, switch_pause_s: float, window_s: float) -> bool:
+    """Hysteresis: switch only if the window's extra goodput beats what the pause costs."""
+    return (proposed_rps - current_rps) * window_s > current_rps * switch_pause_s
