@@ -1,0 +1,402 @@
+"""Discrete-event simulator (DESIGN §7): the same configurator and routing rules, against the
+performance model instead of workers, at pool sizes no test machine has.
+
+Per instance, a step decodes one token for every running sequence and prefills up to
+``chunk_tokens`` prompt tokens from its queues (chunked prefill); its duration is the
+performance model's step time. Decoding sequences are not touched per step: each records the
+step it will finish at, so a step costs O(1) plus the sequences that start or end in it.
+Reconfigurations pause the pool for the modelled switching cost; prefill->decode hand-offs cost
+KV bytes over the link plus a setup time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from nitsum_core.config import Tier
+from nitsum_core.configurator import (
+    Assignment,
+    Plan,
+    TierDemand,
+    greedy,
+    plan_goodput,
+    should_switch,
+    slo_safe_capacity,
+)
+from nitsum_core.goodput import RequestRecord
+from nitsum_core.perf_model import PerfModel
+from nitsum_core.workload import TraceRequest
+
+QueueOrder = Literal["fcfs", "priority", "slo"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A serving policy: how the pool is cut (static plan or dynamic) and how requests queue."""
+
+    name: str
+    queue_order: QueueOrder = (
+        "fcfs"  # fcfs: tier-blind; priority: by tier; slo: feasible/best-effort/background
+    )
+    dynamic: bool = False
+    switch: Literal["fast", "slow"] = "fast"
+    window_s: float = 1.0
+
+
+@dataclass
+class SimRequest:
+    rid: int
+    tier: str
+    arrival: float
+    prompt: int
+    output: int
+    prefilled: int = 0
+    first_token: float | None = None
+    finish: float | None = None
+    error: str | None = None
+    done_step: int = 0  # the instance step at which decoding ends
+    lane: int = 0  # 0 feasible, 1 best-effort, 2 background (SLO order); tier priority otherwise
+
+
+@dataclass
+class SimInstance:
+    a: Assignment
+    kv_cap: int
+    queue: list[tuple[int, float, int, SimRequest]] = field(default_factory=list)  # heap (lane, arrival, rid)
+    prefilling: deque[SimRequest] = field(default_factory=deque)
+    finishing: list[tuple[int, int, SimRequest]] = field(default_factory=list)  # heap (done_step, rid)
+    running: int = 0
+    ctx_tokens: int = 0  # KV tokens of the running sequences (grows by `running` per step)
+    kv_used: int = 0
+    steps: int = 0
+    busy: bool = False
+    paused_until: float = 0.0
+
+    @property
+    def load(self) -> int:
+        return len(self.queue) + len(self.prefilling) + self.running
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    duration_s: float
+    switches: int
+    timeline: list[tuple[float, str, float]]  # (time, plan description, arrivals in the window)
+    rejected: int
+
+
+class Simulator:
+    def __init__(
+        self,
+        perf: PerfModel,
+        pool: int,
+        tiers: dict[str, Tier],
+        preset: Preset,
+        plan: Plan | None = None,
+        chunk_tokens: int = 2048,
+        max_batch: int = 256,
+        handoff_setup_s: float = 1e-3,
+        fast_switch_s: float = 0.05,
+    ) -> None:
+        self.perf, self.pool, self.tiers, self.preset = perf, pool, tiers, preset
+        self.chunk_tokens, self.max_batch = chunk_tokens, max_batch
+        self.handoff_setup_s, self.fast_switch_s = handoff_setup_s, fast_switch_s
+        if plan is None and not preset.dynamic:
+            raise ValueError("a static preset needs a plan")
+        self._initial_plan = plan
+        self.events: list[tuple[float, int, str, object]] = []
+        self._seq = itertools.count()
+        self.instances: list[SimInstance] = []
+        self.now = 0.0
+        self.rejected = 0
+        self.switches = 0
+        self.timeline: list[tuple[float, str, float]] = []
+        self._window_arrivals: list[SimRequest] = []
+        self._window_finished: dict[str, int] = {}
+        self._rr = itertools.count()
+        self._admitted: dict[str, float] = {}
+        self._caps: dict[str, float] = {}
+
+    # ---- plumbing -------------------------------------------------------------------------------
+    def _push(self, t: float, kind: str, payload: object) -> None:
+        heapq.heappush(self.events, (t, next(self._seq), kind, payload))
+
+    def _build(self, plan: Plan) -> None:
+        self.instances = [SimInstance(a, self.perf.kv_capacity_tokens(a.tp)) for a in plan.assignments]
+        self.plan = plan
+
+    def _serving(self, tier: str, roles: tuple[str, ...]) -> list[SimInstance]:
+        return [i for i in self.instances if i.a.role in roles and (i.a.tier == tier or i.a.tier == "*")]
+
+    # ---- routing ---------------------------------------------------------------------------------
+    def _route(self, r: SimRequest) -> None:
+        cands = self._serving(r.tier, ("mixed", "prefill"))
+        if not cands:
+            self._reject(r, "no instance serves this tier")
+            return
+        tier = self.tiers[r.tier]
+        if self.preset.queue_order == "slo":
+            # Feasible while the tier's admitted rate this window fits its SLO-safe capacity;
+            # otherwise best-effort, spread round-robin; the lowest-priority tier is background.
+            if tier.priority == max(t.priority for t in self.tiers.values()) and len(self.tiers) > 1:
+                r.lane = 2
+            elif (
+                self._admitted.get(r.tier, 0.0) < self._caps.get(r.tier, float("inf")) * self.preset.window_s
+            ):
+                r.lane = 0
+                self._admitted[r.tier] = self._admitted.get(r.tier, 0.0) + 1
+            else:
+                r.lane = 1
+            inst = cands[next(self._rr) % len(cands)] if r.lane == 1 else min(cands, key=lambda i: i.load)
+        else:
+            r.lane = tier.priority if self.preset.queue_order == "priority" else 0
+            inst = min(cands, key=lambda i: i.load)
+        if r.prompt + r.output > inst.kv_cap:
+            self._reject(r, "prompt + output exceed the instance's KV capacity")
+            return
+        heapq.heappush(inst.queue, (r.lane, r.arrival, r.rid, r))
+        self._kick(inst)
+
+    def _reject(self, r: SimRequest, why: str) -> None:
+        r.error = why
+        self.rejected += 1
+
+    # ---- instance steps --------------------------------------------------------------------------
+    def _kick(self, inst: SimInstance) -> None:
+        if inst.busy or not (inst.queue or inst.prefilling or inst.running):
+            return
+        start = max(self.now, inst.paused_until)
+        # Admit queued requests into prefill while KV allows (their whole KV is reserved).
+        while inst.queue and inst.running + len(inst.prefilling) < self.max_batch:
+            r = inst.queue[0][3]
+            need = r.prompt + r.output
+            if inst.kv_used + need > inst.kv_cap:
+                break
+            heapq.heappop(inst.queue)
+            inst.kv_used += need
+            inst.prefilling.append(r)
+        budget = self.chunk_tokens
+        chunk: list[tuple[SimRequest, int]] = []
+        for r in inst.prefilling:
+            if budget <= 0:
+                break
+            n = min(budget, r.prompt - r.prefilled)
+            chunk.append((r, n))
+            budget -= n
+        prefill_tokens = self.chunk_tokens - budget
+        decode = inst.running if inst.a.role != "prefill" else 0
+        if not prefill_tokens and not decode:
+            return
+        dt = self.perf.step_time(inst.a.tp, prefill_tokens, decode, inst.ctx_tokens)
+        inst.busy = True
+        self._push(start + dt, "step", (inst, chunk))
+
+    def _step_done(self, inst: SimInstance, chunk: list[tuple[SimRequest, int]]) -> None:
+        if inst not in self.instances:  # a step of an instance replaced by a reconfiguration
+            return
+        inst.busy = False
+        inst.steps += 1
+        inst.ctx_tokens += inst.running
+        while inst.finishing and inst.finishing[0][0] <= inst.steps:
+            _, _, r = heapq.heappop(inst.finishing)
+            self._finish(inst, r)
+        for r, n in chunk:
+            r.prefilled += n
+            if r.prefilled < r.prompt:
+                continue
+            inst.prefilling.remove(r)
+            r.first_token = r.first_token if r.first_token is not None else self.now
+            if r.output <= 1:
+                inst.kv_used -= r.prompt + r.output
+                r.finish = self.now
+                self._done(r)
+            elif inst.a.role == "prefill":
+                inst.kv_used -= r.prompt + r.output
+                self._handoff(r)
+            else:
+                self._start_decode(inst, r)
+        self._kick(inst)
+
+    def _start_decode(self, inst: SimInstance, r: SimRequest) -> None:
+        inst.running += 1
+        inst.ctx_tokens += r.prompt
+        r.done_step = inst.steps + r.output - 1
+        heapq.heappush(inst.finishing, (r.done_step, r.rid, r))
+
+    def _finish(self, inst: SimInstance, r: SimRequest) -> None:
+        inst.running -= 1
+        inst.ctx_tokens -= r.prompt + r.output - 1
+        inst.kv_used -= r.prompt + r.output
+        r.finish = self.now
+        self._done(r)
+
+    def _done(self, r: SimRequest) -> None:
+        self._window_finished[r.tier] = self._window_finished.get(r.tier, 0) + 1
+
+    def _handoff(self, r: SimRequest) -> None:
+        targets = self._serving(r.tier, ("decode",)) or self._serving(r.tier, ("mixed",))
+        if not targets:
+            self._reject(r, "no decode instance for the hand-off")
+            return
+        inst = min(targets, key=lambda i: i.load)
+        link = self.perf.hw.link_bw
+        dt = self.handoff_setup_s + r.prompt * self.perf.kv_bytes_per_token / link
+        self._push(self.now + dt, "arrive_decode", (inst, r))
+
+    def _arrive_decode(self, inst: SimInstance, r: SimRequest) -> None:
+        if inst not in self.instances:
+            self._handoff(r)
+            return
+        inst.kv_used += r.prompt + r.output
+        self._start_decode(inst, r)
+        self._kick(inst)
+
+    # ---- control windows -------------------------------------------------------------------------
+    def _demands(self, window: list[SimRequest]) -> dict[str, TierDemand]:
+        out = {}
+        w = self.preset.window_s
+        for name, tier in self.tiers.items():
+            rs = [r for r in window if r.tier == name]
+            if not rs:
+                continue
+            out[name] = TierDemand(
+                tier,
+                arrival_rps=len(rs) / w,
+                mean_prompt=sum(r.prompt for r in rs) / len(rs),
+                mean_output=sum(r.output for r in rs) / len(rs),
+                served_rps=self._window_finished.get(name, 0) / w,
+            )
+        return out
+
+    def _window(self, _: object) -> None:
+        window, self._window_arrivals = self._window_arrivals, []
+        demands = self._demands(window)
+        self._admitted.clear()
+        if self.preset.queue_order == "slo" and demands:
+            self._caps = {}
+            for a in self.plan.assignments:
+                d = demands.get(a.tier)
+                if d is not None:
+                    cap = slo_safe_capacity(self.perf, a.tp, d)
+                    rate = (
+                        cap.mixed_rps
+                        if a.role == "mixed"
+                        else cap.prefill_rps
+                        if a.role == "prefill"
+                        else 0.0
+                    )
+                    self._caps[a.tier] = self._caps.get(a.tier, 0.0) + rate
+        if self.preset.dynamic and demands:
+            proposed = greedy(self.pool, self.perf, demands)
+            caps = {
+                (n, tp): slo_safe_capacity(self.perf, tp, d)
+                for n, d in demands.items()
+                for tp in (1, 2, 4, 8)
+            }
+            current = plan_goodput([a for a in self.plan.assignments if a.tier in demands], caps, demands)
+            pause = self._switch_cost(proposed)
+            if proposed.assignments != self.plan.assignments and should_switch(
+                current, proposed.predicted_goodput_rps, pause, self.preset.window_s
+            ):
+                self._reconfigure(proposed, pause)
+        self._window_finished.clear()
+        self.timeline.append((self.now, self.plan.describe(), len(window) / self.preset.window_s))
+        if self.events:
+            self._push(self.now + self.preset.window_s, "window", None)
+
+    def _switch_cost(self, plan: Plan) -> float:
+        if self.preset.switch == "fast":
+            kv = sum(i.ctx_tokens for i in self.instances) * self.perf.kv_bytes_per_token
+            return self.fast_switch_s + kv / self.perf.hw.link_bw / max(1, self.pool)
+        # Slow switching: reload each slot's weight shard at ~2 GB/s (re-prefill is added per request).
+        smallest = min(a.tp for a in plan.assignments)
+        return self.perf.weight_bytes / smallest / 2e9
+
+    def _reconfigure(self, plan: Plan, pause: float) -> None:
+        old = self.instances
+        self.switches += 1
+        self._build(plan)
+        resume = self.now + pause
+        for inst in self.instances:
+            inst.paused_until = resume
+        for inst in old:
+            moved = [q[3] for q in inst.queue] + list(inst.prefilling) + [f[2] for f in inst.finishing]
+            for r in moved:
+                if self.preset.switch == "slow" or r.first_token is None or inst.a.role == "prefill":
+                    # Re-run from the prompt (the slow path loses KV; unstarted ones just move).
+                    generated = 0 if r.first_token is None else max(0, r.output - (r.done_step - inst.steps))
+                    r.prompt, r.output, r.prefilled = r.prompt + generated, max(1, r.output - generated), 0
+                    self._route_requeue(r)
+                else:
+                    # Fast path: the KV migrates; decoding continues on the new instance.
+                    left = max(1, r.done_step - inst.steps + 1)
+                    targets = self._serving(r.tier, ("decode", "mixed")) or self.instances
+                    new = min(targets, key=lambda i: i.load)
+                    new.kv_used += r.prompt + r.output
+                    new.running += 1
+                    new.ctx_tokens += r.prompt + (r.output - left)
+                    r.done_step = new.steps + left
+                    heapq.heappush(new.finishing, (r.done_step, r.rid, r))
+        for inst in self.instances:
+            self._push(resume, "kick", inst)
+
+    def _route_requeue(self, r: SimRequest) -> None:
+        cands = self._serving(r.tier, ("mixed", "prefill")) or self.instances
+        inst = min(cands, key=lambda i: i.load)
+        heapq.heappush(inst.queue, (r.lane, r.arrival, r.rid, r))
+
+    # ---- run -----------------------------------------------------------------------------------------
+    def run(self, workload: list[TraceRequest]) -> SimResult:
+        if self._initial_plan is not None:
+            self._build(self._initial_plan)
+        else:
+            first = workload[: max(1, int(len(workload) * 0.01))]
+            demands = self._demands(
+                [SimRequest(0, r.tier, 0, r.prompt_tokens, r.output_tokens) for r in first]
+            )
+            self._build(
+                greedy(self.pool, self.perf, demands) if demands else Plan([Assignment(0, 1, "mixed", "*")])
+            )
+        reqs = [
+            SimRequest(i, r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
+            for i, r in enumerate(workload)
+        ]
+        for r in reqs:
+            if r.tier not in self.tiers:
+                raise ValueError(f"request {r.rid} has unknown tier {r.tier!r}")
+            self._push(r.arrival, "arrival", r)
+        self._push(self.preset.window_s, "window", None)
+        originals = {r.rid: (r.prompt, r.output) for r in reqs}
+        while self.events:
+            self.now, _, kind, payload = heapq.heappop(self.events)
+            if kind == "arrival":
+                self._window_arrivals.append(payload)
+                self._route(payload)
+            elif kind == "step":
+                self._step_done(*payload)
+            elif kind == "arrive_decode":
+                self._arrive_decode(*payload)
+            elif kind == "kick":
+                if payload in self.instances:
+                    self._kick(payload)
+            elif kind == "window":
+                self._window(payload)
+        records = []
+        for r in reqs:
+            prompt, output = originals[r.rid]
+            if r.error is not None or r.finish is None:
+                records.append(
+                    RequestRecord(r.tier, r.arrival, prompt, 0, None, None, error=r.error or "unfinished")
+                )
+                continue
+            ttft = r.first_token - r.arrival
+            tpot = (r.finish - r.first_token) / (output - 1) if output > 1 else 0.0
+            records.append(RequestRecord(r.tier, r.arrival, prompt, output, ttft, tpot))
+        # Goodput is counted over the arrival span, the same for every preset on the same trace.
+        duration = (reqs[-1].arrival - reqs[0].arrival) if len(reqs) > 1 else 1.0
+        return SimResult(records, duration, self.switches, self.timeline, self.rejected)

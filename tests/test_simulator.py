@@ -1,0 +1,103 @@
+"""The discrete-event simulator: determinism, conservation, M/D/1 closed form, presets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from nitsum_core.config import Tier
+from nitsum_core.configurator import Assignment, Plan
+from nitsum_core.goodput import summarize
+from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.simulator import Preset, Simulator
+from nitsum_core.workload import TraceRequest, assign_tiers, synthetic_azure_conv
+
+TIERS = {
+    "interactive": Tier("interactive", 0.5, 0.03, 0),
+    "agent": Tier("agent", 2.0, 0.05, 1),
+    "background": Tier("background", 30.0, 0.2, 2),
+}
+
+
+def _perf() -> PerfModel:
+    return PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"], Coefficients(overhead_s=2e-3))
+
+
+def _workload(n: int, rate: float, seed: int = 0) -> list[TraceRequest]:
+    reqs = synthetic_azure_conv(n, seed=seed)
+    from nitsum_core.workload import scale_rate
+
+    return assign_tiers(
+        scale_rate(reqs, rate), {"interactive": 0.5, "agent": 0.3, "background": 0.2}, seed=seed
+    )
+
+
+STATIC4 = Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 2, "mixed", "*")])
+
+
+@pytest.mark.parametrize("preset", [Preset("vanilla"), Preset("nitsum", queue_order="slo", dynamic=True)])
+def test_deterministic_and_conserving(preset: Preset) -> None:
+    wl = _workload(600, rate=20.0)
+    plan = None if preset.dynamic else STATIC4
+    a = Simulator(_perf(), 4, TIERS, preset, plan).run(wl)
+    b = Simulator(_perf(), 4, TIERS, preset, plan).run(wl)
+    assert a.records == b.records and a.switches == b.switches
+    assert len(a.records) == len(wl)
+    # Every arrival completes or carries the reason it did not.
+    for rec in a.records:
+        assert (rec.error is None) == (rec.ttft_s is not None)
+        assert rec.error in (
+            None,
+            "no instance serves this tier",
+            "prompt + output exceed the instance's KV capacity",
+        )
+    assert sum(r.error is None for r in a.records) >= 0.99 * len(wl)
+
+
+def test_queueing_matches_md1_closed_form() -> None:
+    """One TP-1 instance, one request at a time, fixed prompt, one output token, Poisson arrivals:
+    an M/D/1 queue. Mean time in system = D + rho * D / (2 (1 - rho))."""
+    perf = _perf()
+    prompt = 1024
+    service = perf.step_time(1, prompt, 0, 0)
+    rho = 0.7
+    lam = rho / service
+    rng = random.Random(5)
+    t, wl = 0.0, []
+    for _ in range(20000):
+        t += rng.expovariate(lam)
+        wl.append(TraceRequest(t, prompt, 1, tier="interactive"))
+    sim = Simulator(
+        perf,
+        1,
+        {"interactive": TIERS["interactive"]},
+        Preset("vanilla"),
+        Plan([Assignment(0, 1, "mixed", "*")]),
+        chunk_tokens=prompt,
+        max_batch=1,
+    )
+    res = sim.run(wl)
+    mean = sum(r.ttft_s for r in res.records) / len(res.records)
+    expected = service + rho * service / (2 * (1 - rho))
+    assert mean == pytest.approx(expected, rel=0.05)
+
+
+def test_more_load_than_capacity_degrades_attainment_not_conservation() -> None:
+    light = Simulator(_perf(), 4, TIERS, Preset("vanilla"), STATIC4).run(_workload(400, rate=5.0))
+    heavy = Simulator(_perf(), 4, TIERS, Preset("vanilla"), STATIC4).run(_workload(400, rate=200.0))
+    g_light = summarize(light.records, TIERS, light.duration_s, 4)
+    g_heavy = summarize(heavy.records, TIERS, heavy.duration_s, 4)
+    assert g_light.met_slo / g_light.requests > g_heavy.met_slo / g_heavy.requests
+    assert len(heavy.records) == 400
+
+
+def test_prefill_decode_handoff_and_dynamic_switching_run() -> None:
+    pd = Plan(
+        [Assignment(0, 1, "prefill", "*"), Assignment(1, 1, "prefill", "*"), Assignment(2, 2, "decode", "*")]
+    )
+    res = Simulator(_perf(), 4, TIERS, Preset("static-pd"), pd).run(_workload(300, rate=10.0))
+    assert all(r.error is None for r in res.records)
+    dyn = Simulator(_perf(), 8, TIERS, Preset("nitsum", queue_order="slo", dynamic=True)).run(
+        _workload(1500, rate=40.0)
+    )
+    assert dyn.timeline and all(r.error is None for r in dyn.records)
