@@ -101,3 +101,54 @@ def test_prefill_decode_handoff_and_dynamic_switching_run() -> None:
         _workload(1500, rate=40.0)
     )
     assert dyn.timeline and all(r.error is None for r in dyn.records)
+
+
+def test_baseline_candidates_are_aligned_and_complete() -> None:
+    from nitsum_core.baselines import candidates, prefill_decode, split_clusters
+
+    perf = _perf()
+    for name in ("vanilla", "split", "static-pd"):
+        for plan in candidates(name, 8, perf, ["interactive", "agent", "background"]):
+            slots = sorted(s for a in plan.assignments for s in a.slots)
+            assert slots == list(range(8)) and all(a.start % a.tp == 0 for a in plan.assignments)
+    assert len(list(split_clusters(8, 2, ["a", "b", "c"]))) == 3  # 4 units into 3 non-empty clusters
+    assert [sum(a.role == "prefill" for a in p.assignments) for p in prefill_decode(8, 2)] == [1, 2, 3]
+    assert candidates("nitsum", 8, perf, ["a"]) == [None]
+
+
+def test_best_static_picks_the_best_configuration_it_tried() -> None:
+    from nitsum_core.baselines import PRESETS, best_static, candidates
+    from nitsum_core.simulator import Simulator
+
+    perf = _perf()
+    wl = _workload(400, rate=30.0)
+    best = best_static("vanilla", 4, perf, TIERS, wl)
+    each = [
+        summarize(
+            (r := Simulator(perf, 4, TIERS, PRESETS["vanilla"], p).run(wl)).records, TIERS, r.duration_s, 4
+        ).goodput_rps
+        for p in candidates("vanilla", 4, perf, list(TIERS))
+    ]
+    assert best.report.goodput_rps == pytest.approx(max(each)) and best.configs_tried == len(each)
+
+
+def test_nitsum_sim_cli_writes_results(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "nitsum_cli.main", "sim", "--gpus", "4", "--duration", "8", "--rates", "10,40",
+         "--presets", "vanilla,nitsum", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "sim-llama-3.1-8b-4xh100-sxm.json").read_text())
+    assert {(r["rate"], r["preset"]) for r in data["rows"]} == {
+        (10.0, "vanilla"),
+        (10.0, "nitsum"),
+        (40.0, "vanilla"),
+        (40.0, "nitsum"),
+    }
+    assert (tmp_path / "sim-llama-3.1-8b-4xh100-sxm.md").read_text().startswith("# Goodput study")
+    assert (tmp_path / "sim-llama-3.1-8b-4xh100-sxm.png").exists()

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out", default=None, help="results JSON path (default bench_results/bench-<time>.json)"
     )
+    from nitsum_cli import sim
+
+    sim.add_parser(sub)
     return parser
 
 
@@ -383,9 +386,14 @@ async def _bench(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    handler = {"up": _up, "generate": _generate, "status": _status, "bench": _bench}[args.command]
+    handler = {"up": _up, "generate": _generate, "status": _status, "bench": _bench}.get(args.command)
     try:
-        code = asyncio.run(handler(args))
+        if args.command == "sim":
+            from nitsum_cli import sim
+
+            code = sim.run(args)
+        else:
+            code = asyncio.run(handler(args))
     except NitsumError as exc:
         print(f"nitsum {args.command}: error [{exc.code}]: {exc.message}", file=sys.stderr)
         code = 2

@@ -1,0 +1,202 @@
+"""``nitsum sim``: the goodput study -- every preset, each at its best static configuration, on
+the same trace and pool, across a sweep of arrival rates. Writes JSON, markdown and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from nitsum_core import workload as wl
+from nitsum_core.baselines import PRESETS, best_static
+from nitsum_core.config import load_tiers
+from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sim",
+        help="simulate presets (vanilla, priority, split, static-pd, nitsum-static, nitsum-slow, nitsum) on a GPU pool",
+        description="Discrete-event simulation of the serving policies on a modelled GPU pool. Each baseline "
+        "runs at its own best static configuration (swept with hindsight per load point).",
+    )
+    p.add_argument(
+        "--model",
+        default="llama-3.1-8b",
+        help="llama-3.1-8b, qwen2.5-14b, llama-3.1-70b, smollm2-135m or a config.json",
+    )
+    p.add_argument("--hardware", default="h100-sxm", choices=sorted(HARDWARE))
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument(
+        "--coefficients", default=None, help="perf-model coefficients JSON (from `nitsum profile`)"
+    )
+    p.add_argument("--tiers", default=None, help="tier TOML (default: the packaged gpu_tiers.toml)")
+    p.add_argument(
+        "--trace",
+        action="append",
+        default=[],
+        help="PATH[:tier=frac,...] (repeatable); e.g. conv.csv:interactive=0.7,background=0.3 code.csv:agent=1. "
+        "Default: the synthetic Azure-conversation workload split over the tiers",
+    )
+    p.add_argument("--start", type=float, default=0.0, help="seconds into the traces to start")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of trace to simulate per run")
+    p.add_argument(
+        "--rates", default="10,20,40,80", help="comma-separated total arrival rates (req/s) to sweep"
+    )
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/results", help="directory for results JSON, markdown and plots")
+
+
+def _workload(a: argparse.Namespace, rate: float) -> list[wl.TraceRequest]:
+    streams = []
+    if not a.trace:
+        base = wl.synthetic_azure_conv(int(rate * a.duration * 1.2) + 10, seed=a.seed)
+        base = wl.assign_tiers(base, {"interactive": 0.5, "agent": 0.3, "background": 0.2}, seed=a.seed)
+        return wl.window(wl.scale_rate(base, rate), 0.0, a.duration)
+    total_native = 0.0
+    for spec in a.trace:
+        path, _, mix = spec.partition(":")
+        reqs = wl.read_trace(path)
+        reqs = wl.assign_tiers(reqs, wl.parse_tier_mix(mix) if mix else {"interactive": 1.0}, seed=a.seed)
+        streams.append(reqs)
+        total_native += (len(reqs) - 1) / max(1e-9, reqs[-1].arrival_s)
+    # Scale every trace by the same factor so the merged stream has the requested mean rate.
+    factor = rate / total_native
+    scaled = [wl.scale_rate(s, (len(s) - 1) / max(1e-9, s[-1].arrival_s) * factor) for s in streams]
+    return wl.window(wl.merge(*scaled), a.start, a.duration)
+
+
+def run(a: argparse.Namespace) -> int:
+    tiers = (
+        load_tiers(a.tiers)
+        if a.tiers
+        else load_tiers(Path(__file__).resolve().parent.parent / "nitsum_core" / "gpu_tiers.toml")
+    )
+    coef = Coefficients.load(a.coefficients) if a.coefficients else Coefficients(overhead_s=2e-3)
+    perf = PerfModel(model_spec(a.model), HARDWARE[a.hardware], coef)
+    presets = [p.strip() for p in a.presets.split(",") if p.strip()]
+    unknown = set(presets) - set(PRESETS)
+    if unknown:
+        raise ValueError(f"unknown presets {sorted(unknown)}; choose from {list(PRESETS)}")
+    rates = [float(r) for r in a.rates.split(",")]
+    rows = []
+    timelines = {}
+    t_start = time.perf_counter()
+    for rate in rates:
+        workload = _workload(a, rate)
+        for name in presets:
+            t0 = time.perf_counter()
+            run_ = best_static(name, a.gpus, perf, tiers, workload)
+            rep = run_.report
+            rows.append(
+                {
+                    "rate": rate,
+                    "preset": name,
+                    "config": run_.config,
+                    "configs_tried": run_.configs_tried,
+                    "goodput_rps": rep.goodput_rps,
+                    "goodput_per_gpu": rep.goodput_per_gpu_rps,
+                    "attainment": {t.tier: t.attainment for t in rep.tiers},
+                    "switches": run_.result.switches,
+                    "requests": rep.requests,
+                    "sim_seconds": time.perf_counter() - t0,
+                }
+            )
+            if name == "nitsum":
+                timelines[rate] = run_.result.timeline
+            print(f"  rate {rate:>6.1f} req/s  {name:<14} goodput {rep.goodput_rps:7.2f} req/s  "
+                  f"({run_.configs_tried} configs, best: {run_.config[:70]})", file=sys.stderr, flush=True)  # fmt: skip
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_name = Path(a.model).parent.name if a.model.endswith(".json") else Path(a.model).name
+    stem = f"sim-{model_name}-{a.gpus}x{a.hardware}"
+    (out / f"{stem}.json").write_text(
+        json.dumps(
+            {"args": vars(a), "rows": rows, "timelines": {str(k): v for k, v in timelines.items()}}, indent=2
+        )
+    )
+    table = _markdown(a, rows, presets, rates, time.perf_counter() - t_start)
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    _plots(out / stem, rows, presets, rates, timelines)
+    print(f"results in {out}/{stem}.{{json,md,png}}")
+    return 0
+
+
+def _markdown(
+    a: argparse.Namespace, rows: list[dict], presets: list[str], rates: list[float], seconds: float
+) -> str:
+    lines = [
+        f"# Goodput study: {a.model} on {a.gpus}x {a.hardware}",
+        "",
+        f"Workload: {', '.join(a.trace) or 'synthetic Azure conversation'}; {a.duration:.0f} s per run from t={a.start:.0f} s; "
+        f"simulated in {seconds:.0f} s. Goodput in req/s (requests meeting both TTFT and TPOT targets).",
+        "",
+        "| rate (req/s) | " + " | ".join(presets) + " |",
+        "|---:|" + "---:|" * len(presets),
+    ]
+    for rate in rates:
+        cells = [
+            next(r for r in rows if r["rate"] == rate and r["preset"] == p)["goodput_rps"] for p in presets
+        ]
+        lines.append(f"| {rate:g} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    lines += ["", "Best static configuration of each preset at the highest load:", ""]
+    for p in presets:
+        r = next(r for r in rows if r["rate"] == rates[-1] and r["preset"] == p)
+        lines.append(f"- **{p}**: {r['config']} ({r['configs_tried']} tried; attainment {r['attainment']})")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(stem: Path, rows: list[dict], presets: list[str], rates: list[float], timelines: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for p in presets:
+        ax[0].plot(
+            rates,
+            [next(r for r in rows if r["rate"] == x and r["preset"] == p)["goodput_rps"] for x in rates],
+            marker="o",
+            label=p,
+        )
+    ax[0].set_xlabel("arrival rate (req/s)")
+    ax[0].set_ylabel("goodput (req/s)")
+    ax[0].legend(fontsize=8)
+    ax[0].set_title("goodput vs load")
+    top = [next(r for r in rows if r["rate"] == rates[-1] and r["preset"] == p) for p in presets]
+    tier_names = sorted({t for r in top for t in r["attainment"]})
+    width = 0.8 / max(1, len(tier_names))
+    for i, t in enumerate(tier_names):
+        ax[1].bar(
+            [j + i * width for j in range(len(presets))],
+            [r["attainment"].get(t, 0) for r in top],
+            width,
+            label=t,
+        )
+    ax[1].set_xticks([j + 0.4 - width / 2 for j in range(len(presets))], presets, rotation=30, fontsize=8)
+    ax[1].set_ylabel(f"SLO attainment at {rates[-1]:g} req/s")
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=110)
+    if timelines:
+        rate = max(timelines)
+        tl = timelines[rate]
+        fig, ax = plt.subplots(figsize=(12, 3.5))
+        ts = [t for t, _, _ in tl]
+        ax.plot(ts, [arr for _, _, arr in tl], color="gray", label="arrivals (req/s)")
+        ax2 = ax.twinx()
+        ax2.step(ts, [desc.count("TP") for _, desc, _ in tl], where="post", label="instances")
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("arrivals (req/s)")
+        ax2.set_ylabel("instances in the chosen cut")
+        ax.set_title(f"nitsum: configuration over time at {rate:g} req/s")
+        fig.tight_layout()
+        fig.savefig(f"{stem}-timeline.png", dpi=110)

@@ -1,0 +1,100 @@
+"""Baselines as presets, each at its own best static configuration (swept, chosen with hindsight).
+
+| preset        | cut of the pool                              | queues                          |
+|---------------|----------------------------------------------|---------------------------------|
+| vanilla       | uniform static TP, every tier everywhere     | FCFS, tier-blind (vLLM/SGLang)  |
+| priority      | uniform static TP                            | by tier priority                |
+| split         | static per-tier clusters (sizes swept)       | FCFS inside a cluster           |
+| static-pd     | fixed prefill/decode split (DistServe-like)  | FCFS                            |
+| nitsum-static | uniform static TP (best one)                 | feasible / best-effort / bg     |
+| nitsum-slow   | re-cut every window, weights reloaded        | feasible / best-effort / bg     |
+| nitsum        | re-cut every window, resident weights + KV migration | feasible / best-effort / bg |
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from nitsum_core.config import Tier
+from nitsum_core.configurator import Assignment, Plan, valid_tp_choices
+from nitsum_core.goodput import GoodputReport, summarize
+from nitsum_core.perf_model import PerfModel
+from nitsum_core.simulator import Preset, SimResult, Simulator
+from nitsum_core.workload import TraceRequest
+
+PRESETS: dict[str, Preset] = {
+    "vanilla": Preset("vanilla", "fcfs"),
+    "priority": Preset("priority", "priority"),
+    "split": Preset("split", "fcfs"),
+    "static-pd": Preset("static-pd", "fcfs"),
+    "nitsum-static": Preset("nitsum-static", "slo"),
+    "nitsum-slow": Preset("nitsum-slow", "slo", dynamic=True, switch="slow"),
+    "nitsum": Preset("nitsum", "slo", dynamic=True, switch="fast"),
+}
+
+
+def uniform(pool: int, tp: int) -> Plan:
+    return Plan([Assignment(s, tp, "mixed", "*") for s in range(0, pool, tp)])
+
+
+def split_clusters(pool: int, tp: int, tiers: list[str]) -> Iterator[Plan]:
+    """Every way to give each tier a contiguous cluster of TP-``tp`` instances (at least one each)."""
+    units = pool // tp
+    if units < len(tiers):
+        return
+    for cuts in itertools.combinations(range(1, units), len(tiers) - 1):
+        bounds = (0, *cuts, units)
+        plan = []
+        for tier, lo, hi in zip(tiers, bounds, bounds[1:], strict=False):
+            plan += [Assignment(u * tp, tp, "mixed", tier) for u in range(lo, hi)]
+        yield Plan(plan)
+
+
+def prefill_decode(pool: int, tp: int) -> Iterator[Plan]:
+    for n_pre in range(tp, pool, tp):
+        pre = [Assignment(s, tp, "prefill", "*") for s in range(0, n_pre, tp)]
+        dec = [Assignment(s, tp, "decode", "*") for s in range(n_pre, pool, tp)]
+        yield Plan(pre + dec)
+
+
+def candidates(name: str, pool: int, perf: PerfModel, tiers: list[str]) -> list[Plan | None]:
+    """The static configurations a preset is swept over (None: dynamic, no static plan)."""
+    tps = valid_tp_choices(pool, perf)
+    if PRESETS[name].dynamic:
+        return [None]
+    if name == "split":
+        return [p for tp in tps for p in split_clusters(pool, tp, tiers)]
+    if name == "static-pd":
+        return [p for tp in tps for p in prefill_decode(pool, tp)]
+    return [uniform(pool, tp) for tp in tps]
+
+
+@dataclass
+class BaselineRun:
+    preset: str
+    config: str
+    report: GoodputReport
+    result: SimResult
+    configs_tried: int
+
+
+def best_static(
+    name: str,
+    pool: int,
+    perf: PerfModel,
+    tiers: dict[str, Tier],
+    workload: list[TraceRequest],
+    **sim_kwargs: object,
+) -> BaselineRun:
+    """Run preset ``name`` at every candidate configuration; keep the one with the most goodput."""
+    best: BaselineRun | None = None
+    plans = candidates(name, pool, perf, sorted(tiers, key=lambda t: tiers[t].priority))
+    for plan in plans:
+        res = Simulator(perf, pool, tiers, PRESETS[name], plan, **sim_kwargs).run(workload)  # type: ignore[arg-type]
+        rep = summarize(res.records, tiers, res.duration_s, pool)
+        if best is None or rep.goodput_rps > best.report.goodput_rps:
+            best = BaselineRun(name, plan.describe() if plan else "dynamic", rep, res, len(plans))
+    assert best is not None
+    return best
