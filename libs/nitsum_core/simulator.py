@@ -352,16 +352,9 @@ class Simulator:
 
     # ---- run -----------------------------------------------------------------------------------------
     def run(self, workload: list[TraceRequest]) -> SimResult:
-        if self._initial_plan is not None:
-            self._build(self._initial_plan)
-        else:
-            first = workload[: max(1, int(len(workload) * 0.01))]
-            demands = self._demands(
-                [SimRequest(0, r.tier, 0, r.prompt_tokens, r.output_tokens) for r in first]
-            )
-            self._build(
-                greedy(self.pool, self.perf, demands) if demands else Plan([Assignment(0, 1, "mixed", "*")])
-            )
+        # Dynamic presets start from a uniform TP-1 cut serving every tier (what a deployment
+        # boots with); the configurator re-cuts it from the first window on.
+        self._build(self._initial_plan or Plan([Assignment(s, 1, "mixed", "*") for s in range(self.pool)]))
         reqs = [
             SimRequest(i, r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
             for i, r in enumerate(workload)
