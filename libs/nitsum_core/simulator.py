@@ -102,6 +102,7 @@ class Simulator:
         max_batch: int = 256,
         handoff_setup_s: float = 1e-3,
         fast_switch_s: float = 0.05,
+        min_chunk: int = 128,
     ) -> None:
         self.perf, self.pool, self.tiers, self.preset = perf, pool, tiers, preset
         self.chunk_tokens, self.max_batch = chunk_tokens, max_batch
@@ -121,6 +122,9 @@ class Simulator:
         self._rr = itertools.count()
         self._admitted: dict[str, float] = {}
         self._caps: dict[str, float] = {}
+        self._seat_caps: dict[tuple[int, float], int] = {}
+        self._mean_ctx = 1000.0  # KV tokens per decoding sequence, re-estimated every window
+        self.min_chunk = min_chunk
 
     # ---- plumbing -------------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: object) -> None:
@@ -171,8 +175,10 @@ class Simulator:
         if inst.busy or not (inst.queue or inst.prefilling or inst.running):
             return
         start = max(self.now, inst.paused_until)
-        # Admit queued requests into prefill while KV allows (their whole KV is reserved).
-        while inst.queue and inst.running + len(inst.prefilling) < self.max_batch:
+        target = self._tpot_target(inst) if self.preset.queue_order == "slo" else None
+        seats = self._seat_cap(inst, target) if target else self.max_batch
+        # Admit queued requests into prefill while seats and KV allow (their whole KV is reserved).
+        while inst.queue and inst.running + len(inst.prefilling) < seats:
             r = inst.queue[0][3]
             need = r.prompt + r.output
             if inst.kv_used + need > inst.kv_cap:
@@ -180,7 +186,11 @@ class Simulator:
             heapq.heappop(inst.queue)
             inst.kv_used += need
             inst.prefilling.append(r)
-        budget = self.chunk_tokens
+        decode = inst.running if inst.a.role != "prefill" else 0
+        # SLO-safe steps (DESIGN §1): with sequences decoding, the prefill chunk is cut so the
+        # step stays within the strictest TPOT target it serves (always some progress).
+        budget = self._chunk_within(inst, decode, target) if target and decode else self.chunk_tokens
+        chunk_cap = budget
         chunk: list[tuple[SimRequest, int]] = []
         for r in inst.prefilling:
             if budget <= 0:
@@ -188,13 +198,43 @@ class Simulator:
             n = min(budget, r.prompt - r.prefilled)
             chunk.append((r, n))
             budget -= n
-        prefill_tokens = self.chunk_tokens - budget
-        decode = inst.running if inst.a.role != "prefill" else 0
+        prefill_tokens = chunk_cap - budget
         if not prefill_tokens and not decode:
             return
         dt = self.perf.step_time(inst.a.tp, prefill_tokens, decode, inst.ctx_tokens)
         inst.busy = True
         self._push(start + dt, "step", (inst, chunk))
+
+    def _tpot_target(self, inst: SimInstance) -> float:
+        if inst.a.tier == "*":
+            return min(t.tpot_s for t in self.tiers.values())
+        return self.tiers[inst.a.tier].tpot_s
+
+    def _seat_cap(self, inst: SimInstance, tpot: float) -> int:
+        """Most sequences this instance may decode at once and stay within ``tpot`` (cached per window)."""
+        key = (inst.a.tp, tpot)
+        cap = self._seat_caps.get(key)
+        if cap is None:
+            ctx = self._mean_ctx
+            lo, hi = 1, self.max_batch
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.perf.step_time(inst.a.tp, 0, mid, int(mid * ctx)) <= tpot:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            cap = self._seat_caps[key] = lo
+        return cap
+
+    def _chunk_within(self, inst: SimInstance, decode: int, tpot: float) -> int:
+        lo, hi = 0, self.chunk_tokens
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.perf.step_time(inst.a.tp, mid, decode, inst.ctx_tokens) <= tpot:
+                lo = mid
+            else:
+                hi = mid - 1
+        return max(lo, self.min_chunk)
 
     def _step_done(self, inst: SimInstance, chunk: list[tuple[SimRequest, int]]) -> None:
         if inst not in self.instances:  # a step of an instance replaced by a reconfiguration
@@ -277,6 +317,9 @@ class Simulator:
         window, self._window_arrivals = self._window_arrivals, []
         demands = self._demands(window)
         self._admitted.clear()
+        if window:
+            self._mean_ctx = sum(r.prompt + r.output / 2 for r in window) / len(window)
+            self._seat_caps.clear()
         if self.preset.queue_order == "slo" and demands:
             self._caps = {}
             for a in self.plan.assignments:
@@ -318,13 +361,20 @@ class Simulator:
         return self.perf.weight_bytes / smallest / 2e9
 
     def _reconfigure(self, plan: Plan, pause: float) -> None:
-        old = self.instances
+        # Instances whose assignment is unchanged keep running untouched; only the slots that
+        # change hands pause, and only the requests on removed instances move.
+        kept = {inst.a: inst for inst in self.instances if inst.a in set(plan.assignments)}
+        removed = [inst for inst in self.instances if inst.a not in kept]
         self.switches += 1
-        self._build(plan)
+        self.instances = [
+            kept.get(a) or SimInstance(a, self.perf.kv_capacity_tokens(a.tp)) for a in plan.assignments
+        ]
+        self.plan = plan
+        fresh = [inst for inst in self.instances if inst.a not in kept]
         resume = self.now + pause
-        for inst in self.instances:
+        for inst in fresh:
             inst.paused_until = resume
-        for inst in old:
+        for inst in removed:
             moved = [q[3] for q in inst.queue] + list(inst.prefilling) + [f[2] for f in inst.finishing]
             for r in moved:
                 if self.preset.switch == "slow" or r.first_token is None or inst.a.role == "prefill":
@@ -342,8 +392,10 @@ class Simulator:
                     new.ctx_tokens += r.prompt + (r.output - left)
                     r.done_step = new.steps + left
                     heapq.heappush(new.finishing, (r.done_step, r.rid, r))
-        for inst in self.instances:
+        for inst in fresh:
             self._push(resume, "kick", inst)
+        for inst in kept.values():
+            self._kick(inst)
 
     def _route_requeue(self, r: SimRequest) -> None:
         cands = self._serving(r.tier, ("mixed", "prefill")) or self.instances
