@@ -103,6 +103,9 @@ class LlamaModel:
         self.spec = spec
         s = spec
         self.group = s.num_heads // s.num_kv_heads
+        # MLP rows are laid out in this many units so every TP degree up to it slices by view.
+        self.mlp_units = next(u for u in (8, 4, 2, 1) if s.intermediate_size % u == 0)
+        self._shards: dict[tuple[int, int], ModelShard] = {}
         self.embed = weights["model.embed_tokens.weight"]
         lm_head = weights.get("lm_head.weight", self.embed) if not s.tie_word_embeddings else self.embed
         # Kept as [hidden, vocab]: MKL's GEMM is ~1.2-1.6x faster on the vocab projection in this
@@ -118,9 +121,16 @@ class LlamaModel:
             layer = {
                 "qkv": torch.cat([q, k, v], dim=1).reshape(-1, s.hidden_size).contiguous(),
                 "o": weights[p + "self_attn.o_proj.weight"],
-                "gate_up": torch.cat(
-                    [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]], dim=0
-                ).contiguous(),
+                # [gate_u0; up_u0; gate_u1; up_u1; ...]: a TP rank's gate and up rows are one block.
+                "gate_up": torch.stack(
+                    [
+                        weights[p + "mlp.gate_proj.weight"].view(self.mlp_units, -1, s.hidden_size),
+                        weights[p + "mlp.up_proj.weight"].view(self.mlp_units, -1, s.hidden_size),
+                    ],
+                    dim=1,
+                )
+                .reshape(-1, s.hidden_size)
+                .contiguous(),
                 "down": weights[p + "mlp.down_proj.weight"],
                 "ln1": weights[p + "input_layernorm.weight"],
                 "ln2": weights[p + "post_attention_layernorm.weight"],
@@ -147,16 +157,74 @@ class LlamaModel:
         self.cos = (emb.cos() * rope.attention_scaling).contiguous()
         self.sin = (emb.sin() * rope.attention_scaling).contiguous()
 
+    def valid_tp(self, tp: int) -> bool:
+        return tp >= 1 and self.spec.num_kv_heads % tp == 0 and self.mlp_units % tp == 0
+
+    def shard(self, tp: int = 1, rank: int = 0) -> ModelShard:
+        """The weights TP rank ``rank`` of ``tp`` uses: views of the resident tensors, built once."""
+        key = (tp, rank)
+        if key not in self._shards:
+            if not self.valid_tp(tp) or not 0 <= rank < tp:
+                raise ValueError(
+                    f"TP {tp} does not divide this model ({self.spec.num_kv_heads} KV heads, "
+                    f"{self.mlp_units} MLP units); valid degrees divide both"
+                )
+            self._shards[key] = ModelShard(self, tp, rank)
+        return self._shards[key]
+
     def new_kv_cache(self, num_slots: int) -> torch.Tensor:
-        """KV storage for ``num_slots`` token positions: [layers, 2, slots, kv_heads, head_dim]."""
+        return self.shard().new_kv_cache(num_slots)
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: torch.Tensor) -> torch.Tensor:
+        return self.shard().forward(input_ids, meta, kv)
+
+
+class ModelShard:
+    """One TP rank's slice of the model: column-parallel QKV / gate-up, row-parallel o / down.
+
+    Every weight is a view of the resident full tensor (row blocks for column-parallel layers,
+    column blocks for row-parallel ones), so switching TP moves no weight bytes. ``all_reduce`` is
+    called twice per layer on the partial sums (identity at TP 1).
+    """
+
+    def __init__(self, model: LlamaModel, tp: int, rank: int) -> None:
+        s = model.spec
+        self.spec, self.tp, self.rank = s, tp, rank
+        self.group = model.group
+        self.num_kv_heads = s.num_kv_heads // tp
+        self.embed, self.lm_head_t, self.final_norm = model.embed, model.lm_head_t, model.final_norm
+        self.cos, self.sin = model.cos, model.sin
+        self.all_reduce = None  # set by the TP runtime: callable(tensor) -> None, in place
+        qkv_rows = self.num_kv_heads * (self.group + 2) * s.head_dim
+        q_cols = self.num_kv_heads * self.group * s.head_dim
+        mlp_rows = 2 * s.intermediate_size // tp
+        mlp_cols = s.intermediate_size // tp
+        self.layers = []
+        for w in model.layers:
+            layer = {
+                "qkv": w["qkv"][rank * qkv_rows : (rank + 1) * qkv_rows],
+                "o": w["o"][:, rank * q_cols : (rank + 1) * q_cols],
+                "gate_up": w["gate_up"][rank * mlp_rows : (rank + 1) * mlp_rows],
+                "down": w["down"][:, rank * mlp_cols : (rank + 1) * mlp_cols],
+                "ln1": w["ln1"],
+                "ln2": w["ln2"],
+            }
+            if "qkv_bias" in w:
+                layer["qkv_bias"] = w["qkv_bias"][rank * qkv_rows : (rank + 1) * qkv_rows]
+            self.layers.append(layer)
+        self.mlp_units = model.mlp_units // tp
+
+    def new_kv_cache(self, num_slots: int) -> torch.Tensor:
+        """KV for this rank's heads: [layers, 2, slots, kv_heads / tp, head_dim]."""
         s = self.spec
-        return torch.zeros(s.num_layers, 2, num_slots, s.num_kv_heads, s.head_dim, dtype=torch.float32)
+        return torch.zeros(s.num_layers, 2, num_slots, self.num_kv_heads, s.head_dim, dtype=torch.float32)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: torch.Tensor) -> torch.Tensor:
         """Logits [S, vocab] for the sampling rows in ``meta.logits_index``."""
         s = self.spec
-        hd, nkv, grp = s.head_dim, s.num_kv_heads, self.group
+        hd, nkv, grp = s.head_dim, self.num_kv_heads, self.group
+        reduce = self.all_reduce if self.tp > 1 else None
         num_tokens = input_ids.shape[0]
         x = F.embedding(input_ids, self.embed)
         cos = self.cos[meta.positions].unsqueeze(1)  # [T, 1, hd]
@@ -209,10 +277,17 @@ class LlamaModel:
                     mask = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=ctx - n)
                     op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
                 attn[start : start + n] = op.transpose(0, 1)
-            x = x + F.linear(attn.view(num_tokens, -1), w["o"])
+            out = F.linear(attn.reshape(num_tokens, -1), w["o"])
+            if reduce is not None:
+                reduce(out)  # row-parallel: sum the partial products of every rank
+            x = x + out
             h = _rms_norm(x, w["ln2"], s.rms_norm_eps)
-            gate, up = F.linear(h, w["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w["down"])
+            gate_up = F.linear(h, w["gate_up"]).view(num_tokens, self.mlp_units, 2, -1)
+            act = (F.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]).reshape(num_tokens, -1)
+            out = F.linear(act, w["down"])
+            if reduce is not None:
+                reduce(out)
+            x = x + out
         x = x[meta.logits_index]
         x = _rms_norm(x, self.final_norm, s.rms_norm_eps)
         return x @ self.lm_head_t

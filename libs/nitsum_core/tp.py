@@ -1,0 +1,54 @@
+"""Tensor parallelism runtime on torch.distributed: gloo on CPU (NCCL on CUDA, import-guarded).
+
+Small and explicit (after gpt-fast's tp.py): a process group per aligned instance, and an
+all-reduce hook on the model shard. Collectives block: call them from the engine thread, never
+from the asyncio loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import torch
+import torch.distributed as dist
+
+from nitsum_core.model import LlamaModel, ModelShard
+
+
+def init_world(
+    rank: int, world_size: int, init_method: str, timeout_s: float = 30.0, backend: str = "gloo"
+) -> None:
+    """Join the pool's process group; a peer that never shows up fails after ``timeout_s``."""
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("the NCCL backend needs CUDA; use gloo on CPU")
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=dt.timedelta(seconds=timeout_s),
+    )
+
+
+def instance_group(slots: list[int]) -> dist.ProcessGroup:
+    """The communicator of one aligned instance (every rank of the world must call this, DESIGN §4)."""
+    return dist.new_group(ranks=slots, backend=dist.get_backend())
+
+
+def attach(model: LlamaModel, tp: int, rank_in_instance: int, group: dist.ProcessGroup | None) -> ModelShard:
+    """The shard of ``model`` for this rank with its all-reduce bound to ``group``."""
+    shard = model.shard(tp, rank_in_instance)
+    if tp > 1:
+        if group is None:
+            raise ValueError("TP > 1 needs the instance's process group")
+
+        def all_reduce(t: torch.Tensor) -> None:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+        shard.all_reduce = all_reduce
+    return shard
+
+
+def shares_storage(view: torch.Tensor, resident: torch.Tensor) -> bool:
+    """True when ``view`` is a view into ``resident``'s memory (no weight bytes were copied)."""
+    return view.untyped_storage().data_ptr() == resident.untyped_storage().data_ptr()

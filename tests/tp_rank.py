@@ -1,0 +1,39 @@
+"""One rank of a TP test world (run as a subprocess by test_tp.py): greedy decode on a shard."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from nitsum_core import tp as tpmod
+from nitsum_core.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.model import load_model
+
+
+def main() -> None:
+    ckpt, rank, world, init, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    torch.set_num_threads(1)
+    tpmod.init_world(rank, world, init, timeout_s=60)
+    model = load_model(ckpt)
+    group = tpmod.instance_group(list(range(world)))
+    shard = tpmod.attach(model, world, rank, group)
+    zero_copy = all(
+        tpmod.shares_storage(s[k], f[k])
+        for s, f in zip(shard.layers, model.layers, strict=True)
+        for k in ("qkv", "o", "gate_up", "down")
+    )
+    engine = Engine(shard, EngineConfig(block_size=4, kv_cache_mb=16), eos_token_ids=set())
+    prompts = [[5, 17, 923, 4000, 12, 7, 300, 31, 8], [1, 2, 3], list(range(100, 140))]
+    tokens = engine.generate(prompts, RequestParams(max_tokens=12))
+    # Logits of one more prefill, to compare numerically with TP 1.
+    engine.add_request("probe", prompts[0], RequestParams(max_tokens=1))
+    plan = engine.scheduler.schedule()
+    ids, meta = engine._build_metadata(plan)
+    logits = shard.forward(ids, meta, engine.kv)
+    if rank == 0:
+        torch.save({"tokens": tokens, "logits": logits, "zero_copy": zero_copy}, out)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
