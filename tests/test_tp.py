@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,12 @@ from nitsum_core.tp import shares_storage
 HERE = Path(__file__).parent
 
 
-def _run_world(ckpt: Path, world: int, tmp: Path) -> dict:
+def _run_world(ckpt: Path, world: int, tmp: Path, prompts: list[list[int]], max_tokens: int) -> dict:
     init = f"file://{tmp / 'rendezvous'}"
     out = tmp / "rank0.pt"
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "tp_rank.py"), str(ckpt), str(r), str(world), init, str(out)],
+        subprocess.Popen([sys.executable, str(HERE / "tp_rank.py"), str(ckpt), str(r), str(world), init, str(out),
+                          json.dumps(prompts), str(max_tokens)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(world)
     ]  # fmt: skip
@@ -44,7 +46,7 @@ def test_tp_logits_and_tokens_equal_tp1(world: int, tiny_llama_dir: Path, tmp_pa
     ids, meta = engine._build_metadata(engine.scheduler.schedule())
     ref_logits = model.forward(ids, meta, engine.kv)
 
-    got = _run_world(tiny_llama_dir, world, tmp_path)
+    got = _run_world(tiny_llama_dir, world, tmp_path, prompts, 12)
     assert got["zero_copy"], "a TP slice copied weight bytes"
     torch.testing.assert_close(got["logits"], ref_logits, atol=1e-4, rtol=1e-4)
     assert got["tokens"] == ref_tokens
@@ -69,3 +71,29 @@ def test_shards_are_views_and_nest(tiny_llama_dir: Path) -> None:
         )
     with pytest.raises(ValueError, match="does not divide"):
         model.shard(3, 0)
+
+
+def test_smollm2_at_tp3_equals_hf(smollm2_dir: Path, tmp_path: Path) -> None:
+    """SmolLM2 has 3 KV heads: TP 3 splits it evenly; greedy tokens equal HF transformers'."""
+    from nitsum_core.messages import ChatMessage
+    from nitsum_core.tokenizer import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = Tokenizer(smollm2_dir)
+    prompts = [
+        tok.encode_chat([ChatMessage("user", q)])
+        for q in ("What is the capital of France?", "Name three colours.")
+    ]
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    refs = []
+    with torch.inference_mode():
+        for p in prompts:
+            out = hf.generate(
+                torch.tensor([p]),
+                max_new_tokens=6,
+                do_sample=False,
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            )
+            refs.append(out[0, len(p) :].tolist())
+    got = _run_world(smollm2_dir, 3, tmp_path, prompts, 6)
+    assert got["zero_copy"] and got["tokens"] == refs

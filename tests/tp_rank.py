@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
@@ -12,6 +13,8 @@ from nitsum_core.model import load_model
 
 def main() -> None:
     ckpt, rank, world, init, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    prompts = json.loads(sys.argv[6])
+    max_tokens = int(sys.argv[7])
     torch.set_num_threads(1)
     tpmod.init_world(rank, world, init, timeout_s=60)
     model = load_model(ckpt)
@@ -23,8 +26,7 @@ def main() -> None:
         for k in ("qkv", "o", "gate_up", "down")
     )
     engine = Engine(shard, EngineConfig(block_size=4, kv_cache_mb=16), eos_token_ids=set())
-    prompts = [[5, 17, 923, 4000, 12, 7, 300, 31, 8], [1, 2, 3], list(range(100, 140))]
-    tokens = engine.generate(prompts, RequestParams(max_tokens=12))
+    tokens = engine.generate(prompts, RequestParams(max_tokens=max_tokens))
     # Logits of one more prefill, to compare numerically with TP 1.
     engine.add_request("probe", prompts[0], RequestParams(max_tokens=1))
     plan = engine.scheduler.schedule()

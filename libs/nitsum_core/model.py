@@ -104,7 +104,8 @@ class LlamaModel:
         s = spec
         self.group = s.num_heads // s.num_kv_heads
         # MLP rows are laid out in this many units so every TP degree up to it slices by view.
-        self.mlp_units = next(u for u in (8, 4, 2, 1) if s.intermediate_size % u == 0)
+        # 24 covers TP 1, 2, 3, 4, 6, 8 (e.g. SmolLM2's 1536 at TP 3, with its 3 KV heads).
+        self.mlp_units = next(u for u in (24, 8, 4, 2, 1) if s.intermediate_size % u == 0)
         self._shards: dict[tuple[int, int], ModelShard] = {}
         self.embed = weights["model.embed_tokens.weight"]
         lm_head = weights.get("lm_head.weight", self.embed) if not s.tie_word_embeddings else self.embed
