@@ -11,6 +11,12 @@ from nitsum_core.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.model import load_model
 
 
+def engine_slots(shard) -> int:  # noqa: ANN001
+    """The leader's KV slot count for the same EngineConfig (followers mirror its pool)."""
+    probe = Engine(shard, EngineConfig(block_size=4, kv_cache_mb=16), set())
+    return probe.blocks.num_blocks * probe.blocks.block_size
+
+
 def main() -> None:
     ckpt, rank, world, init, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     prompts = json.loads(sys.argv[6])
@@ -25,14 +31,19 @@ def main() -> None:
         for s, f in zip(shard.layers, model.layers, strict=True)
         for k in ("qkv", "o", "gate_up", "down")
     )
-    engine = Engine(shard, EngineConfig(block_size=4, kv_cache_mb=16), eos_token_ids=set())
-    tokens = engine.generate(prompts, RequestParams(max_tokens=max_tokens))
-    # Logits of one more prefill, to compare numerically with TP 1.
-    engine.add_request("probe", prompts[0], RequestParams(max_tokens=1))
-    plan = engine.scheduler.schedule()
-    ids, meta = engine._build_metadata(plan)
-    logits = shard.forward(ids, meta, engine.kv)
-    if rank == 0:
+    if rank != 0:
+        # Followers: no scheduler, no block manager -- only the KV for their heads.
+        kv = shard.new_kv_cache(engine_slots(shard))
+        tpmod.follower_loop(shard, kv, group, leader=0)
+    else:
+        engine = Engine(shard, EngineConfig(block_size=4, kv_cache_mb=16), set(), tpmod.leader_hook(group, 0))
+        tokens = engine.generate(prompts, RequestParams(max_tokens=max_tokens))
+        # Logits of one more prefill, to compare numerically with TP 1.
+        engine.add_request("probe", prompts[0], RequestParams(max_tokens=1))
+        ids, meta = engine._build_metadata(engine.scheduler.schedule())
+        tpmod.broadcast_step((ids, meta), group, 0)
+        logits = shard.forward(ids, meta, engine.kv)
+        tpmod.broadcast_step(None, group, 0)
         torch.save({"tokens": tokens, "logits": logits, "zero_copy": zero_copy}, out)
     torch.distributed.destroy_process_group()
 

@@ -7,13 +7,14 @@ asyncio loop stays free for NATS. Benchmarks and tests call it in-process.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from nitsum_core.kv_cache import BlockManager
-from nitsum_core.model import AttentionMetadata, LlamaModel
+from nitsum_core.model import AttentionMetadata, LlamaModel, ModelShard
 from nitsum_core.sampling import sample_one
 from nitsum_core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
 
@@ -45,8 +46,16 @@ class StepOutput(NamedTuple):
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, config: EngineConfig, eos_token_ids: set[int]) -> None:
+    def __init__(
+        self,
+        model: LlamaModel | ModelShard,
+        config: EngineConfig,
+        eos_token_ids: set[int],
+        before_forward: Callable[[torch.Tensor, AttentionMetadata], None] | None = None,
+    ) -> None:
         self.model = model
+        # A TP leader ships each step's inputs to its followers here (nitsum_core.tp.leader_hook).
+        self.before_forward = before_forward
         self.config = config
         self.eos_token_ids = eos_token_ids
         spec = model.spec
@@ -161,6 +170,8 @@ class Engine:
         if not plan:
             return []
         input_ids, meta = self._build_metadata(plan)
+        if self.before_forward is not None:
+            self.before_forward(input_ids, meta)
         logits = self.model.forward(input_ids, meta, self.kv)
         self.steps += 1
         outputs: list[StepOutput] = []

@@ -52,3 +52,33 @@ def attach(model: LlamaModel, tp: int, rank_in_instance: int, group: dist.Proces
 def shares_storage(view: torch.Tensor, resident: torch.Tensor) -> bool:
     """True when ``view`` is a view into ``resident``'s memory (no weight bytes were copied)."""
     return view.untyped_storage().data_ptr() == resident.untyped_storage().data_ptr()
+
+
+def broadcast_step(step: object | None, group: dist.ProcessGroup, leader: int) -> object | None:
+    """Leader -> followers: one engine step's inputs (ids + attention metadata), or None to stop.
+
+    Followers hold no scheduling state: they run exactly the plan the leader broadcasts.
+    (Pickled over gloo; the CUDA path would broadcast the tensors themselves.)
+    """
+    box = [step]
+    dist.broadcast_object_list(box, src=leader, group=group)
+    return box[0]
+
+
+def leader_hook(group: dist.ProcessGroup, leader: int):  # noqa: ANN201
+    """An Engine ``before_forward`` hook that ships each step to the followers."""
+
+    def hook(input_ids: torch.Tensor, meta: object) -> None:
+        broadcast_step((input_ids, meta), group, leader)
+
+    return hook
+
+
+def follower_loop(shard: ModelShard, kv: torch.Tensor, group: dist.ProcessGroup, leader: int) -> int:
+    """Run broadcast steps until the leader sends None; return how many were run."""
+    steps = 0
+    while (step := broadcast_step(None, group, leader)) is not None:
+        input_ids, meta = step
+        shard.forward(input_ids, meta, kv)
+        steps += 1
+    return steps
