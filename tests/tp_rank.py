@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -22,7 +23,7 @@ def main() -> None:
     prompts = json.loads(sys.argv[6])
     max_tokens = int(sys.argv[7])
     torch.set_num_threads(1)
-    tpmod.init_world(rank, world, init, timeout_s=60)
+    tpmod.init_world(rank, world, init, timeout_s=float(os.environ.get("NITSUM_TEST_TP_TIMEOUT", "60")))
     model = load_model(ckpt)
     group = tpmod.instance_group(list(range(world)))
     shard = tpmod.attach(model, world, rank, group)
@@ -34,10 +35,20 @@ def main() -> None:
     if rank != 0:
         # Followers: no scheduler, no block manager -- only the KV for their heads.
         kv = shard.new_kv_cache(engine_slots(shard))
+        die_after = int(os.environ.get("NITSUM_TEST_DIE_AFTER", "0"))
+        if die_after:  # fault injection: this follower vanishes mid-generation
+            for _ in range(die_after):
+                step = tpmod.broadcast_step(None, group, 0)
+                shard.forward(*step, kv)
+            os._exit(9)
         tpmod.follower_loop(shard, kv, group, leader=0)
     else:
         engine = Engine(shard, EngineConfig(block_size=4, kv_cache_mb=16), set(), tpmod.leader_hook(group, 0))
-        tokens = engine.generate(prompts, RequestParams(max_tokens=max_tokens))
+        try:
+            tokens = engine.generate(prompts, RequestParams(max_tokens=max_tokens))
+        except tpmod.PeerLost as exc:
+            torch.save({"error": str(exc), "code": exc.code}, out)
+            os._exit(0)
         # Logits of one more prefill, to compare numerically with TP 1.
         engine.add_request("probe", prompts[0], RequestParams(max_tokens=1))
         ids, meta = engine._build_metadata(engine.scheduler.schedule())

@@ -12,7 +12,21 @@ import datetime as dt
 import torch
 import torch.distributed as dist
 
+from nitsum_core.errors import NitsumError
 from nitsum_core.model import LlamaModel, ModelShard
+
+
+class PeerLost(NitsumError):
+    """A rank of the instance stopped answering a collective (dead or hung) within the timeout."""
+
+    code = "worker_lost"
+
+
+def _collective(what: str, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise PeerLost(f"TP peer lost during {what}: {str(exc).splitlines()[0]}") from exc
 
 
 def init_world(
@@ -43,7 +57,7 @@ def attach(model: LlamaModel, tp: int, rank_in_instance: int, group: dist.Proces
             raise ValueError("TP > 1 needs the instance's process group")
 
         def all_reduce(t: torch.Tensor) -> None:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            _collective("all-reduce", dist.all_reduce, t, op=dist.ReduceOp.SUM, group=group)
 
         shard.all_reduce = all_reduce
     return shard
@@ -61,7 +75,7 @@ def broadcast_step(step: object | None, group: dist.ProcessGroup, leader: int) -
     (Pickled over gloo; the CUDA path would broadcast the tensors themselves.)
     """
     box = [step]
-    dist.broadcast_object_list(box, src=leader, group=group)
+    _collective("step broadcast", dist.broadcast_object_list, box, src=leader, group=group)
     return box[0]
 
 
