@@ -72,3 +72,22 @@ def nats_server(tmp_path: Path):
     server.start()
     yield server
     server.stop()
+
+
+def load_hf(path: Path):  # noqa: ANN201 - transformers model
+    """HF transformers' own model on the same checkpoint: the correctness reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:  # noqa: ANN001
+    """HF ``generate`` greedy continuation of ``prompt`` (n new tokens at most, stops at EOS)."""
+    with torch.inference_mode():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return out[0, len(prompt) :].tolist()

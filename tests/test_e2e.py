@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import torch
+from conftest import hf_greedy, load_hf
 from nitsum_cli.stack import Stack, StackConfig
 from nitsum_core import messages as m
 from nitsum_core import subjects, topology
@@ -19,7 +19,6 @@ from nitsum_core.bus import connect
 from nitsum_core.client import NitsumClient
 from nitsum_core.errors import InvalidRequest, PromptTooLong, UnknownTier
 from nitsum_core.tokenizer import Tokenizer
-from transformers import AutoModelForCausalLM
 
 CHAT = "What is the capital of France?"
 
@@ -34,18 +33,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path):
 
 @pytest.fixture(scope="module")
 def hf_smol(smollm2_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
-
-
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    with torch.inference_mode():
-        out = hf.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=n,
-            do_sample=False,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )
-    return out[0, len(prompt) :].tolist()
+    return load_hf(smollm2_dir)
 
 
 async def test_chat_greedy_equals_hf(stack: Stack, smollm2_dir: Path, hf_smol) -> None:

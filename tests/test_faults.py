@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import hf_greedy, load_hf
 from nitsum_cli.stack import Stack, StackConfig
 from nitsum_core import topology
 from nitsum_core.bus import connect
 from nitsum_core.client import NitsumClient
 from nitsum_core.errors import WorkerLost
 from nitsum_core.tokenizer import Tokenizer
-from transformers import AutoModelForCausalLM
 
 PROMPTS = [f"Request number {i}: " + "tell me something " * (i + 1) for i in range(6)]
 N_TOKENS = 150
@@ -35,18 +34,11 @@ async def tiny_stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: P
 
 async def test_random_llama_checkpoint_greedy_equals_hf(tiny_stack: Stack, tiny_llama_dir: Path) -> None:
     tok = Tokenizer(tiny_llama_dir)
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    hf = load_hf(tiny_llama_dir)
     async with NitsumClient(tiny_stack.nats_url) as c:
         for prompt in ("Hello there", "The tiny model says", "a b c d e f g"):
             done = await c.complete(prompt, max_tokens=30, ignore_eos=True)
-            ids = tok.encode_prompt(prompt)
-            with torch.inference_mode():
-                ref = hf.generate(
-                    torch.tensor([ids]),
-                    max_new_tokens=30,
-                    do_sample=False,
-                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                )[0, len(ids) :].tolist()
+            ref = hf_greedy(hf, tok.encode_prompt(prompt), 30)
             assert done.token_ids == ref
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hf_greedy, load_hf
 from nitsum_core.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.messages import ChatMessage
 from nitsum_core.model import load_model
 from nitsum_core.tokenizer import IncrementalDetokenizer, Tokenizer
-from transformers import AutoModelForCausalLM
 
 CHATS = [
     "What is the capital of France?",
@@ -21,25 +21,10 @@ CHATS = [
 ]
 
 
-def _hf(path: Path):
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-
-def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    with torch.inference_mode():
-        out = hf.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=n,
-            do_sample=False,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_logits_match_hf_through_paged_cache(tiny_llama_dir: Path) -> None:
     """Prefill and several decode steps, read back from the paged cache, equal HF's logits."""
     model = load_model(tiny_llama_dir)
-    hf = _hf(tiny_llama_dir)
+    hf = load_hf(tiny_llama_dir)
     engine = Engine(model, EngineConfig(block_size=4, kv_cache_mb=8), eos_token_ids=set())
     prompt = [5, 17, 923, 4000, 12, 7, 300, 31, 8, 44, 2001]  # crosses block boundaries
     engine.add_request("r", prompt, RequestParams(max_tokens=6))
@@ -57,14 +42,14 @@ def test_logits_match_hf_through_paged_cache(tiny_llama_dir: Path) -> None:
         tokens.append(nxt)
 
 
-def test_tiny_llama_greedy_equals_hf(tiny_llama_dir: Path) -> None:
+def test_tiny_llama_greedy_equalsload_hf(tiny_llama_dir: Path) -> None:
     model = load_model(tiny_llama_dir)
-    hf = _hf(tiny_llama_dir)
+    hf = load_hf(tiny_llama_dir)
     engine = Engine(model, EngineConfig(), eos_token_ids=set())
     prompts = [[1, 2, 3, 4, 5], list(range(100, 160)), [42]]
     ours = engine.generate(prompts, RequestParams(max_tokens=24))
     for p, o in zip(prompts, ours, strict=True):
-        assert o == _hf_greedy(hf, p, 24)
+        assert o == hf_greedy(hf, p, 24)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +58,7 @@ def smol(smollm2_dir: Path):
     return (
         load_model(smollm2_dir),
         tok,
-        _hf(smollm2_dir),
+        load_hf(smollm2_dir),
         [tok.encode_chat([ChatMessage("user", c)]) for c in CHATS],
     )
 
@@ -83,7 +68,7 @@ def test_smollm2_greedy_equals_hf_batched_and_single(smol) -> None:
     engine = Engine(model, EngineConfig(), tok.eos_token_ids)
     batched = engine.generate(prompts, RequestParams(max_tokens=32))
     for p, out in zip(prompts, batched, strict=True):
-        ref = _hf_greedy(hf, p, 32)
+        ref = hf_greedy(hf, p, 32)
         assert out == ref, (tok.decode(out), tok.decode(ref))
         assert engine.generate([p], RequestParams(max_tokens=32))[0] == out
     assert engine.blocks.num_free() == engine.blocks.num_blocks  # every block came back

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hf_greedy, load_hf
 from nitsum_core.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.model import load_model
 from nitsum_core.tp import shares_storage
@@ -81,24 +82,14 @@ def test_smollm2_at_tp3_equals_hf(smollm2_dir: Path, tmp_path: Path) -> None:
     """SmolLM2 has 3 KV heads: TP 3 splits it evenly; greedy tokens equal HF transformers'."""
     from nitsum_core.messages import ChatMessage
     from nitsum_core.tokenizer import Tokenizer
-    from transformers import AutoModelForCausalLM
 
     tok = Tokenizer(smollm2_dir)
     prompts = [
         tok.encode_chat([ChatMessage("user", q)])
         for q in ("What is the capital of France?", "Name three colours.")
     ]
-    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
-    refs = []
-    with torch.inference_mode():
-        for p in prompts:
-            out = hf.generate(
-                torch.tensor([p]),
-                max_new_tokens=6,
-                do_sample=False,
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-            )
-            refs.append(out[0, len(p) :].tolist())
+    hf = load_hf(smollm2_dir)
+    refs = [hf_greedy(hf, p, 6) for p in prompts]
     got = _run_world(smollm2_dir, 3, tmp_path, prompts, 6)
     assert got["zero_copy"] and got["tokens"] == refs
 
