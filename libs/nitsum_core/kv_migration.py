@@ -1,0 +1,115 @@
+"""Moving KV head-units between workers (DESIGN §5, §6): gather -> send -> scatter.
+
+A unit is one KV head of one block for every layer, K and V: ``kv[:, :, block*bs:(block+1)*bs,
+head, :]`` in the engine's ``[layers, 2, slots, heads, head_dim]`` pool. Units are gathered into a
+contiguous staging buffer, sent point to point over the process group, and scattered into the
+receiver's (possibly different) blocks and head positions. Two staging buffers alternate so the
+next chunk is gathered while the previous one is on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+class UnitMove(NamedTuple):
+    """Source (block, head) on the sender -> destination (block, head) on the receiver."""
+
+    src_block: int
+    src_head: int
+    dst_block: int
+    dst_head: int
+
+
+def _blocked(kv: torch.Tensor, block_size: int) -> torch.Tensor:
+    layers, two, slots, heads, hd = kv.shape
+    return kv.view(layers, two, slots // block_size, block_size, heads, hd)
+
+
+def gather_units(
+    kv: torch.Tensor, block_size: int, blocks: list[int], heads: list[int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Units (blocks[i], heads[i]) as one contiguous [n, layers, 2, block_size, head_dim] tensor."""
+    kvb = _blocked(kv, block_size)
+    # Two index lists split by a slice: the indexed dimension comes first in the result.
+    data = kvb[:, :, torch.tensor(blocks), :, torch.tensor(heads), :]
+    if out is None:
+        return data.contiguous()
+    out[: len(blocks)].copy_(data)
+    return out[: len(blocks)]
+
+
+def scatter_units(
+    kv: torch.Tensor, block_size: int, blocks: list[int], heads: list[int], data: torch.Tensor
+) -> None:
+    """Write units gathered by ``gather_units`` into (blocks[i], heads[i]) of ``kv``."""
+    kvb = _blocked(kv, block_size)
+    kvb[:, :, torch.tensor(blocks), :, torch.tensor(heads), :] = data
+
+
+def unit_shape(kv: torch.Tensor, block_size: int) -> tuple[int, int, int, int]:
+    layers, two, _, _, hd = kv.shape
+    return (layers, two, block_size, hd)
+
+
+def send_units(
+    kv: torch.Tensor,
+    block_size: int,
+    moves: list[UnitMove],
+    dst: int,
+    group: dist.ProcessGroup | None = None,
+    chunk: int = 64,
+) -> int:
+    """Send the source side of ``moves`` to rank ``dst``; return the bytes sent."""
+    bufs = [torch.empty(chunk, *unit_shape(kv, block_size), dtype=kv.dtype) for _ in range(2)]
+    pending: list[dist.Work | None] = [None, None]
+    sent = 0
+    for i, start in enumerate(range(0, len(moves), chunk)):
+        part = moves[start : start + chunk]
+        slot = i % 2
+        if pending[slot] is not None:
+            pending[slot].wait()  # the buffer we are about to refill is off the wire
+        staged = gather_units(
+            kv, block_size, [m.src_block for m in part], [m.src_head for m in part], bufs[slot]
+        )
+        pending[slot] = dist.isend(staged.contiguous(), dst, group=group)
+        sent += staged.numel() * staged.element_size()
+    for work in pending:
+        if work is not None:
+            work.wait()
+    return sent
+
+
+def recv_units(
+    kv: torch.Tensor,
+    block_size: int,
+    moves: list[UnitMove],
+    src: int,
+    group: dist.ProcessGroup | None = None,
+    chunk: int = 64,
+) -> int:
+    """Receive ``moves`` from rank ``src`` and scatter them; return the bytes received."""
+    shape = unit_shape(kv, block_size)
+    received = 0
+    starts = list(range(0, len(moves), chunk))
+    bufs = [torch.empty(min(chunk, len(moves) - s), *shape, dtype=kv.dtype) for s in starts[:2]]
+    works = {}
+    # Post the first two receives, then scatter each chunk as it lands and re-post into its buffer.
+    for i in range(min(2, len(starts))):
+        works[i] = dist.irecv(bufs[i][: min(chunk, len(moves) - starts[i])], src, group=group)
+    for i, start in enumerate(starts):
+        part = moves[start : start + chunk]
+        works.pop(i).wait()
+        data = bufs[i % 2][: len(part)]
+        scatter_units(kv, block_size, [m.dst_block for m in part], [m.dst_head for m in part], data)
+        received += data.numel() * data.element_size()
+        nxt = i + 2
+        if nxt < len(starts):
+            n = min(chunk, len(moves) - starts[nxt])
+            if bufs[nxt % 2].shape[0] < n:
+                bufs[nxt % 2] = torch.empty(n, *shape, dtype=kv.dtype)
+            works[nxt] = dist.irecv(bufs[nxt % 2][:n], src, group=group)
+    return received
