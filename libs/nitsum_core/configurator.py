@@ -156,15 +156,24 @@ def valid_tp_choices(pool: int, perf: PerfModel, max_tp: int = 8) -> list[int]:
 
 
 class _Buddy:
-    """Aligned free blocks of the pool: a TP-k instance takes slots [j*k, (j+1)*k)."""
+    """Aligned free blocks of the pool: a TP-k instance takes slots [j*k, (j+1)*k).
+
+    Slots are only taken during a pass, never freed, so the lowest free aligned block of each
+    size only moves forward: a cursor per size makes every scan amortised O(pool) per pass.
+    """
 
     def __init__(self, pool: int) -> None:
         self.free = [True] * pool
+        self._cursor: dict[int, int] = {}
 
     def find(self, tp: int) -> int | None:
-        for start in range(0, len(self.free) - tp + 1, tp):
+        start = self._cursor.get(tp, 0)
+        while start + tp <= len(self.free):
             if all(self.free[start : start + tp]):
+                self._cursor[tp] = start
                 return start
+            start += tp
+        self._cursor[tp] = start
         return None
 
     def take(self, start: int, tp: int) -> None:
@@ -184,24 +193,36 @@ def _greedy_pass(
     chosen: list[Assignment] = []
     need_p = {n: d.arrival_rps for n, d in demands.items()}
     need_d = dict(need_p)
+    weight = {n: d.starvation for n, d in demands.items()}
+    # (prefill, decode) capacity each role supplies, per (tier, tp): computed once per pass.
+    supply = {
+        key: [
+            (role, c.mixed_rps if role == "mixed" else c.prefill_rps if role == "prefill" else 0.0,
+             c.mixed_rps if role == "mixed" else c.decode_rps if role == "decode" else 0.0)
+            for role in roles
+        ]
+        for key, c in caps.items()
+    }  # fmt: skip
     while True:
-        best: tuple[float, Assignment, float, float] | None = None
-        for name, d in demands.items():
+        best: tuple[float, str, int, Role, float, float] | None = None
+        starts = {tp: buddy.find(tp) for tp in tps}
+        for name in demands:
+            np_, nd_ = need_p[name], need_d[name]
+            if np_ <= 0 and nd_ <= 0:
+                continue
             for tp in tps:
-                start = buddy.find(tp)
-                if start is None:
+                if starts[tp] is None:
                     continue
-                cap = caps[(name, tp)]
-                for role in roles:
-                    p = cap.mixed_rps if role == "mixed" else cap.prefill_rps if role == "prefill" else 0.0
-                    q = cap.mixed_rps if role == "mixed" else cap.decode_rps if role == "decode" else 0.0
-                    got_p, got_d = min(p, need_p[name]), min(q, need_d[name])
-                    score = (got_p + got_d) / 2 * d.starvation / tp
+                for role, p, q in supply[(name, tp)]:
+                    got_p, got_d = min(p, np_), min(q, nd_)
+                    score = (got_p + got_d) / 2 * weight[name] / tp
                     if score > 1e-12 and (best is None or score > best[0]):
-                        best = (score, Assignment(start, tp, role, name), got_p, got_d)
+                        best = (score, name, tp, role, got_p, got_d)
         if best is None:
             break
-        _, a, got_p, got_d = best
+        _, name, tp, role, got_p, got_d = best
+        best_a = Assignment(starts[tp], tp, role, name)
+        a = best_a
         chosen.append(a)
         buddy.take(a.start, a.tp)
         need_p[a.tier] -= got_p

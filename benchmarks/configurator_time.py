@@ -1,0 +1,57 @@
+"""Configurator decision time (greedy search, pure Python) at 8, 32 and 128 GPUs.
+
+    python benchmarks/configurator_time.py [--gpus 8 32 128] [--repeats 50]
+
+Three tiers with mixed demands, Llama-3.1-8B on H100; min and median of --repeats decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from nitsum_core.config import Tier
+from nitsum_core.configurator import TierDemand, greedy
+from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+
+DEMANDS = {
+    "interactive": TierDemand(Tier("interactive", 0.3, 0.012, 0), 120.0, 1000, 200, 110.0),
+    "agent": TierDemand(Tier("agent", 1.0, 0.03, 1), 60.0, 2000, 30, 40.0),
+    "background": TierDemand(Tier("background", 10.0, 0.1, 2), 30.0, 1200, 400, 30.0),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--out", default="bench_results/configurator_time.json")
+    a = p.parse_args()
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"], Coefficients(overhead_s=2e-3))
+    rows = []
+    for n in a.gpus:
+        times = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            plan = greedy(n, perf, DEMANDS)
+            times.append(time.perf_counter() - t0)
+        rows.append(
+            {
+                "gpus": n,
+                "min_ms": min(times) * 1e3,
+                "median_ms": statistics.median(times) * 1e3,
+                "instances": len(plan.assignments),
+            }
+        )
+    print(f"{'GPUs':>5} | {'min ms':>7} | {'median ms':>9} | target")
+    for r in rows:
+        print(f"{r['gpus']:>5} | {r['min_ms']:>7.2f} | {r['median_ms']:>9.2f} | <= 2.5 ms at 128")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
