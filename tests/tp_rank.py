@@ -8,14 +8,10 @@ import sys
 
 import torch
 from nitsum_core import tp as tpmod
-from nitsum_core.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.engine import Engine, EngineConfig, RequestParams, kv_num_blocks
 from nitsum_core.model import load_model
 
-
-def engine_slots(shard) -> int:  # noqa: ANN001
-    """The leader's KV slot count for the same EngineConfig (followers mirror its pool)."""
-    probe = Engine(shard, EngineConfig(block_size=4, kv_cache_mb=16), set())
-    return probe.blocks.num_blocks * probe.blocks.block_size
+CONFIG = EngineConfig(block_size=4, kv_cache_mb=16)
 
 
 def main() -> None:
@@ -34,7 +30,7 @@ def main() -> None:
     )
     if rank != 0:
         # Followers: no scheduler, no block manager -- only the KV for their heads.
-        kv = shard.new_kv_cache(engine_slots(shard))
+        kv = shard.new_kv_cache(kv_num_blocks(shard, CONFIG) * CONFIG.block_size)
         die_after = int(os.environ.get("NITSUM_TEST_DIE_AFTER", "0"))
         if die_after:  # fault injection: this follower vanishes mid-generation
             for _ in range(die_after):
@@ -43,7 +39,7 @@ def main() -> None:
             os._exit(9)
         tpmod.follower_loop(shard, kv, group, leader=0)
     else:
-        engine = Engine(shard, EngineConfig(block_size=4, kv_cache_mb=16), set(), tpmod.leader_hook(group, 0))
+        engine = Engine(shard, CONFIG, set(), tpmod.leader_hook(group, 0))
         try:
             tokens = engine.generate(prompts, RequestParams(max_tokens=max_tokens))
         except tpmod.PeerLost as exc:

@@ -45,6 +45,13 @@ class StepOutput(NamedTuple):
     finish_reason: str | None
 
 
+def kv_num_blocks(model: LlamaModel | ModelShard, config: EngineConfig) -> int:
+    """KV blocks that ``config.kv_cache_mb`` holds for this model (or TP shard: its heads only)."""
+    heads = getattr(model, "num_kv_heads", model.spec.num_kv_heads)
+    per_token = model.spec.kv_bytes_per_token * heads // model.spec.num_kv_heads
+    return max(1, (config.kv_cache_mb * 1024 * 1024) // (per_token * config.block_size))
+
+
 class Engine:
     def __init__(
         self,
@@ -59,8 +66,7 @@ class Engine:
         self.config = config
         self.eos_token_ids = eos_token_ids
         spec = model.spec
-        bytes_per_block = spec.kv_bytes_per_token * config.block_size
-        num_blocks = max(1, (config.kv_cache_mb * 1024 * 1024) // bytes_per_block)
+        num_blocks = kv_num_blocks(model, config)
         self.max_model_len = min(config.max_model_len, spec.max_position_embeddings)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(

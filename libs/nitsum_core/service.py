@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.service import Service
 
 from nitsum_core import __version__
+from nitsum_core.errors import ProtocolError
+from nitsum_core.messages import T, decode
 
 
 async def register(
@@ -28,3 +31,12 @@ def stop_event_on_signals() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def decode_or_drop(log: Any, cls: type[T], data: bytes, what: str) -> T | None:
+    """Decode a fire-and-forget message; a malformed one is logged and dropped (None), never fatal."""
+    try:
+        return decode(cls, data)
+    except ProtocolError as exc:
+        log.warning(f"dropped malformed {what}", error=str(exc))
+        return None

@@ -75,6 +75,7 @@ class SimInstance:
     steps: int = 0
     busy: bool = False
     paused_until: float = 0.0
+    retired: bool = False  # replaced by a reconfiguration: its in-flight events are ignored
 
     @property
     def load(self) -> int:
@@ -237,7 +238,7 @@ class Simulator:
         return max(lo, self.min_chunk)
 
     def _step_done(self, inst: SimInstance, chunk: list[tuple[SimRequest, int]]) -> None:
-        if inst not in self.instances:  # a step of an instance replaced by a reconfiguration
+        if inst.retired:  # a step of an instance replaced by a reconfiguration
             return
         inst.busy = False
         inst.steps += 1
@@ -289,7 +290,7 @@ class Simulator:
         self._push(self.now + dt, "arrive_decode", (inst, r))
 
     def _arrive_decode(self, inst: SimInstance, r: SimRequest) -> None:
-        if inst not in self.instances:
+        if inst.retired:
             self._handoff(r)
             return
         inst.kv_used += r.prompt + r.output
@@ -363,8 +364,11 @@ class Simulator:
     def _reconfigure(self, plan: Plan, pause: float) -> None:
         # Instances whose assignment is unchanged keep running untouched; only the slots that
         # change hands pause, and only the requests on removed instances move.
-        kept = {inst.a: inst for inst in self.instances if inst.a in set(plan.assignments)}
+        wanted = set(plan.assignments)
+        kept = {inst.a: inst for inst in self.instances if inst.a in wanted}
         removed = [inst for inst in self.instances if inst.a not in kept]
+        for inst in removed:
+            inst.retired = True
         self.switches += 1
         self.instances = [
             kept.get(a) or SimInstance(a, self.perf.kv_capacity_tokens(a.tp)) for a in plan.assignments
@@ -427,7 +431,7 @@ class Simulator:
             elif kind == "arrive_decode":
                 self._arrive_decode(*payload)
             elif kind == "kick":
-                if payload in self.instances:
+                if not payload.retired:
                     self._kick(payload)
             elif kind == "window":
                 self._window(payload)

@@ -23,10 +23,10 @@ from nitsum_core import subjects, topology
 from nitsum_core.bus import connect
 from nitsum_core.checkpoints import resolve_checkpoint
 from nitsum_core.engine import Engine, EngineConfig, RequestParams, StepOutput
-from nitsum_core.errors import InvalidRequest, NitsumError, PromptTooLong, ProtocolError
+from nitsum_core.errors import InvalidRequest, NitsumError, PromptTooLong
 from nitsum_core.logs import setup_logging
 from nitsum_core.model import load_model
-from nitsum_core.service import register, stop_event_on_signals
+from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
 from nitsum_core.tokenizer import Tokenizer
 
 
@@ -183,10 +183,8 @@ class GpuWorker:
         await request.respond(m.encode(m.SubmitAck(request_id=req.request_id, accepted=True)))
 
     async def _on_abort(self, msg) -> None:  # noqa: ANN001 - nats Msg
-        try:
-            abort = m.decode(m.WorkerAbort, msg.data)
-        except ProtocolError as exc:
-            self.log.warning("dropped malformed abort", error=str(exc))
+        abort = decode_or_drop(self.log, m.WorkerAbort, msg.data, "abort")
+        if abort is None:
             return
         if self._owner.pop(abort.request_id, None) is not None:
             self._commands.put(_Abort(abort.request_id))

@@ -7,7 +7,6 @@ never pass through the broker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from nats.aio.msg import Msg
@@ -17,7 +16,7 @@ from nitsum_core import subjects
 from nitsum_core.bus import connect
 from nitsum_core.errors import ProtocolError
 from nitsum_core.logs import setup_logging
-from nitsum_core.service import register, stop_event_on_signals
+from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
 
 
 class KvDirectory:
@@ -79,14 +78,14 @@ class KvBroker:
         await nc.drain()
 
     async def _on_event(self, msg: Msg) -> None:
-        try:
-            self.directory.apply(m.decode(m.KvEvent, msg.data))
-        except ProtocolError as exc:
-            self.log.warning("dropped malformed kv event", error=str(exc))
+        ev = decode_or_drop(self.log, m.KvEvent, msg.data, "kv event")
+        if ev is not None:
+            self.directory.apply(ev)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        with contextlib.suppress(ProtocolError):
-            self.last_seen[m.decode(m.WorkerHeartbeat, msg.data).slot] = time.monotonic()
+        hb = decode_or_drop(self.log, m.WorkerHeartbeat, msg.data, "heartbeat")
+        if hb is not None:
+            self.last_seen[hb.slot] = time.monotonic()
 
     async def _reap_dead_workers(self) -> None:
         while True:

@@ -31,13 +31,12 @@ from nitsum_core.errors import (
     NoWorkers,
     Overloaded,
     PromptTooLong,
-    ProtocolError,
     RequestTimeout,
     WorkerLost,
 )
 from nitsum_core.logs import setup_logging
 from nitsum_core.routing import Candidate, eligible_leaders, least_loaded
-from nitsum_core.service import register, stop_event_on_signals
+from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
 from nitsum_core.tokenizer import IncrementalDetokenizer, Tokenizer
 from nitsum_router.flight import Flight
 
@@ -116,10 +115,8 @@ class Router:
         )
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = m.decode(m.WorkerHeartbeat, msg.data)
-        except ProtocolError as exc:
-            self.log.warning("dropped malformed heartbeat", error=str(exc))
+        hb = decode_or_drop(self.log, m.WorkerHeartbeat, msg.data, "heartbeat")
+        if hb is None:
             return
         w = self.workers.get(hb.slot)
         now = time.monotonic()
@@ -322,10 +319,8 @@ class Router:
 
     # ---- token stream ---------------------------------------------------------------------------
     async def _on_tokens(self, msg: Msg) -> None:
-        try:
-            batch = m.decode(m.TokenBatch, msg.data)
-        except ProtocolError as exc:
-            self.log.warning("dropped malformed token batch", error=str(exc))
+        batch = decode_or_drop(self.log, m.TokenBatch, msg.data, "token batch")
+        if batch is None:
             return
         now = time.monotonic()
         for item in batch.items:
@@ -409,10 +404,8 @@ class Router:
             await self.nc.publish(subjects.worker_abort(f.slot), m.encode(m.WorkerAbort(f.req.request_id)))
 
     async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            cancel = m.decode(m.CancelRequest, msg.data)
-        except ProtocolError as exc:
-            self.log.warning("dropped malformed cancel", error=str(exc))
+        cancel = decode_or_drop(self.log, m.CancelRequest, msg.data, "cancel")
+        if cancel is None:
             return
         f = self.flights.get(cancel.request_id)
         if f is None or f.finished:

@@ -16,9 +16,8 @@ from nats.micro.request import Request
 from nitsum_core import messages as m
 from nitsum_core import subjects, topology
 from nitsum_core.bus import connect
-from nitsum_core.errors import ProtocolError
 from nitsum_core.logs import setup_logging
-from nitsum_core.service import register, stop_event_on_signals
+from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
 
 
 def static_tp1(slots: list[int], epoch: int, reason: str) -> m.Topology:
@@ -62,10 +61,8 @@ class Controller:
         await nc.drain()
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = m.decode(m.WorkerHeartbeat, msg.data)
-        except ProtocolError as exc:
-            self.log.warning("dropped malformed heartbeat", error=str(exc))
+        hb = decode_or_drop(self.log, m.WorkerHeartbeat, msg.data, "heartbeat")
+        if hb is None:
             return
         self.last_seen[hb.slot] = time.monotonic()
 
