@@ -78,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
+    rc = sub.add_parser(
+        "reconfigure",
+        help="switch the pool's TP cut at runtime (requests in flight keep generating)",
+        description="Switch a running stack to a new topology with the full protocol: hold, pause at a "
+        "step boundary, migrate KV head-units, commit (CAS), resume. Aborts back to the old epoch on "
+        "any failure. Example: `nitsum reconfigure --tp 2,2` on a 4-worker pool.",
+    )
+    _add_url_arg(rc)
+    what = rc.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tp", default=None, help="instance TP degrees in slot order, e.g. 2,2 or 4 or 1,1,2")
+    what.add_argument(
+        "--file",
+        default=None,
+        help='JSON topology: {"instances": [{"slots": [0, 1], "role": "mixed", "tiers": []}, ...]}',
+    )
+    rc.add_argument("--timeout", type=float, default=30.0, help="seconds allowed for the KV migration")
+    rc.add_argument("--json", action="store_true", help="print the result as JSON")
+
     st = sub.add_parser("status", help="topology, workers, queue depths and registered services")
     _add_url_arg(st)
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -316,6 +334,39 @@ async def _status(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- reconfigure --------------------------------------------------------------------------------
+async def _reconfigure(a: argparse.Namespace) -> int:
+    import msgspec
+    from nitsum_core import messages as m
+    from nitsum_core.client import NitsumClient
+
+    tp = instances = None
+    if a.tp:
+        try:
+            tp = [int(x) for x in a.tp.split(",")]
+        except ValueError:
+            raise ValueError(f"--tp must be comma-separated integers like 2,2; got {a.tp!r}") from None
+    else:
+        data = json.loads(Path(a.file).read_text())
+        instances = [
+            m.Instance(instance_id=i, slots=d["slots"], role=d.get("role", "mixed"), tiers=d.get("tiers", []))
+            for i, d in enumerate(data["instances"])
+        ]
+    async with NitsumClient(_resolve_url(a.nats_url)) as client:
+        result = await client.reconfigure(tp=tp, instances=instances, timeout_s=a.timeout)
+    if a.json:
+        print(json.dumps(msgspec.to_builtins(result), indent=2))
+        return 0
+    print(
+        f"switched to epoch {result.epoch}: {result.requests_moved} requests moved, "
+        f"{result.requests_recomputed} recomputed, {result.kv_bytes_moved / 1e6:.2f} MB of KV over "
+        f"{result.transfers} transfers, {result.weight_bytes_moved} weight bytes moved"
+    )
+    for phase, sec in result.phases.items():
+        print(f"  {phase:<8} {sec * 1000:9.2f} ms")
+    return 0
+
+
 # ---- bench --------------------------------------------------------------------------------------
 def _bench_workload(a: argparse.Namespace):  # noqa: ANN202
     from nitsum_core import workload as wl
@@ -386,7 +437,13 @@ async def _bench(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    handler = {"up": _up, "generate": _generate, "status": _status, "bench": _bench}.get(args.command)
+    handler = {
+        "up": _up,
+        "generate": _generate,
+        "status": _status,
+        "bench": _bench,
+        "reconfigure": _reconfigure,
+    }.get(args.command)
     try:
         if args.command == "sim":
             from nitsum_cli import sim

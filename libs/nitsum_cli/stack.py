@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ class StackConfig:
     kv_cache_mb: int = 512
     max_model_len: int = 4096
     worker_timeout_s: float = 2.0
+    tp_pool: bool = True  # workers join one gloo world so instances can run and switch at TP > 1
+    worker_env: dict[int, dict[str, str]] = field(default_factory=dict)  # extra env per slot
     home: Path = field(default_factory=state_dir)
 
 
@@ -43,6 +46,7 @@ class Stack:
         self.nats_url = config.nats_url or ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.log_dir = config.home / "logs"
+        self.pool_id = uuid.uuid4().hex[:12]  # fresh per launch: no stale rendezvous address
 
     def _spawn(self, name: str, module: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -90,6 +94,7 @@ class Stack:
     def start_worker(self, slot: int) -> None:
         cfg = self.config
         threads = str(self._threads())
+        pool = ["--pool-size", str(cfg.workers), "--pool-id", self.pool_id] if cfg.tp_pool else []
         self._spawn(
             f"worker{slot}",
             "nitsum_gpu_worker",
@@ -98,7 +103,8 @@ class Stack:
             "--threads", threads,
             "--kv-cache-mb", str(cfg.kv_cache_mb),
             "--max-model-len", str(cfg.max_model_len),
-            env={"OMP_NUM_THREADS": threads},
+            *pool,
+            env={"OMP_NUM_THREADS": threads, **cfg.worker_env.get(slot, {})},
         )  # fmt: skip
 
     async def wait_ready(self, timeout_s: float = 180.0) -> m.RouterStatus:
@@ -112,12 +118,15 @@ class Stack:
                     msg = await nc.request(subjects.ROUTER_STATUS, b"", timeout=1.0)
                     status = m.decode(m.RouterStatus, msg.data)
                     alive = sum(w.alive for w in status.workers)
+                    pooled = self.config.workers == 1 or not self.config.tp_pool
+                    joined = pooled or sum(w.pool_joined for w in status.workers) >= self.config.workers
                     topo = await nc.request(subjects.CONTROLLER_TOPOLOGY, b"", timeout=1.0)
                     slots = {s for i in m.decode(m.Topology, topo.data).instances for s in i.slots}
                     if (
                         alive >= self.config.workers
                         and len(slots) >= self.config.workers
                         and status.epoch >= 1
+                        and joined
                     ):
                         return status
                 except Exception:

@@ -175,6 +175,33 @@ class NitsumClient:
             raise NotRunning(f"no router answered the status request ({type(exc).__name__})") from None
         return m.decode(m.RouterStatus, msg.data)
 
+    async def reconfigure(
+        self,
+        tp: list[int] | None = None,
+        instances: list[m.Instance] | None = None,
+        reason: str = "manual",
+        timeout_s: float = 30.0,
+    ) -> m.ReconfigureResult:
+        """Switch the pool to a new cut (TP degrees in slot order, or explicit instances).
+
+        In-flight requests keep generating on their new instances; raises the switch's error
+        (e.g. ``ReconfigFailed``) if it was aborted -- the pool is then back on the old epoch.
+        """
+        assert self.nc is not None
+        req = m.ReconfigureRequest(tp=tp, instances=instances, reason=reason, timeout_s=timeout_s)
+        try:
+            msg = await self.nc.request(
+                subjects.CONTROLLER_RECONFIGURE, m.encode(req), timeout=timeout_s + 30.0
+            )
+        except Exception as exc:
+            raise NotRunning(
+                f"no tp_controller answered the reconfigure request ({type(exc).__name__})"
+            ) from None
+        result = m.decode(m.ReconfigureResult, msg.data)
+        if not result.ok and result.error is not None:
+            raise result.error.to_exc()
+        return result
+
 
 def generate_sync(nats_url: str, prompt: str | None = None, **kwargs: object) -> Completion:
     """Blocking helper: one generation, returned whole."""

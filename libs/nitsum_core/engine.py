@@ -37,6 +37,19 @@ class RequestParams:
     ignore_eos: bool = False
 
 
+class ExportedRequest(NamedTuple):
+    """A request's whole engine-side state, as handed from an old instance leader to a new one."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_computed: int
+    priority: int
+    params: RequestParams
+    rng_state: bytes | None
+    block_table: list[int]
+
+
 class StepOutput(NamedTuple):
     """New token(s) of one request after a step; ``finish_reason`` is set when it is done."""
 
@@ -59,6 +72,7 @@ class Engine:
         config: EngineConfig,
         eos_token_ids: set[int],
         before_forward: Callable[[torch.Tensor, AttentionMetadata], None] | None = None,
+        kv: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         # A TP leader ships each step's inputs to its followers here (nitsum_core.tp.leader_hook).
@@ -66,18 +80,21 @@ class Engine:
         self.config = config
         self.eos_token_ids = eos_token_ids
         spec = model.spec
-        num_blocks = kv_num_blocks(model, config)
+        # A worker that switches TP passes a view of its head-unit pool (``kv``); its block count
+        # follows from the view's size. Standalone engines size their own cache from the config.
+        num_blocks = kv.shape[2] // config.block_size if kv is not None else kv_num_blocks(model, config)
         self.max_model_len = min(config.max_model_len, spec.max_position_embeddings)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_batched_tokens, self.max_model_len), self.blocks
         )
-        self.kv = model.new_kv_cache(num_blocks * config.block_size)
+        self.kv = kv if kv is not None else model.new_kv_cache(num_blocks * config.block_size)
         self._params: dict[str, RequestParams] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._seqs: dict[str, Sequence] = {}
         self.steps = 0
         self.tokens_generated = 0
+        self.tokens_prefilled = 0  # prompt/context tokens run through the model (re-prefill shows here)
 
     @property
     def capacity_tokens(self) -> int:
@@ -119,6 +136,48 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def export(self) -> list[ExportedRequest]:
+        """Every live request's state, running ones first in batch order, then the waiting queue.
+
+        The KV of ``num_computed`` tokens lives in ``block_table``; the new leader continues the
+        sequence from there (DESIGN §6), so nothing is recomputed.
+        """
+        out: list[ExportedRequest] = []
+        for seq in self.scheduler.running + self.scheduler.waiting_in_order():
+            gen = self._generators.get(seq.seq_id)
+            out.append(
+                ExportedRequest(
+                    seq.seq_id,
+                    list(seq.token_ids),
+                    seq.num_prompt_tokens,
+                    seq.num_computed,
+                    seq.priority,
+                    self._params[seq.seq_id],
+                    bytes(gen.get_state().numpy().tobytes()) if gen is not None else None,
+                    list(self.blocks.block_table(seq.seq_id)),
+                )
+            )
+        return out
+
+    def adopt(self, req: ExportedRequest, block_table: list[int]) -> None:
+        """Continue a request exported by another engine; its KV is (or will be) in ``block_table``.
+
+        An empty table means the request restarts from its tokens (recompute, nothing lost).
+        """
+        self._params[req.request_id] = req.params
+        if req.rng_state is not None:
+            gen = torch.Generator()
+            gen.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
+            self._generators[req.request_id] = gen
+        computed = req.num_computed if block_table else 0
+        seq = Sequence(req.request_id, list(req.token_ids), req.num_prompt_tokens, req.priority, computed)
+        self._seqs[req.request_id] = seq
+        if computed:
+            self.blocks.adopt(req.request_id, block_table)
+            self.scheduler.add_running(seq)
+        else:
+            self.scheduler.add(seq)
 
     def _build_metadata(self, plan: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata]:
         bs = self.blocks.block_size
@@ -176,6 +235,7 @@ class Engine:
         if not plan:
             return []
         input_ids, meta = self._build_metadata(plan)
+        self.tokens_prefilled += sum(i.num_new for i in plan if not (i.num_new == 1 and i.start > 0))
         if self.before_forward is not None:
             self.before_forward(input_ids, meta)
         logits = self.model.forward(input_ids, meta, self.kv)

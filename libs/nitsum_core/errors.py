@@ -61,6 +61,18 @@ class Cancelled(NitsumError):
     code = "cancelled"
 
 
+class Reconfiguring(NitsumError):
+    """The worker is switching topology; the router retries the submission after the switch."""
+
+    code = "reconfiguring"
+
+
+class ReconfigFailed(NitsumError):
+    """A topology switch did not complete; the pool resumed its previous epoch."""
+
+    code = "reconfig_failed"
+
+
 class NotRunning(NitsumError):
     """The client could not reach a Nitsum router (bus down or stack not started)."""
 

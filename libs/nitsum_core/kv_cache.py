@@ -74,6 +74,15 @@ class BlockManager(KVBlockPool):
         table.extend(new)
         return Reservation(table, new)
 
+    def adopt(self, seq_id: str, table: list[int]) -> None:
+        """Give ``seq_id`` exactly these blocks (chosen by a migration plan); they must be free."""
+        free = set(self._free)
+        if seq_id in self._tables or not free.issuperset(table) or len(set(table)) != len(table):
+            raise ValueError(f"cannot adopt blocks {table} for {seq_id}: taken, repeated or unknown")
+        taken = set(table)
+        self._free = [b for b in self._free if b not in taken]
+        self._tables[seq_id] = list(table)
+
     def release(self, seq_id: str) -> list[int]:
         table = self._tables.pop(seq_id, [])
         self._free.extend(reversed(table))

@@ -142,6 +142,12 @@ class WorkerHeartbeat(msgspec.Struct, kw_only=True):
     steps: int
     tokens_generated: int
     sent_at: float
+    epoch: int = 0  # topology epoch this worker runs
+    tp: int = 1
+    rank: int = 0
+    tokens_prefilled: int = 0
+    weight_bytes_moved: int = 0  # by TP switches; stays 0 (weights are views)
+    pool_joined: bool = False  # this slot has its TP communicators (always False with pool size 1)
 
 
 class KvEvent(msgspec.Struct, kw_only=True):
@@ -217,6 +223,12 @@ class WorkerView(msgspec.Struct, kw_only=True):
     free_blocks: int
     total_blocks: int
     last_seen_s: float
+    epoch: int = 0
+    tp: int = 1
+    rank: int = 0
+    pool_joined: bool = False
+    tokens_prefilled: int = 0
+    weight_bytes_moved: int = 0
 
 
 class RouterStatus(msgspec.Struct, kw_only=True):
@@ -232,6 +244,155 @@ class RouterStatus(msgspec.Struct, kw_only=True):
 
 class StatusRequest(msgspec.Struct):
     pass
+
+
+# ---- reconfiguration (DESIGN §6): controller <-> workers / kv_broker / routers ----------------
+
+
+class RequestState(msgspec.Struct, kw_only=True):
+    """A paused request's whole state: everything its next leader needs to continue it."""
+
+    request_id: str
+    router_id: str
+    slot: int  # the leader it was paused on
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_computed: int  # tokens whose KV is in block_table
+    priority: int
+    sampling: SamplingParams
+    rng_state: bytes | None = None
+    block_table: list[int] = msgspec.field(default_factory=list)
+
+
+class ReconfigPause(msgspec.Struct, kw_only=True):
+    """Controller -> worker (worker_control(slot, "pause")): stop at a step boundary, report state."""
+
+    plan_id: str
+    target: Topology  # the topology being switched to, so the worker can refuse one it cannot run
+
+
+class PauseAck(msgspec.Struct, kw_only=True):
+    slot: int
+    ok: bool
+    error: ErrorInfo | None = None
+    requests: list[RequestState] = msgspec.field(default_factory=list)  # leaders only
+    kv_units: int = 0  # head-units in this slot's KV pool
+    num_kv_heads: int = 0
+    block_size: int = 0
+    seconds: float = 0.0
+
+
+class KvTransfer(msgspec.Struct, kw_only=True):
+    """KV heads [head_start, head_end) of ``num_tokens`` tokens of one request: src -> dst slot."""
+
+    request_id: str
+    src_slot: int
+    dst_slot: int
+    head_start: int
+    head_end: int
+    num_tokens: int
+
+
+class Assignment(msgspec.Struct, kw_only=True):
+    """Where a moved request continues: its new leader and its block table there (empty: recompute)."""
+
+    request_id: str
+    leader: int
+    block_table: list[int]
+
+
+class KvPlanRequest(msgspec.Struct, kw_only=True):
+    """Controller -> kv_broker (KV_PLAN): compute the migration for ``old`` -> ``new``."""
+
+    old: Topology
+    new: Topology
+    requests: list[RequestState]
+    kv_units: dict[int, int]
+    num_kv_heads: int
+    block_size: int
+
+
+class KvPlan(msgspec.Struct, kw_only=True):
+    assignments: list[Assignment] = msgspec.field(default_factory=list)
+    transfers: list[KvTransfer] = msgspec.field(default_factory=list)
+    recomputed: list[str] = msgspec.field(default_factory=list)  # no room for their KV: re-prefill
+    error: ErrorInfo | None = None
+
+
+class ReconfigMigrate(msgspec.Struct, kw_only=True):
+    """Controller -> worker (worker_control(slot, "migrate")): move KV units into staging."""
+
+    plan_id: str
+    target: Topology
+    plan: KvPlan
+    requests: list[RequestState]
+
+
+class ReconfigCommit(msgspec.Struct, kw_only=True):
+    """Controller -> worker (worker_control(slot, "commit")): switch to ``target`` and resume."""
+
+    plan_id: str
+    target: Topology
+
+
+class ReconfigAbort(msgspec.Struct, kw_only=True):
+    """Controller -> worker (worker_control(slot, "abort")): drop staging, resume the old epoch."""
+
+    plan_id: str
+    reason: str
+
+
+class ControlAck(msgspec.Struct, kw_only=True):
+    """Worker -> controller: the reply to migrate / commit / abort."""
+
+    slot: int
+    ok: bool
+    error: ErrorInfo | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    weight_bytes_moved: int = 0
+    seconds: float = 0.0
+
+
+class RouterHold(msgspec.Struct, kw_only=True):
+    """Controller -> every router (ROUTER_HOLD): hold new dispatches, or release them.
+
+    On release, ``moved`` maps each migrated request to its new leader slot.
+    """
+
+    plan_id: str
+    hold: bool
+    moved: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class RouterHoldAck(msgspec.Struct, kw_only=True):
+    router_id: str
+    held: int  # requests waiting for the release
+
+
+class ReconfigureRequest(msgspec.Struct, kw_only=True):
+    """Anyone -> controller (CONTROLLER_RECONFIGURE): switch the pool to this cut by hand.
+
+    ``tp`` lists instance degrees in slot order (``[2, 2]``: slots 0-1 and 2-3); or give
+    ``instances`` in full.
+    """
+
+    tp: list[int] | None = None
+    instances: list[Instance] | None = None
+    reason: str = "manual"
+    timeout_s: float = 30.0
+
+
+class ReconfigureResult(msgspec.Struct, kw_only=True):
+    ok: bool
+    epoch: int
+    error: ErrorInfo | None = None
+    phases: dict[str, float] = msgspec.field(default_factory=dict)  # seconds per phase
+    requests_moved: int = 0
+    requests_recomputed: int = 0
+    transfers: int = 0
+    kv_bytes_moved: int = 0
+    weight_bytes_moved: int = 0
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -283,4 +444,19 @@ ALL_MESSAGE_TYPES: tuple[type[msgspec.Struct], ...] = (
     WorkerView,
     RouterStatus,
     StatusRequest,
+    RequestState,
+    ReconfigPause,
+    PauseAck,
+    KvTransfer,
+    Assignment,
+    KvPlanRequest,
+    KvPlan,
+    ReconfigMigrate,
+    ReconfigCommit,
+    ReconfigAbort,
+    ControlAck,
+    RouterHold,
+    RouterHoldAck,
+    ReconfigureRequest,
+    ReconfigureResult,
 )

@@ -107,6 +107,8 @@ class LlamaModel:
         # 24 covers TP 1, 2, 3, 4, 6, 8 (e.g. SmolLM2's 1536 at TP 3, with its 3 KV heads).
         self.mlp_units = next(u for u in (24, 8, 4, 2, 1) if s.intermediate_size % u == 0)
         self._shards: dict[tuple[int, int], ModelShard] = {}
+        # Which TP slice the layer tensors hold: (1, 0) = the whole model (see ``restrict_to``).
+        self.resident_tp, self.resident_rank = 1, 0
         self.embed = weights["model.embed_tokens.weight"]
         lm_head = weights.get("lm_head.weight", self.embed) if not s.tie_word_embeddings else self.embed
         # Kept as [hidden, vocab]: MKL's GEMM is ~1.2-1.6x faster on the vocab projection in this
@@ -161,6 +163,11 @@ class LlamaModel:
     def valid_tp(self, tp: int) -> bool:
         return tp >= 1 and self.spec.num_kv_heads % tp == 0 and self.mlp_units % tp == 0
 
+    def holds(self, tp: int, rank: int) -> bool:
+        """True when rank ``rank`` of TP ``tp`` lies inside the resident slice (nesting, DESIGN §3)."""
+        k0, r0 = self.resident_tp, self.resident_rank
+        return tp % k0 == 0 and rank // (tp // k0) == r0
+
     def shard(self, tp: int = 1, rank: int = 0) -> ModelShard:
         """The weights TP rank ``rank`` of ``tp`` uses: views of the resident tensors, built once."""
         key = (tp, rank)
@@ -170,8 +177,28 @@ class LlamaModel:
                     f"TP {tp} does not divide this model ({self.spec.num_kv_heads} KV heads, "
                     f"{self.mlp_units} MLP units); valid degrees divide both"
                 )
+            if not self.holds(tp, rank):
+                raise ValueError(
+                    f"rank {rank} of TP {tp} is outside the resident slice (rank {self.resident_rank} of "
+                    f"TP {self.resident_tp}); this worker can only run TP degrees that nest inside it"
+                )
             self._shards[key] = ModelShard(self, tp, rank)
         return self._shards[key]
+
+    def restrict_to(self, tp: int, rank: int) -> None:
+        """Keep only the slice of rank ``rank`` at TP ``tp`` resident and free the rest.
+
+        For models that do not fit whole on a slot: every higher TP degree whose rank nests inside
+        this slice is still a view of it (aligned blocks, DESIGN §3), so switching among them moves
+        no weight bytes. Lower degrees are no longer possible on this slot.
+        """
+        if (self.resident_tp, self.resident_rank) != (1, 0):
+            raise ValueError("restrict_to can only be applied once, to the full model")
+        part = self.shard(tp, rank)
+        keep = [{k: t.clone() for k, t in layer.items()} for layer in part.layers]
+        self.layers = keep  # the full tensors are dropped with the old list and the shard cache
+        self._shards.clear()
+        self.resident_tp, self.resident_rank = tp, rank
 
     def new_kv_cache(self, num_slots: int) -> torch.Tensor:
         return self.shard().new_kv_cache(num_slots)
@@ -200,6 +227,8 @@ class ModelShard:
         q_cols = self.num_kv_heads * self.group * s.head_dim
         mlp_rows = 2 * s.intermediate_size // tp
         mlp_cols = s.intermediate_size // tp
+        # Offsets are relative to the resident slice: with the whole model resident, local == rank.
+        rank = rank - model.resident_rank * (tp // model.resident_tp)
         self.layers = []
         for w in model.layers:
             layer = {

@@ -82,6 +82,16 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         heapq.heappush(self._waiting, (seq.priority, seq.arrival, seq))
 
+    def add_running(self, seq: Sequence) -> None:
+        """Join the running batch directly: the sequence arrives with its KV blocks already filled."""
+        seq.arrival = next(self._counter)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def waiting_in_order(self) -> list[Sequence]:
+        """The waiting queue in admission order (priority, then arrival)."""
+        return [seq for _, _, seq in sorted(self._waiting, key=lambda e: e[:2])]
+
     def remove(self, seq_id: str) -> Sequence | None:
         """Drop a sequence wherever it is (abort or finish) and free its blocks."""
         self.blocks.release(seq_id)

@@ -24,8 +24,18 @@ KV_EVENTS = f"{PREFIX}.kv.events"
 KV_LOOKUP = f"{PREFIX}.kv.lookup"
 KV_LIST = f"{PREFIX}.kv.list"
 
-# tp_controller: Topology snapshot on request.
+# kv_broker: migration plan for a topology change (KvPlanRequest -> KvPlan).
+KV_PLAN = f"{PREFIX}.kv.plan"
+
+# tp_controller: Topology snapshot on request; a hand-triggered switch (ReconfigureRequest).
 CONTROLLER_TOPOLOGY = f"{PREFIX}.controller.topology"
+CONTROLLER_RECONFIGURE = f"{PREFIX}.controller.reconfigure"
+
+# Controller -> every router (not a queue group): RouterHold, each router replies RouterHoldAck.
+ROUTER_HOLD = f"{PREFIX}.router.hold"
+
+# Rendezvous of the workers' torch.distributed world: JetStream KV bucket, key pool-<pool id>.
+RENDEZVOUS_BUCKET = "nitsum_rendezvous"
 
 # JetStream KV bucket holding the topology (key TOPOLOGY_KEY), written with compare-and-set.
 TOPOLOGY_BUCKET = "nitsum_topology"
@@ -51,3 +61,13 @@ def worker_abort(slot: int) -> str:
 def router_tokens(router_id: str) -> str:
     """Worker -> router: one TokenBatch per engine step with every new token for that router."""
     return f"{PREFIX}.router.{router_id}.tokens"
+
+
+RECONFIG_PHASES = ("pause", "migrate", "commit", "abort")
+
+
+def worker_control(slot: int, phase: str) -> str:
+    """Controller -> worker: one reconfiguration phase (request/reply; see RECONFIG_PHASES)."""
+    if phase not in RECONFIG_PHASES:
+        raise ValueError(f"unknown reconfiguration phase {phase!r}")
+    return f"{PREFIX}.worker.{slot}.{phase}"

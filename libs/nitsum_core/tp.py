@@ -44,6 +44,35 @@ def init_world(
     )
 
 
+def aligned_groups(pool_size: int) -> list[tuple[int, ...]]:
+    """Every aligned block of TP >= 2 in a pool of ``pool_size`` slots, in a fixed order."""
+    out = []
+    k = 2
+    while k <= pool_size:
+        out += [tuple(range(j * k, (j + 1) * k)) for j in range(pool_size // k)]
+        k *= 2
+    return out
+
+
+def join_pool(
+    slot: int, pool_size: int, store: dist.Store, timeout_s: float = 30.0
+) -> dict[tuple[int, ...], dist.ProcessGroup]:
+    """Join the pool's gloo world and build the communicator of every aligned group once.
+
+    Called once at start-up (DESIGN §4): a later TP switch picks a cached group, it never
+    rendezvouses. Returns the groups this slot belongs to, by their slots.
+    """
+    dist.init_process_group(
+        "gloo", store=store, rank=slot, world_size=pool_size, timeout=dt.timedelta(seconds=timeout_s)
+    )
+    mine: dict[tuple[int, ...], dist.ProcessGroup] = {}
+    for slots in aligned_groups(pool_size):
+        group = dist.new_group(ranks=list(slots), backend="gloo")  # every rank must call this
+        if slot in slots:
+            mine[slots] = group
+    return mine
+
+
 def instance_group(slots: list[int]) -> dist.ProcessGroup:
     """The communicator of one aligned instance (every rank of the world must call this, DESIGN §4)."""
     return dist.new_group(ranks=slots, backend=dist.get_backend())
@@ -88,10 +117,15 @@ def leader_hook(group: dist.ProcessGroup, leader: int):  # noqa: ANN201
     return hook
 
 
+IDLE = "idle"  # broadcast by an idle leader so its followers' collective does not time out
+
+
 def follower_loop(shard: ModelShard, kv: torch.Tensor, group: dist.ProcessGroup, leader: int) -> int:
     """Run broadcast steps until the leader sends None; return how many were run."""
     steps = 0
     while (step := broadcast_step(None, group, leader)) is not None:
+        if step == IDLE:
+            continue
         input_ids, meta = step
         shard.forward(input_ids, meta, kv)
         steps += 1

@@ -35,6 +35,36 @@ def parser() -> argparse.ArgumentParser:
         "--max-batched-tokens", type=int, default=512, help="token budget per step (chunked prefill)"
     )
     p.add_argument("--max-model-len", type=int, default=4096, help="context window (capped by the model's)")
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=1,
+        help="slots in the pool (N); with N > 1 the worker joins the pool's gloo world so instances "
+        "can run at TP > 1 and switch at runtime",
+    )
+    p.add_argument(
+        "--pool-id",
+        default="default",
+        help="rendezvous key shared by one launch of the pool; use a fresh value per launch",
+    )
+    p.add_argument(
+        "--advertise-host",
+        default="127.0.0.1",
+        help="address other workers reach this one at (slot 0's store)",
+    )
+    p.add_argument(
+        "--resident-tp",
+        type=int,
+        default=1,
+        help="keep only the weight slice of this TP degree resident (models that do not fit whole); "
+        "the slot can then run this degree and higher ones that nest inside it",
+    )
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=30.0,
+        help="seconds before a silent TP peer is declared lost",
+    )
     return p
 
 
@@ -47,7 +77,21 @@ def main() -> None:
         max_batched_tokens=a.max_batched_tokens,
         max_model_len=a.max_model_len,
     )
-    run_async(GpuWorker(a.slot, a.nats_url, a.model, cfg, a.threads).run())
+    if not 0 <= a.slot < a.pool_size:
+        raise SystemExit(f"--slot {a.slot} is outside the pool (0..{a.pool_size - 1}); raise --pool-size")
+    worker = GpuWorker(
+        a.slot,
+        a.nats_url,
+        a.model,
+        cfg,
+        a.threads,
+        pool_size=a.pool_size,
+        pool_id=a.pool_id,
+        advertise_host=a.advertise_host,
+        resident_tp=a.resident_tp,
+        collective_timeout_s=a.collective_timeout,
+    )
+    run_async(worker.run())
 
 
 if __name__ == "__main__":

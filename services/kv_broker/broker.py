@@ -12,9 +12,9 @@ import time
 from nats.aio.msg import Msg
 from nats.micro.request import Request
 from nitsum_core import messages as m
-from nitsum_core import subjects
+from nitsum_core import reconfig, subjects
 from nitsum_core.bus import connect
-from nitsum_core.errors import ProtocolError
+from nitsum_core.errors import NitsumError, ProtocolError
 from nitsum_core.logs import setup_logging
 from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
 
@@ -70,6 +70,7 @@ class KvBroker:
         svc = await register(nc, subjects.SERVICE_KV_BROKER, "Nitsum KV broker: KV block directory")
         await svc.add_endpoint(name="lookup", subject=subjects.KV_LOOKUP, handler=self._on_lookup)
         await svc.add_endpoint(name="list", subject=subjects.KV_LIST, handler=self._on_list)
+        await svc.add_endpoint(name="plan", subject=subjects.KV_PLAN, handler=self._on_plan)
         reaper = asyncio.create_task(self._reap_dead_workers())
         self.log.info("kv broker ready")
         await stop.wait()
@@ -112,3 +113,42 @@ class KvBroker:
             await request.respond_error("400", exc.message)
             return
         await request.respond(m.encode(m.KvListReply(entries=self.directory.on_slot(q.slot))))
+
+    async def _on_plan(self, request: Request) -> None:
+        """Migration plan for a topology switch, from the paused leaders' exact block tables.
+
+        The directory (fed by alloc/free events) lags by up to a step; the paused inventory does
+        not, so the plan is computed from it and the directory is then moved to the new homes.
+        """
+        try:
+            req = m.decode(m.KvPlanRequest, request.data)
+            plan = reconfig.plan_migration(req)
+        except NitsumError as exc:
+            await request.respond(m.encode(m.KvPlan(error=m.ErrorInfo.from_exc(exc))))
+            return
+        stale = [
+            r.request_id
+            for r in req.requests
+            if r.num_computed and not self.directory.lookup(r.request_id).found
+        ]
+        for a in plan.assignments:
+            if a.block_table:
+                inst = reconfig.instance_of(req.new, a.leader)
+                self.directory.apply(
+                    m.KvEvent(
+                        slot=a.leader,
+                        request_id=a.request_id,
+                        kind="alloc",
+                        block_ids=a.block_table,
+                        head_start=0,
+                        head_end=req.num_kv_heads if inst else 0,
+                    )
+                )
+        self.log.info(
+            "migration plan",
+            requests=len(req.requests),
+            transfers=len(plan.transfers),
+            recomputed=len(plan.recomputed),
+            not_in_directory=len(stale),
+        )
+        await request.respond(m.encode(plan))

@@ -56,6 +56,8 @@ class RouterConfig:
     submit_timeout_s: float = 2.0
     max_in_flight: int = 4096
     max_reroutes: int = 2
+    # A hold from a controller that then died must not stall dispatch forever.
+    max_hold_s: float = 30.0
 
 
 class Router:
@@ -77,6 +79,10 @@ class Router:
         self.failed = 0
         self.rerouted = 0
         self._tasks: set[asyncio.Task] = set()
+        self.held_by: str | None = None  # plan id of the switch holding new dispatches
+        self._unheld = asyncio.Event()
+        self._unheld.set()
+        self._held_since = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -86,6 +92,8 @@ class Router:
         await nc.subscribe(subjects.WORKER_HEARTBEAT, cb=self._on_heartbeat)
         await nc.subscribe(subjects.router_tokens(self.router_id), cb=self._on_tokens)
         await nc.subscribe(subjects.ROUTER_CANCEL, cb=self._on_cancel)
+        # Not a queue group: every router must hold during a switch.
+        await nc.subscribe(subjects.ROUTER_HOLD, cb=self._on_hold)
         kv = await topology.open_bucket(nc.jetstream())
         watcher = asyncio.create_task(topology.watch(kv, self._on_topology))
         monitor = asyncio.create_task(self._monitor())
@@ -106,6 +114,46 @@ class Router:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # ---- reconfiguration hold (DESIGN §6) --------------------------------------------------------
+    async def _on_hold(self, msg: Msg) -> None:
+        hold = decode_or_drop(self.log, m.RouterHold, msg.data, "hold")
+        if hold is None:
+            return
+        # Re-home migrated requests first: their old leader is paused (its last tokens are already
+        # here), and the new one may stream as soon as it resumes.
+        for request_id, slot in hold.moved.items():
+            f = self.flights.get(request_id)
+            if f is None or f.finished:
+                continue
+            if f.slot is not None and f.slot in self.workers:
+                self.workers[f.slot].in_flight.discard(request_id)
+            f.slot = slot
+            if slot in self.workers:
+                self.workers[slot].in_flight.add(request_id)
+        if hold.hold:
+            self.held_by, self._held_since = hold.plan_id, time.monotonic()
+            self._unheld.clear()
+        elif self.held_by in (None, hold.plan_id):
+            self.held_by = None
+            self._unheld.set()
+        waiting = sum(1 for t in self._tasks if not t.done())
+        self.log.info("hold" if hold.hold else "release", plan=hold.plan_id, moved=len(hold.moved))
+        if msg.reply:
+            await self.nc.publish(
+                msg.reply, m.encode(m.RouterHoldAck(router_id=self.router_id, held=waiting))
+            )
+
+    async def _wait_unheld(self) -> None:
+        if self._unheld.is_set():
+            return
+        left = self.config.max_hold_s - (time.monotonic() - self._held_since)
+        try:
+            await asyncio.wait_for(self._unheld.wait(), timeout=max(0.0, left))
+        except TimeoutError:
+            self.log.warning("hold expired without a release; dispatching again", plan=self.held_by)
+            self.held_by = None
+            self._unheld.set()
 
     # ---- topology and liveness ---------------------------------------------------------------
     async def _on_topology(self, topo: m.Topology) -> None:
@@ -271,6 +319,7 @@ class Router:
         )
         payload = m.encode(submit)
         while not f.finished:
+            await self._wait_unheld()
             alive = {s for s, w in self.workers.items() if w.alive} - exclude
             leaders = eligible_leaders(self.topology, f.tier.name, alive)
             slot = least_loaded(
@@ -304,6 +353,13 @@ class Router:
             if not ack.accepted:
                 worker.in_flight.discard(f.req.request_id)
                 f.slot = None
+                if (
+                    ack.error is not None
+                    and ack.error.code == "reconfiguring"
+                    and time.monotonic() < f.deadline
+                ):
+                    await asyncio.sleep(0.05)  # the slot is mid-switch: ask again after the hold
+                    continue
                 err = ack.error.to_exc() if ack.error else NitsumError("worker refused the request")
                 await self._fail(f, err)
                 return
@@ -432,6 +488,12 @@ class Router:
                     free_blocks=w.heartbeat.free_blocks,
                     total_blocks=w.heartbeat.total_blocks,
                     last_seen_s=now - w.last_seen,
+                    epoch=w.heartbeat.epoch,
+                    tp=w.heartbeat.tp,
+                    rank=w.heartbeat.rank,
+                    pool_joined=w.heartbeat.pool_joined,
+                    tokens_prefilled=w.heartbeat.tokens_prefilled,
+                    weight_bytes_moved=w.heartbeat.weight_bytes_moved,
                 )
                 for w in sorted(self.workers.values(), key=lambda w: w.slot)
             ],

@@ -1,8 +1,9 @@
 """The controller: watches worker heartbeats and writes the topology with compare-and-set.
 
-For now the cut is static -- one TP-1 instance per live worker; a new epoch is written when the
-set of live workers changes (a worker joins or dies). A restarted controller resumes from the
-bucket: it reads the last epoch and only writes when the pool actually differs.
+Two ways to a new epoch. (1) The pool changes (a worker joins or dies): one TP-1 instance per
+live worker, applied by the workers without migration. (2) A switch (``reconfigure``, by hand
+for now; the configurator will drive it): the full protocol in ``switch.py`` -- requests keep
+their KV and continue on their new instances. A restarted controller resumes from the bucket.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.micro.request import Request
 from nitsum_core import messages as m
-from nitsum_core import subjects, topology
+from nitsum_core import reconfig, subjects, topology
 from nitsum_core.bus import connect
+from nitsum_core.errors import InvalidRequest, NitsumError
 from nitsum_core.logs import setup_logging
 from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
+from nitsum_tp_controller.switch import SwitchDriver
 
 
 def static_tp1(slots: list[int], epoch: int, reason: str) -> m.Topology:
@@ -40,11 +43,13 @@ class Controller:
         self.last_seen: dict[int, float] = {}
         self.current: m.Topology | None = None
         self.revision = 0
+        self.kv = None
+        self._switch_lock = asyncio.Lock()  # one switch at a time; the pool-change loop waits too
 
     async def run(self) -> None:
         stop = stop_event_on_signals()
         self.nc = nc = await connect(self.nats_url, name="nitsum-tp-controller")
-        kv = await topology.open_bucket(nc.jetstream(), create=True)
+        self.kv = kv = await topology.open_bucket(nc.jetstream(), create=True)
         self.current, self.revision = await topology.read(kv)
         if self.current is not None:
             self.log.info("resumed topology from bucket", epoch=self.current.epoch, revision=self.revision)
@@ -52,6 +57,9 @@ class Controller:
         svc = await register(nc, subjects.SERVICE_CONTROLLER, "Nitsum TP controller: owns the topology")
         await svc.add_endpoint(
             name="topology", subject=subjects.CONTROLLER_TOPOLOGY, handler=self._on_topology_request
+        )
+        await svc.add_endpoint(
+            name="reconfigure", subject=subjects.CONTROLLER_RECONFIGURE, handler=self._on_reconfigure
         )
         loop_task = asyncio.create_task(self._reconcile_loop(kv))
         self.log.info("controller ready")
@@ -73,6 +81,8 @@ class Controller:
     async def _reconcile_loop(self, kv) -> None:  # noqa: ANN001 - nats KeyValue
         while True:
             await asyncio.sleep(self.settle_s)
+            if self._switch_lock.locked():
+                continue
             live = self._live_slots()
             have = sorted(s for inst in self.current.instances for s in inst.slots) if self.current else None
             if not live or live == have:
@@ -96,3 +106,63 @@ class Controller:
     async def _on_topology_request(self, request: Request) -> None:
         topo = self.current or m.Topology(epoch=0, instances=[], written_at=0.0, reason="no topology yet")
         await request.respond(m.encode(topo))
+
+    def _target(self, req: m.ReconfigureRequest) -> m.Topology:
+        """The topology a ReconfigureRequest asks for, validated against the live pool."""
+        if self.current is None:
+            raise InvalidRequest("no topology yet: wait until the workers are up")
+        live = self._live_slots()
+        have = sorted(s for i in self.current.instances for s in i.slots)
+        if live != have:
+            raise InvalidRequest(f"the pool is changing (live {live}, topology {have}); retry in a moment")
+        epoch = self.current.epoch + 1
+        reason = f"reconfigure: {req.reason}"
+        if req.tp is not None:
+            return reconfig.aligned_topology(req.tp, live, epoch, reason)
+        if not req.instances:
+            raise InvalidRequest("give either tp (degrees in slot order) or instances")
+        used: set[int] = set()
+        for i, inst in enumerate(req.instances):
+            k, first = inst.tp, inst.slots[0] if inst.slots else -1
+            if not inst.slots or k & (k - 1) or first % k or inst.slots != list(range(first, first + k)):
+                raise InvalidRequest(
+                    f"instance {i} {inst.slots} is not an aligned block [j*k, (j+1)*k), k a power of two"
+                )
+            if used & set(inst.slots) or not set(inst.slots) <= set(live):
+                raise InvalidRequest(
+                    f"instance {i} {inst.slots} overlaps another or uses a slot outside {live}"
+                )
+            used |= set(inst.slots)
+        instances = [
+            m.Instance(instance_id=n, slots=i.slots, role=i.role, tiers=i.tiers)
+            for n, i in enumerate(req.instances)
+        ]
+        return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
+
+    async def reconfigure(self, req: m.ReconfigureRequest) -> m.ReconfigureResult:
+        assert self.nc is not None
+        async with self._switch_lock:
+            try:
+                target = self._target(req)
+            except NitsumError as exc:
+                epoch = self.current.epoch if self.current else 0
+                return m.ReconfigureResult(ok=False, epoch=epoch, error=m.ErrorInfo.from_exc(exc))
+            assert self.current is not None
+
+            async def write(topo: m.Topology) -> None:
+                self.revision = await topology.write_cas(self.kv, topo, self.revision)
+                self.current = topo
+
+            driver = SwitchDriver(self.nc, self.log)
+            return await driver.run(self.current, target, write, migrate_timeout_s=req.timeout_s)
+
+    async def _on_reconfigure(self, request: Request) -> None:
+        try:
+            req = m.decode(m.ReconfigureRequest, request.data)
+        except NitsumError as exc:
+            await request.respond(
+                m.encode(m.ReconfigureResult(ok=False, epoch=0, error=m.ErrorInfo.from_exc(exc)))
+            )
+            return
+        result = await self.reconfigure(req)
+        await request.respond(m.encode(result))

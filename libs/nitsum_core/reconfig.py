@@ -1,0 +1,141 @@
+"""Pure pieces of a topology switch (DESIGN §3, §6): aligned cuts and the KV migration plan.
+
+No NATS, no torch: the controller builds topologies here, the kv_broker computes plans here, and
+workers derive the exact units of each transfer here, so every side agrees by construction.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+from nitsum_core import messages as m
+from nitsum_core.errors import InvalidRequest
+from nitsum_core.kv_cache import BlockManager, blocks_needed
+
+
+def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: str) -> m.Topology:
+    """Instances of TP ``degrees[i]`` laid out in slot order, each on an aligned block.
+
+    ``[2, 1, 1]`` on slots 0-3 gives [0, 1], [2], [3]; ``[1, 2, 1]`` is rejected because [1, 2]
+    does not start at a multiple of 2 (its weight and KV slices would not nest).
+    """
+    if not degrees or any(k < 1 for k in degrees):
+        raise InvalidRequest(f"TP degrees must be positive integers, got {degrees}")
+    if sum(degrees) != len(slots):
+        raise InvalidRequest(f"TP degrees {degrees} cover {sum(degrees)} slots; the pool has {len(slots)}")
+    if sorted(slots) != list(range(slots[0], slots[0] + len(slots))) or slots[0] != 0:
+        raise InvalidRequest(f"the pool must be slots 0..N-1 with every worker alive, got {sorted(slots)}")
+    instances = []
+    start = 0
+    for i, k in enumerate(degrees):
+        if k & (k - 1) or start % k:
+            raise InvalidRequest(
+                f"instance {i} (TP {k}) would start at slot {start}: an instance of TP k must sit on an "
+                f"aligned block [j*k, (j+1)*k) with k a power of two; reorder the degrees, e.g. largest first"
+            )
+        instances.append(m.Instance(instance_id=i, slots=list(range(start, start + k))))
+        start += k
+    return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
+
+
+def changed_slots(old: m.Topology, new: m.Topology) -> list[int]:
+    """Slots whose instance differs between ``old`` and ``new`` (only they pause)."""
+    same = {tuple(i.slots) for i in old.instances} & {tuple(i.slots) for i in new.instances}
+    every = {s for t in (old, new) for i in t.instances for s in i.slots}
+    return sorted(s for s in every if not any(s in keep for keep in same))
+
+
+def instance_of(topo: m.Topology, slot: int) -> m.Instance | None:
+    return next((i for i in topo.instances if slot in i.slots), None)
+
+
+def head_owner(inst: m.Instance, head: int, num_kv_heads: int) -> int:
+    """The slot of ``inst`` holding KV head ``head`` (rank r of TP k holds heads [r*h/k, (r+1)*h/k))."""
+    return inst.slots[head // (num_kv_heads // inst.tp)]
+
+
+def plan_migration(req: m.KvPlanRequest) -> m.KvPlan:
+    """Which instance continues each paused request, its new block table, and the head moves.
+
+    Merges keep every request on the new instance that contains its old one; splits spread the
+    old instance's requests over the new instances (fewest assigned KV tokens first). A request
+    whose KV does not fit its new instance restarts from its tokens there (``recomputed``).
+    """
+    h, bs = req.num_kv_heads, req.block_size
+    for inst in req.new.instances:
+        if h % inst.tp:
+            raise InvalidRequest(f"TP {inst.tp} does not divide the model's {h} KV heads")
+    pools: dict[int, BlockManager] = {}
+    load: dict[int, int] = {}
+    for inst in req.new.instances:
+        units = min(req.kv_units[s] for s in inst.slots)
+        pools[inst.instance_id] = BlockManager(max(1, units // (h // inst.tp)), bs)
+        load[inst.instance_id] = 0
+    plan = m.KvPlan()
+    for state in req.requests:
+        old = instance_of(req.old, state.slot)
+        if old is None:
+            raise InvalidRequest(
+                f"request {state.request_id} is on slot {state.slot}, which is in no instance"
+            )
+        candidates = [i for i in req.new.instances if set(i.slots) & set(old.slots)]
+        if not candidates:
+            raise InvalidRequest(f"no new instance overlaps slots {old.slots}")
+        target = min(candidates, key=lambda i: (load[i.instance_id], i.instance_id))
+        load[target.instance_id] += len(state.token_ids)
+        pool = pools[target.instance_id]
+        table: list[int] = []
+        if state.num_computed and pool.can_reserve(state.request_id, state.num_computed):
+            table = pool.reserve(state.request_id, state.num_computed).block_table
+        elif state.num_computed:
+            plan.recomputed.append(state.request_id)
+        plan.assignments.append(
+            m.Assignment(request_id=state.request_id, leader=target.leader, block_table=table)
+        )
+        if not table:
+            continue
+        start = 0
+        for head in range(1, h + 1):
+            pair = (head_owner(old, start, h), head_owner(target, start, h))
+            if head == h or (head_owner(old, head, h), head_owner(target, head, h)) != pair:
+                plan.transfers.append(
+                    m.KvTransfer(
+                        request_id=state.request_id,
+                        src_slot=pair[0],
+                        dst_slot=pair[1],
+                        head_start=start,
+                        head_end=head,
+                        num_tokens=state.num_computed,
+                    )
+                )
+                start = head
+    return plan
+
+
+class Units(NamedTuple):
+    """The (block, local head) pairs of one transfer on one side, block-major."""
+
+    blocks: list[int]
+    heads: list[int]
+
+
+def transfer_units(
+    transfer: m.KvTransfer, table: list[int], inst: m.Instance, slot: int, num_kv_heads: int, block_size: int
+) -> Units:
+    """Units of ``transfer`` as addressed in ``slot``'s pool while it is rank of ``inst``.
+
+    Sender and receiver enumerate the same (token block, global head) sequence, each mapped to
+    its own blocks and head positions, so chunk i on the wire means the same units on both sides.
+    """
+    per_rank = num_kv_heads // inst.tp
+    base = inst.slots.index(slot) * per_rank
+    nb = blocks_needed(transfer.num_tokens, block_size)
+    if len(table) < nb:
+        raise ValueError(f"block table of {transfer.request_id} has {len(table)} blocks, needs {nb}")
+    heads = range(transfer.head_start, transfer.head_end)
+    if not all(base <= hd < base + per_rank for hd in heads):
+        raise ValueError(f"slot {slot} does not hold heads {transfer.head_start}-{transfer.head_end}")
+    blocks = [table[b] for b in range(nb) for _ in heads]
+    local = [hd - base for _ in range(nb) for hd in heads]
+    return Units(blocks, local)
