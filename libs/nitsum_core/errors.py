@@ -88,6 +88,8 @@ _BY_CODE: dict[str, type[NitsumError]] = {
         UnknownTier,
         PromptTooLong,
         NoWorkers,
+        Reconfiguring,
+        ReconfigFailed,
         WorkerLost,
         Overloaded,
         RequestTimeout,

@@ -43,18 +43,28 @@ class SwitchDriver:
     async def _all_slots(
         self, slots: list[int], phase: str, msg: msgspec.Struct, reply: type[T], timeout: float
     ) -> list[T]:
-        acks = await asyncio.gather(
-            *(self._ask(subjects.worker_control(s, phase), msg, reply, timeout) for s in slots),
-            return_exceptions=True,
-        )
-        failed = [
-            f"slot {s}: {a.message if isinstance(a, NitsumError) else a.error.message if a.error else a}"
-            for s, a in zip(slots, acks, strict=True)
-            if isinstance(a, BaseException) or not a.ok
-        ]
+        """Ask every slot; fail as soon as one fails (a dead peer must not cost the full timeout)."""
+        tasks = {
+            asyncio.create_task(self._ask(subjects.worker_control(s, phase), msg, reply, timeout)): s
+            for s in slots
+        }
+        failed: list[str] = []
+        try:
+            for done in asyncio.as_completed(list(tasks)):
+                try:
+                    ack = await done
+                except NitsumError as exc:
+                    failed.append(exc.message)
+                    break
+                if not ack.ok:
+                    failed.append(f"slot {ack.slot}: {ack.error.message if ack.error else 'refused'}")
+                    break
+        finally:
+            for task in tasks:
+                task.cancel()
         if failed:
             raise ReconfigFailed(f"{phase} failed: " + "; ".join(failed))
-        return acks  # type: ignore[return-value]
+        return [t.result() for t in tasks]
 
     async def _routers(self, hold: m.RouterHold, wait_s: float = 2.0) -> int:
         """Tell every router (plain subscription, no queue group); return how many answered."""
