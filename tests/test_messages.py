@@ -94,6 +94,41 @@ SAMPLES: list[msgspec.Struct] = [
         tiers=["interactive"],
     ),  # fmt: skip
     m.StatusRequest(),
+    _state := m.RequestState(
+        request_id="r",
+        router_id="rt",
+        slot=2,
+        token_ids=[1, 2, 3],
+        num_prompt_tokens=2,
+        num_computed=2,
+        priority=1,
+        sampling=m.SamplingParams(max_tokens=4, temperature=0.5, seed=1),
+        rng_state=b"\x00\x01",
+        block_table=[7],
+    ),
+    _topo := m.Topology(epoch=4, instances=[m.Instance(instance_id=0, slots=[0, 1])], written_at=2.0),
+    m.ReconfigPause(plan_id="p", target=_topo),
+    m.PauseAck(slot=1, ok=True, requests=[_state], kv_units=64, num_kv_heads=4, block_size=16, seconds=0.1),
+    _transfer := m.KvTransfer(request_id="r", src_slot=2, dst_slot=0, head_start=0, head_end=2, num_tokens=2),
+    m.Assignment(request_id="r", leader=0, block_table=[3]),
+    m.KvPlanRequest(
+        old=_topo, new=_topo, requests=[_state], kv_units={0: 64, 1: 64}, num_kv_heads=4, block_size=16
+    ),
+    _plan := m.KvPlan(
+        assignments=[m.Assignment(request_id="r", leader=0, block_table=[])],
+        transfers=[_transfer],
+        recomputed=["r"],
+    ),
+    m.ReconfigMigrate(plan_id="p", target=_topo, plan=_plan, requests=[_state]),
+    m.ReconfigCommit(plan_id="p", target=_topo),
+    m.ReconfigAbort(plan_id="p", reason="timeout"),
+    m.ControlAck(slot=0, ok=False, error=m.ErrorInfo("worker_lost", "peer gone"), bytes_sent=5, seconds=0.2),
+    m.RouterHold(plan_id="p", hold=False, moved={"r": 0}),
+    m.RouterHoldAck(router_id="rt", held=3),
+    m.ReconfigureRequest(tp=[2, 2], reason="test", timeout_s=5.0),
+    m.ReconfigureResult(
+        ok=True, epoch=5, phases={"pause": 0.01}, requests_moved=1, transfers=2, kv_bytes_moved=10
+    ),
 ]
 
 

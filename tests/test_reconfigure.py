@@ -85,7 +85,9 @@ async def test_switch_mid_generation_equals_unswitched_run(pool4: Stack) -> None
     assert after.rerouted == before.rerouted and after.failed == before.failed
     assert sum(w.weight_bytes_moved for w in after.workers) == 0
     # Prefill work of the switched run is exactly its prompts: no request restarted anywhere.
-    prefilled = sum(w.tokens_prefilled for w in after.workers) - sum(w.tokens_prefilled for w in before.workers)
+    prefilled = sum(w.tokens_prefilled for w in after.workers) - sum(
+        w.tokens_prefilled for w in before.workers
+    )
     assert prefilled == sum(r.usage.prompt_tokens for r in ref_runs)
 
 
