@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out", default=None, help="results JSON path (default bench_results/bench-<time>.json)"
     )
-    from nitsum_cli import sim
+    from nitsum_cli import profile, sim
 
     sim.add_parser(sub)
+    profile.add_parser(sub)
     return parser
 
 
@@ -449,6 +450,10 @@ def main(argv: list[str] | None = None) -> None:
             from nitsum_cli import sim
 
             code = sim.run(args)
+        elif args.command == "profile":
+            from nitsum_cli import profile
+
+            code = profile.run(args)
         else:
             code = asyncio.run(handler(args))
     except NitsumError as exc:

@@ -1,0 +1,91 @@
+"""``nitsum profile``: measure the real engine step by step and fit the performance model to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from nitsum_core import profiling
+from nitsum_core.checkpoints import DEFAULT_MODEL, resolve_checkpoint
+from nitsum_core.config import state_dir
+from nitsum_core.engine import Engine, EngineConfig
+from nitsum_core.model import load_model
+from nitsum_core.perf_model import HARDWARE, PerfModel
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="time the real engine on this backend and fit the performance model's coefficients",
+        description="Runs prefill and decode steps of known shapes on the real model (CPU backend here), "
+        "fits the roofline coefficients the simulator uses, saves them as JSON and prints predicted vs "
+        "measured step time. Pass the JSON to `nitsum sim --coefficients`.",
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="'smollm2', a .gguf file or an HF safetensors directory"
+    )
+    p.add_argument(
+        "--hardware", default="cpu", choices=sorted(HARDWARE), help="hardware spec the fit is relative to"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=3, help="timings per probe (median)")
+    p.add_argument("--quick", action="store_true", help="4 probes instead of 13 (smoke test)")
+    p.add_argument(
+        "--out", default=None, help="coefficients JSON (default $NITSUM_HOME/profiles/<model>-<hw>.json)"
+    )
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ckpt = resolve_checkpoint(a.model)
+    model = load_model(ckpt)
+    cfg = EngineConfig(kv_cache_mb=256, max_batched_tokens=1024)
+    probes = profiling.QUICK_PROBES if a.quick else profiling.DEFAULT_PROBES
+    samples = []
+    for probe in probes:
+        measured = profiling.time_probe(lambda: Engine(model, cfg, set()), probe, a.repeats)
+        samples.append(profiling.Sample(probe, measured))
+        print(f"  {probe.label:<16} {measured * 1000:9.2f} ms", flush=True)
+    base = PerfModel(model.spec, HARDWARE[a.hardware])
+    before = profiling.with_predictions(base, samples)
+    coef = profiling.fit(base, samples)
+    after = profiling.with_predictions(PerfModel(model.spec, HARDWARE[a.hardware], coef), samples)
+    print(f"\n{'probe':<16}{'measured ms':>12}{'predicted ms':>13}{'error':>8}")
+    for s in after:
+        print(
+            f"{s.probe.label:<16}{s.measured_s * 1000:12.2f}{s.predicted_s * 1000:13.2f}{s.error * 100:7.0f}%"
+        )
+    print(
+        f"median |error|: {profiling.median_abs_error(after) * 100:.0f}% fitted "
+        f"(vs {profiling.median_abs_error(before) * 100:.0f}% with unit coefficients)"
+    )
+    print(f"coefficients: {coef}")
+    name = Path(str(ckpt)).name
+    out = Path(a.out) if a.out else state_dir() / "profiles" / f"{name}-{a.hardware}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    coef.save(out)
+    report = out.with_suffix(".report.json")
+    report.write_text(
+        json.dumps(
+            {
+                "model": str(ckpt),
+                "hardware": a.hardware,
+                "threads": torch.get_num_threads(),
+                "written_at": time.time(),
+                "coefficients": json.loads(out.read_text()),
+                "samples": [
+                    {"probe": s.probe.label, "measured_s": s.measured_s, "predicted_s": s.predicted_s}
+                    for s in after
+                ],
+                "median_abs_error": profiling.median_abs_error(after),
+                "median_abs_error_unfitted": profiling.median_abs_error(before),
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out} and {report}")
+    return 0
