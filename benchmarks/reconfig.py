@@ -109,7 +109,7 @@ async def main_async(a: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="nitsum-reconfig-"))
     ckpt = write_checkpoint(tmp / "ckpt")
     stack = Stack(
-        StackConfig(workers=4, model=str(ckpt), home=tmp / "home", kv_cache_mb=64, threads_per_worker=1)
+        StackConfig(workers=4, model=str(ckpt), home=tmp / "home", kv_cache_mb=512, threads_per_worker=1)
     )
     await stack.start()
     rows = []
@@ -127,6 +127,9 @@ async def main_async(a: argparse.Namespace) -> dict:
             tasks = [asyncio.create_task(run(i)) for i in range(a.requests)]
             for tp in SWITCHES:
                 while min(len(v) for v in progress.values()) < a.gap_tokens * (1 + len(rows)):
+                    for t in tasks:
+                        if t.done() and t.exception():
+                            raise t.exception()  # a request failed: report it, don't wait forever
                     await asyncio.sleep(0.05)
                 res = await c.reconfigure(tp=tp, reason="benchmark")
                 rows.append({"to": tp, **{k: v for k, v in msgspec.to_builtins(res).items() if k != "error"}})
@@ -157,7 +160,7 @@ async def main_async(a: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=16, help="requests generating during the switches")
-    p.add_argument("--max-tokens", type=int, default=2000, help="long enough to span every switch")
+    p.add_argument("--max-tokens", type=int, default=600, help="long enough to span every switch")
     p.add_argument("--gap-tokens", type=int, default=8, help="tokens each request generates between switches")
     p.add_argument("--out", default="bench_results/reconfig.json")
     a = p.parse_args()

@@ -44,6 +44,7 @@ class Controller:
         self.current: m.Topology | None = None
         self.revision = 0
         self.kv = None
+        self.known_routers: set[str] = set()  # routers that answered a hold (a dead one costs a 2 s wait)
         self._switch_lock = asyncio.Lock()  # one switch at a time; the pool-change loop waits too
 
     async def run(self) -> None:
@@ -153,7 +154,7 @@ class Controller:
                 self.revision = await topology.write_cas(self.kv, topo, self.revision)
                 self.current = topo
 
-            driver = SwitchDriver(self.nc, self.log)
+            driver = SwitchDriver(self.nc, self.log, self.known_routers)
             return await driver.run(self.current, target, write, migrate_timeout_s=req.timeout_s)
 
     async def _on_reconfigure(self, request: Request) -> None:

@@ -27,9 +27,11 @@ ABORT_TIMEOUT_S = 5.0
 
 
 class SwitchDriver:
-    def __init__(self, nc: Client, log) -> None:  # noqa: ANN001 - structlog logger
+    def __init__(self, nc: Client, log, known_routers: set[str] | None = None) -> None:  # noqa: ANN001
         self.nc = nc
         self.log = log
+        # Routers that answered earlier holds: once all of them answered, stop waiting for more.
+        self.known_routers = known_routers if known_routers is not None else set()
 
     async def _ask(self, subject: str, msg: msgspec.Struct, reply: type[T], timeout: float) -> T:
         try:
@@ -74,16 +76,25 @@ class SwitchDriver:
 
         async def on_reply(msg) -> None:  # noqa: ANN001
             got.append(m.decode(m.RouterHoldAck, msg.data))
-            first.set()
+            if {a.router_id for a in got} >= self.known_routers:
+                first.set()
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         await self.nc.publish(subjects.ROUTER_HOLD, m.encode(hold), reply=inbox)
         try:
             await asyncio.wait_for(first.wait(), wait_s)
-            await asyncio.sleep(0.02)  # other routers answer within a round trip of the first
+            if not self.known_routers:
+                await asyncio.sleep(0.02)  # first switch: give other routers a round trip to answer
         except TimeoutError:
-            self.log.warning("no router answered the hold; continuing", plan=hold.plan_id)
+            self.log.warning(
+                "not every known router answered the hold; continuing",
+                plan=hold.plan_id,
+                answered=len(got),
+                known=len(self.known_routers),
+            )
+            self.known_routers.clear()  # forget routers that are gone
         await sub.unsubscribe()
+        self.known_routers |= {a.router_id for a in got}
         return len(got)
 
     async def run(
