@@ -139,3 +139,35 @@ def test_greedy_decision_time_at_128_gpus() -> None:
     elapsed = time.perf_counter() - t0
     assert sum(a.tp for a in plan.assignments) == 128
     assert elapsed < 30  # correctness bound only; the timing itself is a benchmark, not a test
+
+
+def test_fit_recovers_known_coefficients_from_synthetic_timings() -> None:
+    from nitsum_core import profiling
+
+    spec = model_spec("smollm2-135m")
+    truth = Coefficients(c_weight=3.0, c_kv=1.0, c_flops=5.0, overhead_s=2e-3)
+    true_model = PerfModel(spec, HARDWARE["cpu"], truth)
+    samples = [profiling.Sample(p, profiling.predict(true_model, p)) for p in profiling.DEFAULT_PROBES]
+    coef = profiling.fit(PerfModel(spec, HARDWARE["cpu"]), samples)
+    fitted = profiling.with_predictions(PerfModel(spec, HARDWARE["cpu"], coef), samples)
+    # Individual coefficients are not identifiable where a term never dominates (max of memory
+    # and compute); the predictions are what the simulator uses, and they must be recovered.
+    assert profiling.median_abs_error(fitted) < 0.05
+    assert max(abs(s.error) for s in fitted) < 0.15
+
+
+def test_nitsum_profile_on_the_real_engine_writes_coefficients(tiny_llama_dir, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from nitsum_cli.main import main
+
+    out = tmp_path / "coef.json"
+    with pytest.raises(SystemExit) as done:
+        main(["profile", "--model", str(tiny_llama_dir), "--quick", "--repeats", "1", "--out", str(out)])
+    assert done.value.code == 0
+    coef = Coefficients.load(out)
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert len(report["samples"]) == 4 and all(s["measured_s"] > 0 for s in report["samples"])
+    # The fit is never worse than the unit coefficients it starts from.
+    assert report["median_abs_error"] <= report["median_abs_error_unfitted"]
+    assert coef.overhead_s > 0
