@@ -138,6 +138,69 @@ def plan_goodput(
     return total
 
 
+SHARED = "*"  # an instance serving every tier (the SLO-ordered queues sort them out inside it)
+
+
+def shared_goodput(perf: PerfModel, tps: Sequence[int], demands: dict[str, TierDemand]) -> float:
+    """Predicted goodput of shared instances (every tier on every instance) of the given degrees.
+
+    Each request of tier t costs 1 / cap_t instance-seconds on a TP-k instance (cap_t: that tier's
+    SLO-safe mixed rate there, with its own targets -- the same numbers the per-tier cut uses, so
+    the two kinds of plan are compared on one scale). A tier no instance can serve within its SLO
+    contributes nothing and is not charged.
+    """
+    total = 0.0
+    for tp in tps:
+        cost = 0.0  # instance-seconds per second of arrivals, for the tiers this degree can serve
+        served = 0.0
+        for d in demands.values():
+            cap = slo_safe_capacity(perf, tp, d).mixed_rps
+            if cap > 0:
+                cost += d.arrival_rps / cap
+                served += d.arrival_rps
+        if cost > 0:
+            # One instance's worth of capacity: the fraction of the feasible arrivals it can take.
+            total += served * min(1.0 / len(tps), 1.0 / cost)
+    return total
+
+
+def shared_plans(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) -> list[Plan]:
+    """Uniform cuts of TP k with every instance serving every tier, each with its predicted goodput."""
+    plans = []
+    for tp in valid_tp_choices(pool, perf):
+        n = pool // tp
+        plans.append(
+            Plan(
+                [Assignment(s, tp, "mixed", SHARED) for s in range(0, n * tp, tp)],
+                shared_goodput(perf, [tp] * n, demands),
+            )
+        )
+    return plans
+
+
+def predicted_goodput(
+    perf: PerfModel, assignments: Sequence[Assignment], demands: dict[str, TierDemand]
+) -> float:
+    """Predicted goodput of any plan: per-tier instances via ``plan_goodput``, shared ones on the mix."""
+    shared = [a for a in assignments if a.tier == SHARED]
+    per_tier = [a for a in assignments if a.tier in demands]
+    if shared and not per_tier:
+        return shared_goodput(perf, [a.tp for a in shared], demands)
+    caps = _capacities(perf, demands, sorted({a.tp for a in per_tier}) or [1])
+    return plan_goodput(per_tier, caps, demands)
+
+
+def choose_plan(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) -> Plan:
+    """The configurator's pick for one window: the per-tier greedy cut or a shared uniform cut.
+
+    Per-tier cuts isolate tiers (a tight-TPOT tier gets its own high-TP instances); shared cuts
+    pool the capacity (no GPU idles while another tier queues). The higher predicted goodput wins;
+    on a tie the shared cut, which needs fewer switches as the mix drifts.
+    """
+    candidates = [*shared_plans(pool, perf, demands), greedy(pool, perf, demands)]
+    return max(candidates, key=lambda p: p.predicted_goodput_rps)
+
+
 def _capacities(
     perf: PerfModel, demands: dict[str, TierDemand], tp_choices: Sequence[int]
 ) -> dict[tuple[str, int], Capacity]:

@@ -22,8 +22,8 @@ from nitsum_core.configurator import (
     Assignment,
     Plan,
     TierDemand,
-    greedy,
-    plan_goodput,
+    choose_plan,
+    predicted_goodput,
     should_switch,
     slo_safe_capacity,
 )
@@ -336,13 +336,8 @@ class Simulator:
                     )
                     self._caps[a.tier] = self._caps.get(a.tier, 0.0) + rate
         if self.preset.dynamic and demands:
-            proposed = greedy(self.pool, self.perf, demands)
-            caps = {
-                (n, tp): slo_safe_capacity(self.perf, tp, d)
-                for n, d in demands.items()
-                for tp in (1, 2, 4, 8)
-            }
-            current = plan_goodput([a for a in self.plan.assignments if a.tier in demands], caps, demands)
+            proposed = choose_plan(self.pool, self.perf, demands)
+            current = predicted_goodput(self.perf, self.plan.assignments, demands)
             pause = self._switch_cost(proposed)
             if proposed.assignments != self.plan.assignments and should_switch(
                 current, proposed.predicted_goodput_rps, pause, self.preset.window_s
