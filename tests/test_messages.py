@@ -177,3 +177,13 @@ def test_subjects_are_versioned_and_distinct() -> None:
     ]  # fmt: skip
     assert all(s.startswith("nitsum.v1.") for s in names)
     assert len(set(names)) == len(names)
+
+
+def test_per_slot_subjects_never_collide() -> None:
+    # A reconfiguration "abort" must not land on the request-abort subscription (or vice versa).
+    per_slot = [subjects.worker_submit(3), subjects.worker_abort(3)] + [
+        subjects.worker_control(3, p) for p in subjects.RECONFIG_PHASES
+    ]
+    assert len(set(per_slot)) == len(per_slot)
+    with pytest.raises(ValueError, match="unknown reconfiguration phase"):
+        subjects.worker_control(0, "resume")

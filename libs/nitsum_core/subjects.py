@@ -70,4 +70,4 @@ def worker_control(slot: int, phase: str) -> str:
     """Controller -> worker: one reconfiguration phase (request/reply; see RECONFIG_PHASES)."""
     if phase not in RECONFIG_PHASES:
         raise ValueError(f"unknown reconfiguration phase {phase!r}")
-    return f"{PREFIX}.worker.{slot}.{phase}"
+    return f"{PREFIX}.worker.{slot}.reconfig.{phase}"  # not .abort: that is a request abort
