@@ -190,6 +190,44 @@ def predicted_goodput(
     return plan_goodput(per_tier, caps, demands)
 
 
+def admission_caps(
+    perf: PerfModel, assignments: Sequence[Assignment], demands: dict[str, TierDemand]
+) -> dict[str, float]:
+    """Per tier, the arrival rate the current plan can serve within SLO (the feasible budget).
+
+    The router policy admits a tier's requests as *feasible* up to this rate per window and sends
+    the rest to the best-effort queue behind them, so an overload queues the excess instead of
+    making every request late. Per-tier instances add their tier's capacity; shared instances
+    hand out their instance-seconds to tiers in order of goodput per instance-second (cheapest
+    requests first), which is what maximises goodput when the pool cannot serve everything.
+    """
+    caps: dict[str, float] = {}
+    shared: dict[int, int] = {}
+    for a in assignments:
+        if a.tier == SHARED:
+            if a.role == "mixed":
+                shared[a.tp] = shared.get(a.tp, 0) + 1
+            continue
+        d = demands.get(a.tier)
+        if d is None:
+            continue
+        cap = slo_safe_capacity(perf, a.tp, d)
+        rate = cap.mixed_rps if a.role == "mixed" else cap.prefill_rps if a.role == "prefill" else 0.0
+        caps[a.tier] = caps.get(a.tier, 0.0) + rate
+    for tp, n in shared.items():
+        per_tier = {name: slo_safe_capacity(perf, tp, d).mixed_rps for name, d in demands.items()}
+        left = float(n)  # instance-seconds per second
+        for name in sorted(per_tier, key=lambda t: -per_tier[t]):
+            cap = per_tier[name]
+            if cap <= 0 or left <= 0:
+                continue
+            take = min(demands[name].arrival_rps - caps.get(name, 0.0), left * cap)
+            if take > 0:
+                caps[name] = caps.get(name, 0.0) + take
+                left -= take / cap
+    return caps
+
+
 def choose_plan(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) -> Plan:
     """The configurator's pick for one window: the per-tier greedy cut or a shared uniform cut.
 

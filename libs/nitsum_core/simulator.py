@@ -22,10 +22,10 @@ from nitsum_core.configurator import (
     Assignment,
     Plan,
     TierDemand,
+    admission_caps,
     choose_plan,
     predicted_goodput,
     should_switch,
-    slo_safe_capacity,
 )
 from nitsum_core.goodput import RequestRecord
 from nitsum_core.perf_model import PerfModel
@@ -59,7 +59,7 @@ class SimRequest:
     finish: float | None = None
     error: str | None = None
     done_step: int = 0  # the instance step at which decoding ends
-    lane: int = 0  # 0 feasible, 1 best-effort, 2 background (SLO order); tier priority otherwise
+    lane: int = 0  # 0 feasible, 1 background, 2 best-effort (SLO order); tier priority otherwise
 
 
 @dataclass
@@ -146,18 +146,19 @@ class Simulator:
             return
         tier = self.tiers[r.tier]
         if self.preset.queue_order == "slo":
-            # Feasible while the tier's admitted rate this window fits its SLO-safe capacity;
-            # otherwise best-effort, spread round-robin; the lowest-priority tier is background.
+            # Lanes: 0 feasible (the tier's admitted rate this window fits its SLO-safe budget),
+            # 1 background (the lowest-priority tier, whose loose TTFT survives queueing),
+            # 2 best-effort (over budget: predicted to miss, so it must not delay the others).
             if tier.priority == max(t.priority for t in self.tiers.values()) and len(self.tiers) > 1:
-                r.lane = 2
+                r.lane = 1
             elif (
                 self._admitted.get(r.tier, 0.0) < self._caps.get(r.tier, float("inf")) * self.preset.window_s
             ):
                 r.lane = 0
                 self._admitted[r.tier] = self._admitted.get(r.tier, 0.0) + 1
             else:
-                r.lane = 1
-            inst = cands[next(self._rr) % len(cands)] if r.lane == 1 else min(cands, key=lambda i: i.load)
+                r.lane = 2
+            inst = cands[next(self._rr) % len(cands)] if r.lane == 2 else min(cands, key=lambda i: i.load)
         else:
             r.lane = tier.priority if self.preset.queue_order == "priority" else 0
             inst = min(cands, key=lambda i: i.load)
@@ -322,19 +323,7 @@ class Simulator:
             self._mean_ctx = sum(r.prompt + r.output / 2 for r in window) / len(window)
             self._seat_caps.clear()
         if self.preset.queue_order == "slo" and demands:
-            self._caps = {}
-            for a in self.plan.assignments:
-                d = demands.get(a.tier)
-                if d is not None:
-                    cap = slo_safe_capacity(self.perf, a.tp, d)
-                    rate = (
-                        cap.mixed_rps
-                        if a.role == "mixed"
-                        else cap.prefill_rps
-                        if a.role == "prefill"
-                        else 0.0
-                    )
-                    self._caps[a.tier] = self._caps.get(a.tier, 0.0) + rate
+            self._caps = admission_caps(self.perf, self.plan.assignments, demands)
         if self.preset.dynamic and demands:
             proposed = choose_plan(self.pool, self.perf, demands)
             current = predicted_goodput(self.perf, self.plan.assignments, demands)
