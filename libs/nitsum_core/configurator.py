@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Literal, NamedTuple
 
@@ -141,20 +141,34 @@ def plan_goodput(
 SHARED = "*"  # an instance serving every tier (the SLO-ordered queues sort them out inside it)
 
 
+def shared_caps(perf: PerfModel, tp: int, demands: dict[str, TierDemand]) -> dict[str, float]:
+    """Each tier's SLO-safe mixed rate on a TP-``tp`` instance that serves every tier.
+
+    A shared instance runs at the strictest TPOT target among the tiers it serves (its seat cap
+    and prefill chunks are sized for it), so every tier's capacity there is computed with that
+    target and the tier's own TTFT target and lengths.
+    """
+    strict = min(d.tier.tpot_s for d in demands.values())
+    return {
+        name: slo_safe_capacity(perf, tp, replace(d, tier=replace(d.tier, tpot_s=strict))).mixed_rps
+        for name, d in demands.items()
+    }
+
+
 def shared_goodput(perf: PerfModel, tps: Sequence[int], demands: dict[str, TierDemand]) -> float:
     """Predicted goodput of shared instances (every tier on every instance) of the given degrees.
 
-    Each request of tier t costs 1 / cap_t instance-seconds on a TP-k instance (cap_t: that tier's
-    SLO-safe mixed rate there, with its own targets -- the same numbers the per-tier cut uses, so
-    the two kinds of plan are compared on one scale). A tier no instance can serve within its SLO
-    contributes nothing and is not charged.
+    Each request of tier t costs 1 / cap_t instance-seconds on a TP-k instance (cap_t from
+    ``shared_caps``: the tier's SLO-safe mixed rate under the strictest TPOT the instance runs at).
+    A tier no instance can serve within its SLO contributes nothing and is not charged.
     """
     total = 0.0
     for tp in tps:
         cost = 0.0  # instance-seconds per second of arrivals, for the tiers this degree can serve
         served = 0.0
-        for d in demands.values():
-            cap = slo_safe_capacity(perf, tp, d).mixed_rps
+        caps = shared_caps(perf, tp, demands)
+        for name, d in demands.items():
+            cap = caps[name]
             if cap > 0:
                 cost += d.arrival_rps / cap
                 served += d.arrival_rps
@@ -215,7 +229,7 @@ def admission_caps(
         rate = cap.mixed_rps if a.role == "mixed" else cap.prefill_rps if a.role == "prefill" else 0.0
         caps[a.tier] = caps.get(a.tier, 0.0) + rate
     for tp, n in shared.items():
-        per_tier = {name: slo_safe_capacity(perf, tp, d).mixed_rps for name, d in demands.items()}
+        per_tier = shared_caps(perf, tp, demands)
         left = float(n)  # instance-seconds per second
         for name in sorted(per_tier, key=lambda t: -per_tier[t]):
             cap = per_tier[name]
@@ -394,6 +408,12 @@ def exhaustive(
     return best
 
 
-def should_switch(current_rps: float, proposed_rps: float, switch_pause_s: float, window_s: float) -> bool:
-    """Hysteresis: switch only if the window's extra goodput beats what the pause costs."""
+def should_switch(
+    current_rps: float, proposed_rps: float, switch_pause_s: float, window_s: float, margin: float = 0.1
+) -> bool:
+    """Hysteresis: switch only for a clear predicted gain (``margin``: window-to-window demand
+    estimates are noisy, and flapping between near-equal plans only pays pauses) that also
+    beats what the pause costs."""
+    if proposed_rps <= current_rps * (1.0 + margin):
+        return False
     return (proposed_rps - current_rps) * window_s > current_rps * switch_pause_s

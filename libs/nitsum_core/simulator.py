@@ -119,6 +119,7 @@ class Simulator:
         self.switches = 0
         self.timeline: list[tuple[float, str, float]] = []
         self._window_arrivals: list[SimRequest] = []
+        self._recent: deque[list[SimRequest]] = deque(maxlen=3)
         self._window_finished: dict[str, int] = {}
         self._rr = itertools.count()
         self._admitted: dict[str, float] = {}
@@ -299,9 +300,9 @@ class Simulator:
         self._kick(inst)
 
     # ---- control windows -------------------------------------------------------------------------
-    def _demands(self, window: list[SimRequest]) -> dict[str, TierDemand]:
+    def _demands(self, window: list[SimRequest], spans: int = 1) -> dict[str, TierDemand]:
         out = {}
-        w = self.preset.window_s
+        w = self.preset.window_s * spans
         for name, tier in self.tiers.items():
             rs = [r for r in window if r.tier == name]
             if not rs:
@@ -311,13 +312,16 @@ class Simulator:
                 arrival_rps=len(rs) / w,
                 mean_prompt=sum(r.prompt for r in rs) / len(rs),
                 mean_output=sum(r.output for r in rs) / len(rs),
-                served_rps=self._window_finished.get(name, 0) / w,
+                served_rps=self._window_finished.get(name, 0) / self.preset.window_s,
             )
         return out
 
     def _window(self, _: object) -> None:
         window, self._window_arrivals = self._window_arrivals, []
-        demands = self._demands(window)
+        # Demand over the last few windows: one second of a bursty trace is a noisy estimate, and
+        # the controller should follow the load, not its noise.
+        self._recent.append(window)
+        demands = self._demands([r for w in self._recent for r in w], len(self._recent))
         self._admitted.clear()
         if window:
             self._mean_ctx = sum(r.prompt + r.output / 2 for r in window) / len(window)
