@@ -124,6 +124,10 @@ class Simulator:
         self._rr = itertools.count()
         self._admitted: dict[str, float] = {}
         self._caps: dict[str, float] = {}
+        # Feedback on the admission budgets (AIMD): the model's capacities are estimates, so when
+        # feasible requests start missing their TTFT target the budgets shrink until they don't.
+        self._admit_scale = 1.0
+        self._feasible_hits = [0, 0]  # feasible-lane first tokens this window: [within TTFT, all]
         self._seat_caps: dict[tuple[int, float], int] = {}
         self._mean_ctx = 1000.0  # KV tokens per decoding sequence, re-estimated every window
         self.min_chunk = min_chunk
@@ -253,7 +257,11 @@ class Simulator:
             if r.prefilled < r.prompt:
                 continue
             inst.prefilling.remove(r)
-            r.first_token = r.first_token if r.first_token is not None else self.now
+            if r.first_token is None:
+                r.first_token = self.now
+                if r.lane == 0:
+                    self._feasible_hits[1] += 1
+                    self._feasible_hits[0] += self.now - r.arrival <= self.tiers[r.tier].ttft_s
             if r.output <= 1:
                 inst.kv_used -= r.prompt + r.output
                 r.finish = self.now
@@ -327,7 +335,14 @@ class Simulator:
             self._mean_ctx = sum(r.prompt + r.output / 2 for r in window) / len(window)
             self._seat_caps.clear()
         if self.preset.queue_order == "slo" and demands:
-            self._caps = admission_caps(self.perf, self.plan.assignments, demands)
+            hits, seen = self._feasible_hits
+            if seen >= 10 and hits < 0.9 * seen:
+                self._admit_scale = max(0.05, self._admit_scale * 0.8)
+            elif seen:
+                self._admit_scale = min(1.0, self._admit_scale + 0.05)
+            self._feasible_hits = [0, 0]
+            caps = admission_caps(self.perf, self.plan.assignments, demands)
+            self._caps = {t: c * self._admit_scale for t, c in caps.items()}
         if self.preset.dynamic and demands:
             proposed = choose_plan(self.pool, self.perf, demands)
             current = predicted_goodput(self.perf, self.plan.assignments, demands)
