@@ -171,3 +171,15 @@ def test_nitsum_profile_on_the_real_engine_writes_coefficients(tiny_llama_dir, t
     # The fit is never worse than the unit coefficients it starts from.
     assert report["median_abs_error"] <= report["median_abs_error_unfitted"]
     assert coef.overhead_s > 0
+
+
+def test_greedy_never_proposes_a_degree_the_model_does_not_fit() -> None:
+    # Llama-3.1-70B (~141 GB in bf16) does not fit one H200: every instance must be TP >= 2.
+    perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"])
+    demands = {
+        "interactive": TierDemand(Tier("interactive", 0.3, 0.05, 0), 5.0, 1000, 200),
+        "agent": TierDemand(Tier("agent", 1.0, 0.05, 1), 0.1, 2000, 30),
+    }
+    plan = greedy(8, perf, demands)
+    assert plan.assignments and all(a.tp >= 2 for a in plan.assignments)
+    assert sum(a.tp for a in plan.assignments) == 8

@@ -342,12 +342,14 @@ def _greedy_pass(
         buddy.take(a.start, a.tp)
         need_p[a.tier] -= got_p
         need_d[a.tier] -= got_d
-    # Idle slots serve the most demanded tier as TP-1 mixed instances (capacity is never wasted).
-    if demands:
+    # Idle slots serve the most demanded tier as mixed instances of the smallest degree this pass
+    # allows (capacity is never wasted; a model too big for one GPU never gets a TP-1 instance).
+    if demands and tps:
         busiest = max(demands.values(), key=lambda d: d.arrival_rps * d.starvation).tier.name
-        while (start := buddy.find(1)) is not None:
-            chosen.append(Assignment(start, 1, "mixed", busiest))
-            buddy.take(start, 1)
+        smallest = min(tps)
+        while (start := buddy.find(smallest)) is not None:
+            chosen.append(Assignment(start, smallest, "mixed", busiest))
+            buddy.take(start, smallest)
     return Plan(sorted(chosen, key=lambda a: a.start), plan_goodput(chosen, caps, demands))
 
 
