@@ -129,6 +129,11 @@ def test_aligned_partitions_and_hysteresis() -> None:
     assert should_switch(10.0, 12.0, switch_pause_s=0.05, window_s=1.0)
     assert not should_switch(10.0, 10.2, switch_pause_s=0.05, window_s=1.0)
     assert not should_switch(10.0, 12.0, switch_pause_s=30.0, window_s=1.0)  # reload-speed switching
+    assert not should_switch(10.0, 10.5, switch_pause_s=0.05, window_s=1.0)  # within the 10 % margin
+    # Experience overrules the model: a plan family that did worse when it ran is not re-chosen.
+    assert not should_switch(10.0, 20.0, 0.05, 1.0, observed_current=0.8, observed_proposed=0.5)
+    assert should_switch(10.0, 20.0, 0.05, 1.0, observed_current=0.5, observed_proposed=0.8)
+    assert should_switch(10.0, 20.0, 0.05, 1.0, observed_current=0.8, observed_proposed=None)
 
 
 def test_greedy_decision_time_at_128_gpus() -> None:
@@ -183,3 +188,12 @@ def test_greedy_never_proposes_a_degree_the_model_does_not_fit() -> None:
     plan = greedy(8, perf, demands)
     assert plan.assignments and all(a.tp >= 2 for a in plan.assignments)
     assert sum(a.tp for a in plan.assignments) == 8
+
+
+def test_plan_families_group_shared_degrees_and_per_tier_cuts() -> None:
+    from nitsum_core.configurator import SHARED, Assignment, plan_family
+
+    assert plan_family([Assignment(0, 2, "mixed", SHARED), Assignment(2, 2, "mixed", SHARED)]) == "shared-tp2"
+    assert (
+        plan_family([Assignment(0, 1, "prefill", "agent"), Assignment(1, 1, "decode", "agent")]) == "per-tier"
+    )

@@ -242,6 +242,17 @@ def admission_caps(
     return caps
 
 
+def plan_family(assignments: Sequence[Assignment]) -> str:
+    """A coarse name for what kind of plan this is, for learning from how such plans did.
+
+    Per-tier cuts change shape with every window's demand, so experience is kept per family:
+    each uniform shared degree, and the per-tier cut as one.
+    """
+    if assignments and all(a.tier == SHARED for a in assignments):
+        return "shared-tp" + "-".join(str(t) for t in sorted({a.tp for a in assignments}))
+    return "per-tier"
+
+
 def choose_plan(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) -> Plan:
     """The configurator's pick for one window: the per-tier greedy cut or a shared uniform cut.
 
@@ -411,11 +422,24 @@ def exhaustive(
 
 
 def should_switch(
-    current_rps: float, proposed_rps: float, switch_pause_s: float, window_s: float, margin: float = 0.1
+    current_rps: float,
+    proposed_rps: float,
+    switch_pause_s: float,
+    window_s: float,
+    margin: float = 0.1,
+    observed_current: float | None = None,
+    observed_proposed: float | None = None,
 ) -> bool:
     """Hysteresis: switch only for a clear predicted gain (``margin``: window-to-window demand
     estimates are noisy, and flapping between near-equal plans only pays pauses) that also
-    beats what the pause costs."""
+    beats what the pause costs -- unless experience says otherwise: when both plans have run
+    before, their observed SLO attainment (goodput per arrival) overrules the prediction."""
+    if (
+        observed_current is not None
+        and observed_proposed is not None
+        and observed_proposed <= observed_current
+    ):
+        return False
     if proposed_rps <= current_rps * (1.0 + margin):
         return False
     return (proposed_rps - current_rps) * window_s > current_rps * switch_pause_s

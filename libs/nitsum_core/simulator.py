@@ -24,6 +24,7 @@ from nitsum_core.configurator import (
     TierDemand,
     admission_caps,
     choose_plan,
+    plan_family,
     predicted_goodput,
     should_switch,
 )
@@ -120,6 +121,8 @@ class Simulator:
         self.timeline: list[tuple[float, str, float]] = []
         self._window_arrivals: list[SimRequest] = []
         self._recent: deque[list[SimRequest]] = deque(maxlen=3)
+        self._window_good = 0  # requests finished within both targets this window
+        self._observed: dict[str, float] = {}  # plan -> EWMA of goodput per arrival while it ran
         self._window_finished: dict[str, int] = {}
         self._rr = itertools.count()
         self._admitted: dict[str, float] = {}
@@ -288,6 +291,10 @@ class Simulator:
 
     def _done(self, r: SimRequest) -> None:
         self._window_finished[r.tier] = self._window_finished.get(r.tier, 0) + 1
+        if r.first_token is not None and r.finish is not None:
+            tier = self.tiers[r.tier]
+            tpot = (r.finish - r.first_token) / (r.output - 1) if r.output > 1 else 0.0
+            self._window_good += r.first_token - r.arrival <= tier.ttft_s and tpot <= tier.tpot_s
 
     def _handoff(self, r: SimRequest) -> None:
         targets = self._serving(r.tier, ("decode",)) or self._serving(r.tier, ("mixed",))
@@ -329,6 +336,11 @@ class Simulator:
         # Demand over the last few windows: one second of a bursty trace is a noisy estimate, and
         # the controller should follow the load, not its noise.
         self._recent.append(window)
+        if window:
+            key, seen = plan_family(self.plan.assignments), self._window_good / len(window)
+            prev = self._observed.get(key)
+            self._observed[key] = seen if prev is None else 0.7 * prev + 0.3 * seen
+        self._window_good = 0
         demands = self._demands([r for w in self._recent for r in w], len(self._recent))
         self._admitted.clear()
         if window:
@@ -348,7 +360,12 @@ class Simulator:
             current = predicted_goodput(self.perf, self.plan.assignments, demands)
             pause = self._switch_cost(proposed)
             if proposed.assignments != self.plan.assignments and should_switch(
-                current, proposed.predicted_goodput_rps, pause, self.preset.window_s
+                current,
+                proposed.predicted_goodput_rps,
+                pause,
+                self.preset.window_s,
+                observed_current=self._observed.get(plan_family(self.plan.assignments)),
+                observed_proposed=self._observed.get(plan_family(proposed.assignments)),
             ):
                 self._reconfigure(proposed, pause)
         self._window_finished.clear()
