@@ -197,3 +197,17 @@ def test_plan_families_group_shared_degrees_and_per_tier_cuts() -> None:
     assert (
         plan_family([Assignment(0, 1, "prefill", "agent"), Assignment(1, 1, "decode", "agent")]) == "per-tier"
     )
+
+
+def test_inlined_step_time_equals_the_roofline_terms() -> None:
+    rng = random.Random(3)
+    for name, hw in (("llama-3.1-8b", "h100-sxm"), ("llama-3.1-70b", "h200"), ("smollm2-135m", "cpu")):
+        pm = PerfModel(model_spec(name), HARDWARE[hw], Coefficients(1.3, 0.7, 2.0, 1.1, 1e-3))
+        for _ in range(200):
+            args = (
+                rng.choice([1, 2, 4, 8]),
+                rng.randint(0, 4096),
+                rng.randint(0, 256),
+                rng.randint(0, 10**6),
+            )
+            assert pm.step_time(*args) == pytest.approx(pm.terms(*args).total_s, rel=1e-12)

@@ -121,6 +121,8 @@ class Simulator:
         self.timeline: list[tuple[float, str, float]] = []
         self._window_arrivals: list[SimRequest] = []
         self._recent: deque[list[SimRequest]] = deque(maxlen=3)
+        self._chunk_cache: dict[tuple[int, int, int, float], int] = {}
+        self._strictest_tpot = min(t.tpot_s for t in tiers.values())
         self._window_good = 0  # requests finished within both targets this window
         self._observed: dict[str, float] = {}  # plan -> EWMA of goodput per arrival while it ran
         self._window_finished: dict[str, int] = {}
@@ -217,7 +219,7 @@ class Simulator:
 
     def _tpot_target(self, inst: SimInstance) -> float:
         if inst.a.tier == "*":
-            return min(t.tpot_s for t in self.tiers.values())
+            return self._strictest_tpot
         return self.tiers[inst.a.tier].tpot_s
 
     def _seat_cap(self, inst: SimInstance, tpot: float) -> int:
@@ -237,14 +239,21 @@ class Simulator:
         return cap
 
     def _chunk_within(self, inst: SimInstance, decode: int, tpot: float) -> int:
-        lo, hi = 0, self.chunk_tokens
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.perf.step_time(inst.a.tp, mid, decode, inst.ctx_tokens) <= tpot:
-                lo = mid
-            else:
-                hi = mid - 1
-        return max(lo, self.min_chunk)
+        # Memoised on the context rounded *up* to 256 tokens (a slightly conservative chunk):
+        # this binary search runs every step and was most of the simulator's time.
+        ctx = -(-inst.ctx_tokens // 256) * 256
+        key = (inst.a.tp, decode, ctx, tpot)
+        chunk = self._chunk_cache.get(key)
+        if chunk is None:
+            lo, hi = 0, self.chunk_tokens
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.perf.step_time(inst.a.tp, mid, decode, ctx) <= tpot:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            chunk = self._chunk_cache[key] = max(lo, self.min_chunk)
+        return chunk
 
     def _step_done(self, inst: SimInstance, chunk: list[tuple[SimRequest, int]]) -> None:
         if inst.retired:  # a step of an instance replaced by a reconfiguration
