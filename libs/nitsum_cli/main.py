@@ -280,11 +280,14 @@ def _print_status(status, topo=None, services=None) -> None:  # noqa: ANN001
                 f"  instance {inst.instance_id}: slots {inst.slots} (TP {len(inst.slots)}), {inst.role}, {tiers}"
             )
     print(
-        f"  {'slot':>4} {'alive':>5} {'running':>7} {'waiting':>7} {'in-flight':>9} {'KV free':>12} {'seen':>6}"
+        f"  {'slot':>4} {'alive':>5} {'TP.rank':>7} {'running':>7} {'waiting':>7} {'in-flight':>9} {'KV free':>12} "
+        f"{'seen':>6} {'pool':>5}"
     )
     for w in status.workers:
-        print(f"  {w.slot:>4} {'yes' if w.alive else 'NO':>5} {w.running:>7} {w.waiting:>7} {w.in_flight:>9} "
-              f"{w.free_blocks:>5}/{w.total_blocks:<6} {w.last_seen_s:>5.1f}s")  # fmt: skip
+        role = f"{w.tp}.{w.rank}"
+        print(f"  {w.slot:>4} {'yes' if w.alive else 'NO':>5} {role:>7} {w.running:>7} {w.waiting:>7} "
+              f"{w.in_flight:>9} {w.free_blocks:>5}/{w.total_blocks:<6} {w.last_seen_s:>5.1f}s "
+              f"{'yes' if w.pool_joined else '-':>5}")  # fmt: skip
     print("  queue depth by tier: " + ", ".join(f"{k}={v}" for k, v in status.in_flight_by_tier.items()))
     if services:
         print("  services: " + ", ".join(f"{n}×{c}" for n, c in sorted(services.items())))
