@@ -163,18 +163,15 @@ def shared_goodput(perf: PerfModel, tps: Sequence[int], demands: dict[str, TierD
     A tier no instance can serve within its SLO contributes nothing and is not charged.
     """
     total = 0.0
-    for tp in tps:
-        cost = 0.0  # instance-seconds per second of arrivals, for the tiers this degree can serve
-        served = 0.0
+    count = {tp: list(tps).count(tp) for tp in set(tps)}
+    for tp, n in count.items():
         caps = shared_caps(perf, tp, demands)
-        for name, d in demands.items():
-            cap = caps[name]
-            if cap > 0:
-                cost += d.arrival_rps / cap
-                served += d.arrival_rps
+        # Instance-seconds per second of arrivals, over the tiers this degree can serve.
+        cost = sum(d.arrival_rps / caps[name] for name, d in demands.items() if caps[name] > 0)
+        served = sum(d.arrival_rps for name, d in demands.items() if caps[name] > 0)
         if cost > 0:
-            # One instance's worth of capacity: the fraction of the feasible arrivals it can take.
-            total += served * min(1.0 / len(tps), 1.0 / cost)
+            # These n instances' worth of capacity: their share of the feasible arrivals.
+            total += served * min(n / len(tps), n / cost)
     return total
 
 

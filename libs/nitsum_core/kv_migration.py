@@ -64,17 +64,34 @@ def send_units(
     chunk: int = 64,
 ) -> int:
     """Send the source side of ``moves`` to rank ``dst``; return the bytes sent."""
+    return send_unit_list(
+        kv, block_size, [m.src_block for m in moves], [m.src_head for m in moves], dst, group, chunk
+    )
+
+
+def send_unit_list(
+    kv: torch.Tensor,
+    block_size: int,
+    blocks: list[int],
+    heads: list[int],
+    dst: int,
+    group: dist.ProcessGroup | None = None,
+    chunk: int = 64,
+) -> int:
+    """Send units (blocks[i], heads[i]) to rank ``dst`` in ``chunk``-unit messages; return the bytes.
+
+    Two staging buffers alternate, so the next chunk is gathered while the previous one is on the
+    wire. The receiver must post matching receives (same chunking) or this blocks.
+    """
     bufs = [torch.empty(chunk, *unit_shape(kv, block_size), dtype=kv.dtype) for _ in range(2)]
     pending: list[dist.Work | None] = [None, None]
     sent = 0
-    for i, start in enumerate(range(0, len(moves), chunk)):
-        part = moves[start : start + chunk]
+    for i, start in enumerate(range(0, len(blocks), chunk)):
         slot = i % 2
         if pending[slot] is not None:
             pending[slot].wait()  # the buffer we are about to refill is off the wire
-        staged = gather_units(
-            kv, block_size, [m.src_block for m in part], [m.src_head for m in part], bufs[slot]
-        )
+        part = slice(start, start + chunk)
+        staged = gather_units(kv, block_size, blocks[part], heads[part], bufs[slot])
         pending[slot] = dist.isend(staged.contiguous(), dst, group=group)
         sent += staged.numel() * staged.element_size()
     for work in pending:

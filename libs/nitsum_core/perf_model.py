@@ -132,17 +132,12 @@ class PerfModel:
         self.kv_bytes_per_token = s.num_layers * 2 * s.num_kv_heads * s.head_dim * b
         self.flops_per_token = 2 * (s.num_layers * layer_params(s) + s.vocab_size * s.hidden_size)
 
-    def terms(
-        self, tp: int, prefill_tokens: int = 0, decode_seqs: int = 0, context_tokens: int = 0
-    ) -> StepTerms:
-        """Roofline terms of one step: ``prefill_tokens`` new prompt tokens plus ``decode_seqs``
-        decoding sequences whose KV totals ``context_tokens`` tokens."""
-        if tp < 1:
-            raise ValueError("tp must be >= 1")
+    def _parts(
+        self, tp: int, prefill_tokens: int, decode_seqs: int, context_tokens: int
+    ) -> tuple[float, float, float]:
+        """(memory, compute, comm) seconds of one step; ``tokens`` > 0, ``tp`` >= 1."""
         s, hw, c = self.model, self.hw, self.coef
         tokens = prefill_tokens + decode_seqs
-        if tokens == 0:
-            return StepTerms(0.0, 0.0, 0.0, 0.0)
         kv_read = context_tokens * self.kv_bytes_per_token
         memory = (self.weight_bytes * c.c_weight + kv_read * c.c_kv) / tp / hw.mem_bw
         # Attention scores and values: 4 * heads * head_dim FLOPs per (query, key) pair per layer;
@@ -155,35 +150,28 @@ class PerfModel:
             # Ring all-reduce of the activations: 2 (k-1)/k of the bytes cross each link.
             ring_bytes = 2 * (tp - 1) / tp * tokens * s.hidden_size * hw.dtype_bytes
             comm = 2 * s.num_layers * (hw.link_latency * (tp - 1) + ring_bytes / hw.link_bw) * c.c_comm
-        return StepTerms(memory, compute, comm, c.overhead_s)
+        return memory, compute, comm
+
+    def terms(
+        self, tp: int, prefill_tokens: int = 0, decode_seqs: int = 0, context_tokens: int = 0
+    ) -> StepTerms:
+        """Roofline terms of one step: ``prefill_tokens`` new prompt tokens plus ``decode_seqs``
+        decoding sequences whose KV totals ``context_tokens`` tokens."""
+        if tp < 1:
+            raise ValueError("tp must be >= 1")
+        if prefill_tokens + decode_seqs == 0:
+            return StepTerms(0.0, 0.0, 0.0, 0.0)
+        memory, compute, comm = self._parts(tp, prefill_tokens, decode_seqs, context_tokens)
+        return StepTerms(memory, compute, comm, self.coef.overhead_s)
 
     def step_time(
         self, tp: int, prefill_tokens: int = 0, decode_seqs: int = 0, context_tokens: int = 0
     ) -> float:
-        """``terms(...).total_s`` without building the dataclass: the simulator calls this every
-        simulated step, so it is the same arithmetic inlined (checked equal in the tests)."""
-        tokens = prefill_tokens + decode_seqs
-        if tokens == 0 or tp < 1:
+        """``terms(...).total_s`` without building the dataclass (the simulator calls this every step)."""
+        if tp < 1 or prefill_tokens + decode_seqs == 0:
             return self.terms(tp, prefill_tokens, decode_seqs, context_tokens).total_s
-        s, hw, c = self.model, self.hw, self.coef
-        memory = (
-            (self.weight_bytes * c.c_weight + context_tokens * self.kv_bytes_per_token * c.c_kv)
-            / tp
-            / hw.mem_bw
-        )
-        attn_flops = (
-            4
-            * s.num_layers
-            * s.num_heads
-            * s.head_dim
-            * (context_tokens + prefill_tokens * prefill_tokens / 2)
-        )
-        compute = (self.flops_per_token * tokens + attn_flops) * c.c_flops / tp / hw.peak_flops
-        comm = 0.0
-        if tp > 1:
-            ring_bytes = 2 * (tp - 1) / tp * tokens * s.hidden_size * hw.dtype_bytes
-            comm = 2 * s.num_layers * (hw.link_latency * (tp - 1) + ring_bytes / hw.link_bw) * c.c_comm
-        return (memory if memory > compute else compute) + comm + c.overhead_s
+        memory, compute, comm = self._parts(tp, prefill_tokens, decode_seqs, context_tokens)
+        return (memory if memory > compute else compute) + comm + self.coef.overhead_s
 
     def kv_capacity_tokens(self, tp: int, memory_fraction: float = 0.9) -> int:
         """KV tokens an instance of TP ``tp`` holds after the weights (0 if the weights don't fit)."""

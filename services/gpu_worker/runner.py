@@ -26,7 +26,7 @@ from nitsum_core import messages as m
 from nitsum_core import reconfig
 from nitsum_core.engine import Engine, EngineConfig, ExportedRequest, RequestParams, StepOutput
 from nitsum_core.errors import ReconfigFailed
-from nitsum_core.kv_migration import gather_units, scatter_units
+from nitsum_core.kv_migration import gather_units, scatter_units, send_unit_list
 from nitsum_core.model import LlamaModel, ModelShard
 from nitsum_core.tp import IDLE, PeerLost, attach, broadcast_step, follower_loop, leader_hook
 
@@ -410,32 +410,22 @@ class SlotRunner:
                 for start in range(0, len(units.blocks), CHUNK_UNITS):
                     recv_works.append(dist.irecv(buf[start : start + CHUNK_UNITS], t.src_slot))
                 self.staged.append((t, buf))
-        # 2. Gather and send; two staging buffers alternate so gathering overlaps the wire.
+        # 2. Gather and send (double-buffered, kv_migration); local units are copied into staging.
         sent = 0
-        bufs = [torch.empty(CHUNK_UNITS, *shape) for _ in range(2)]
-        pending: list[dist.Work | None] = [None, None]
-        turn = 0
-        for t in msg.plan.transfers:
-            if t.src_slot != self.slot:
-                continue
-            assert old_inst is not None
-            units = reconfig.transfer_units(t, old_tables[t.request_id], old_inst, self.slot, h, bs)
-            if t.dst_slot == self.slot:  # stays on this slot but moves to its new place: local copy
-                self.staged.append((t, gather_units(old_kv, bs, units.blocks, units.heads)))
-                continue
-            for start in range(0, len(units.blocks), CHUNK_UNITS):
-                slot = turn % 2
-                turn += 1
-                if pending[slot] is not None:
-                    pending[slot].wait()
-                part = slice(start, start + CHUNK_UNITS)
-                staged = gather_units(old_kv, bs, units.blocks[part], units.heads[part], bufs[slot])
-                pending[slot] = dist.isend(staged, t.dst_slot)
-                sent += staged.numel() * staged.element_size()
         try:
-            for work in [*pending, *recv_works]:
-                if work is not None:
-                    work.wait()
+            for t in msg.plan.transfers:
+                if t.src_slot != self.slot:
+                    continue
+                assert old_inst is not None
+                units = reconfig.transfer_units(t, old_tables[t.request_id], old_inst, self.slot, h, bs)
+                if t.dst_slot == self.slot:  # stays on this slot but moves to its new place
+                    self.staged.append((t, gather_units(old_kv, bs, units.blocks, units.heads)))
+                else:
+                    sent += send_unit_list(
+                        old_kv, bs, units.blocks, units.heads, t.dst_slot, chunk=CHUNK_UNITS
+                    )
+            for work in recv_works:
+                work.wait()
         except (RuntimeError, dist.DistBackendError) as exc:
             raise PeerLost(f"KV migration to/from a peer failed: {str(exc).splitlines()[0]}") from exc
         received = sum(buf.numel() * buf.element_size() for t, buf in self.staged if t.src_slot != self.slot)
