@@ -198,6 +198,9 @@ class Router:
         w.in_flight.clear()
         self.log.warning("worker lost", slot=w.slot, why=why, in_flight=len(lost))
         for f in lost:
+            # Best effort: a worker declared dead may only be slow (a loaded host). Abort the old
+            # copy so it stops generating tokens nobody reads and accepts the request id again.
+            await self._abort_on_worker(f)
             f.slot = None
             if f.reroutes >= self.config.max_reroutes:
                 await self._fail(
