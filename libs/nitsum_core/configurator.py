@@ -250,14 +250,20 @@ def plan_family(assignments: Sequence[Assignment]) -> str:
     return "per-tier"
 
 
-def choose_plan(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) -> Plan:
+def choose_plan(
+    pool: int,
+    perf: PerfModel,
+    demands: dict[str, TierDemand],
+    roles: Sequence[Role] = ("mixed", "prefill", "decode"),
+) -> Plan:
     """The configurator's pick for one window: the per-tier greedy cut or a shared uniform cut.
 
     Per-tier cuts isolate tiers (a tight-TPOT tier gets its own high-TP instances); shared cuts
     pool the capacity (no GPU idles while another tier queues). The higher predicted goodput wins;
-    on a tie the shared cut, which needs fewer switches as the mix drifts.
+    on a tie the shared cut, which needs fewer switches as the mix drifts. ``roles`` limits the
+    per-tier cut (the real services serve mixed instances only until P/D hand-off is built).
     """
-    candidates = [*shared_plans(pool, perf, demands), greedy(pool, perf, demands)]
+    candidates = [*shared_plans(pool, perf, demands), greedy(pool, perf, demands, roles=roles)]
     return max(candidates, key=lambda p: p.predicted_goodput_rps)
 
 

@@ -18,18 +18,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import (
-    Assignment,
-    Plan,
-    TierDemand,
-    admission_caps,
-    choose_plan,
-    plan_family,
-    predicted_goodput,
-    should_switch,
-)
+from nitsum_core.configurator import Assignment, Plan
+from nitsum_core.control_loop import ControlLoop
 from nitsum_core.goodput import RequestRecord
 from nitsum_core.perf_model import PerfModel
+from nitsum_core.routing import Candidate, LanePolicy
 from nitsum_core.workload import TraceRequest
 
 QueueOrder = Literal["fcfs", "priority", "slo"]
@@ -119,20 +112,12 @@ class Simulator:
         self.rejected = 0
         self.switches = 0
         self.timeline: list[tuple[float, str, float]] = []
-        self._window_arrivals: list[SimRequest] = []
-        self._recent: deque[list[SimRequest]] = deque(maxlen=3)
         self._chunk_cache: dict[tuple[int, int, int, float], int] = {}
         self._strictest_tpot = min(t.tpot_s for t in tiers.values())
-        self._window_good = 0  # requests finished within both targets this window
-        self._observed: dict[str, float] = {}  # plan -> EWMA of goodput per arrival while it ran
-        self._window_finished: dict[str, int] = {}
-        self._rr = itertools.count()
-        self._admitted: dict[str, float] = {}
-        self._caps: dict[str, float] = {}
-        # Feedback on the admission budgets (AIMD): the model's capacities are estimates, so when
-        # feasible requests start missing their TTFT target the budgets shrink until they don't.
-        self._admit_scale = 1.0
-        self._feasible_hits = [0, 0]  # feasible-lane first tokens this window: [within TTFT, all]
+        # The router's lane policy and the controller's window loop: the same objects the services
+        # run (routing.LanePolicy, control_loop.ControlLoop), driven by simulated time.
+        self.lanes = LanePolicy(tiers, preset.window_s)
+        self.control: ControlLoop | None = None  # built with the initial plan in run()
         self._seat_caps: dict[tuple[int, float], int] = {}
         self._mean_ctx = 1000.0  # KV tokens per decoding sequence, re-estimated every window
         self.min_chunk = min_chunk
@@ -156,19 +141,11 @@ class Simulator:
             return
         tier = self.tiers[r.tier]
         if self.preset.queue_order == "slo":
-            # Lanes: 0 feasible (the tier's admitted rate this window fits its SLO-safe budget),
-            # 1 background (the lowest-priority tier, whose loose TTFT survives queueing),
-            # 2 best-effort (over budget: predicted to miss, so it must not delay the others).
-            if tier.priority == max(t.priority for t in self.tiers.values()) and len(self.tiers) > 1:
-                r.lane = 1
-            elif (
-                self._admitted.get(r.tier, 0.0) < self._caps.get(r.tier, float("inf")) * self.preset.window_s
-            ):
-                r.lane = 0
-                self._admitted[r.tier] = self._admitted.get(r.tier, 0.0) + 1
-            else:
-                r.lane = 2
-            inst = cands[next(self._rr) % len(cands)] if r.lane == 2 else min(cands, key=lambda i: i.load)
+            lane = self.lanes.classify(r.tier)
+            r.lane = int(lane)
+            by_start = {i.a.start: i for i in cands}
+            slot = self.lanes.pick([Candidate(i.a.start, i.load) for i in cands], lane)
+            inst = by_start[slot]  # type: ignore[index]
         else:
             r.lane = tier.priority if self.preset.queue_order == "priority" else 0
             inst = min(cands, key=lambda i: i.load)
@@ -271,9 +248,7 @@ class Simulator:
             inst.prefilling.remove(r)
             if r.first_token is None:
                 r.first_token = self.now
-                if r.lane == 0:
-                    self._feasible_hits[1] += 1
-                    self._feasible_hits[0] += self.now - r.arrival <= self.tiers[r.tier].ttft_s
+                self.lanes.first_token(r.lane, self.now - r.arrival <= self.tiers[r.tier].ttft_s)
             if r.output <= 1:
                 inst.kv_used -= r.prompt + r.output
                 r.finish = self.now
@@ -299,11 +274,13 @@ class Simulator:
         self._done(r)
 
     def _done(self, r: SimRequest) -> None:
-        self._window_finished[r.tier] = self._window_finished.get(r.tier, 0) + 1
+        good = False
         if r.first_token is not None and r.finish is not None:
             tier = self.tiers[r.tier]
             tpot = (r.finish - r.first_token) / (r.output - 1) if r.output > 1 else 0.0
-            self._window_good += r.first_token - r.arrival <= tier.ttft_s and tpot <= tier.tpot_s
+            good = r.first_token - r.arrival <= tier.ttft_s and tpot <= tier.tpot_s
+        assert self.control is not None
+        self.control.finished(r.tier, good)
 
     def _handoff(self, r: SimRequest) -> None:
         targets = self._serving(r.tier, ("decode",)) or self._serving(r.tier, ("mixed",))
@@ -324,60 +301,19 @@ class Simulator:
         self._kick(inst)
 
     # ---- control windows -------------------------------------------------------------------------
-    def _demands(self, window: list[SimRequest], spans: int = 1) -> dict[str, TierDemand]:
-        out = {}
-        w = self.preset.window_s * spans
-        for name, tier in self.tiers.items():
-            rs = [r for r in window if r.tier == name]
-            if not rs:
-                continue
-            out[name] = TierDemand(
-                tier,
-                arrival_rps=len(rs) / w,
-                mean_prompt=sum(r.prompt for r in rs) / len(rs),
-                mean_output=sum(r.output for r in rs) / len(rs),
-                served_rps=self._window_finished.get(name, 0) / self.preset.window_s,
-            )
-        return out
-
     def _window(self, _: object) -> None:
-        window, self._window_arrivals = self._window_arrivals, []
-        # Demand over the last few windows: one second of a bursty trace is a noisy estimate, and
-        # the controller should follow the load, not its noise.
-        self._recent.append(window)
-        if window:
-            key, seen = plan_family(self.plan.assignments), self._window_good / len(window)
-            prev = self._observed.get(key)
-            self._observed[key] = seen if prev is None else 0.7 * prev + 0.3 * seen
-        self._window_good = 0
-        demands = self._demands([r for w in self._recent for r in w], len(self._recent))
-        self._admitted.clear()
+        control = self.control
+        assert control is not None
+        window = control.arrivals
         if window:
             self._mean_ctx = sum(r.prompt + r.output / 2 for r in window) / len(window)
             self._seat_caps.clear()
-        if self.preset.queue_order == "slo" and demands:
-            hits, seen = self._feasible_hits
-            if seen >= 10 and hits < 0.9 * seen:
-                self._admit_scale = max(0.05, self._admit_scale * 0.8)
-            elif seen:
-                self._admit_scale = min(1.0, self._admit_scale + 0.05)
-            self._feasible_hits = [0, 0]
-            caps = admission_caps(self.perf, self.plan.assignments, demands)
-            self._caps = {t: c * self._admit_scale for t, c in caps.items()}
-        if self.preset.dynamic and demands:
-            proposed = choose_plan(self.pool, self.perf, demands)
-            current = predicted_goodput(self.perf, self.plan.assignments, demands)
-            pause = self._switch_cost(proposed)
-            if proposed.assignments != self.plan.assignments and should_switch(
-                current,
-                proposed.predicted_goodput_rps,
-                pause,
-                self.preset.window_s,
-                observed_current=self._observed.get(plan_family(self.plan.assignments)),
-                observed_proposed=self._observed.get(plan_family(proposed.assignments)),
-            ):
-                self._reconfigure(proposed, pause)
-        self._window_finished.clear()
+        decision = control.window(self._switch_cost)
+        if self.preset.queue_order == "slo":
+            self.lanes.new_window(decision.budgets)
+        if decision.switch_to is not None:
+            self._reconfigure(decision.switch_to, decision.pause_s)
+            control.plan = decision.switch_to
         self.timeline.append((self.now, self.plan.describe(), len(window) / self.preset.window_s))
         if self.events:
             self._push(self.now + self.preset.window_s, "window", None)
@@ -440,6 +376,9 @@ class Simulator:
         # Dynamic presets start from a uniform TP-1 cut serving every tier (what a deployment
         # boots with); the configurator re-cuts it from the first window on.
         self._build(self._initial_plan or Plan([Assignment(s, 1, "mixed", "*") for s in range(self.pool)]))
+        self.control = ControlLoop(
+            self.pool, self.perf, self.tiers, self.plan, self.preset.window_s, self.preset.dynamic
+        )
         reqs = [
             SimRequest(i, r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
             for i, r in enumerate(workload)
@@ -453,7 +392,7 @@ class Simulator:
         while self.events:
             self.now, _, kind, payload = heapq.heappop(self.events)
             if kind == "arrival":
-                self._window_arrivals.append(payload)
+                self.control.arrival(payload.tier, payload.prompt, payload.output)
                 self._route(payload)
             elif kind == "step":
                 self._step_done(*payload)
