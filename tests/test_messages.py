@@ -125,6 +125,11 @@ SAMPLES: list[msgspec.Struct] = [
     m.ControlAck(slot=0, ok=False, error=m.ErrorInfo("worker_lost", "peer gone"), bytes_sent=5, seconds=0.2),
     m.RouterHold(plan_id="p", hold=False, moved={"r": 0}),
     m.RouterHoldAck(router_id="rt", held=3),
+    m.TierWindowStats(prompt_tokens=[12, 40], output_tokens=[64, 64], finished=3, good=2),
+    m.RouterWindowStats(
+        router_id="rt", window_s=1.0, tiers={"interactive": m.TierWindowStats(prompt_tokens=[5], finished=1)}
+    ),
+    m.AdmissionBudgets(epoch=3, budgets={"interactive": 2.5}),
     m.ReconfigureRequest(tp=[2, 2], reason="test", timeout_s=5.0),
     m.ReconfigureResult(
         ok=True, epoch=5, phases={"pause": 0.01}, requests_moved=1, transfers=2, kv_bytes_moved=10

@@ -36,6 +36,16 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="torch threads per worker (default (cores-1)/workers, at least 1)",
     )
+    p.add_argument(
+        "--auto",
+        action="store_true",
+        help="let the configurator re-cut the pool (TP degrees, tiers per instance) every second",
+    )
+    p.add_argument(
+        "--coefficients",
+        default=None,
+        help="perf-model coefficients JSON from `nitsum profile` for --auto (default: unfitted roofline)",
+    )
 
 
 def _add_url_arg(p: argparse.ArgumentParser) -> None:
@@ -155,6 +165,8 @@ def _stack_config(a: argparse.Namespace, nats_url: str | None):  # noqa: ANN202
         threads_per_worker=a.threads,
         kv_cache_mb=a.kv_cache_mb,
         max_model_len=a.max_model_len,
+        auto=a.auto,
+        coefficients=a.coefficients,
     )
 
 

@@ -34,6 +34,8 @@ class StackConfig:
     worker_timeout_s: float = 2.0
     tp_pool: bool = True  # workers join one gloo world so instances can run and switch at TP > 1
     worker_env: dict[int, dict[str, str]] = field(default_factory=dict)  # extra env per slot
+    auto: bool = False  # the configurator drives the topology (tp_controller --auto)
+    coefficients: str | None = None  # perf-model coefficients for --auto (`nitsum profile`)
     home: Path = field(default_factory=state_dir)
 
 
@@ -77,7 +79,12 @@ class Stack:
             self.nats = EmbeddedNats(cfg.home / "nats")
             self.nats_url = self.nats.start()
         tiers = ["--tiers", cfg.tiers_file] if cfg.tiers_file else []
-        self._spawn("tp_controller", "nitsum_tp_controller", "--worker-timeout", str(cfg.worker_timeout_s))
+        auto = ["--auto", "--model", cfg.model, *tiers] if cfg.auto else []
+        if cfg.auto and cfg.coefficients:
+            auto += ["--coefficients", cfg.coefficients]
+        self._spawn(
+            "tp_controller", "nitsum_tp_controller", "--worker-timeout", str(cfg.worker_timeout_s), *auto
+        )
         self._spawn("kv_broker", "nitsum_kv_broker")
         self._spawn(
             "router",

@@ -354,6 +354,31 @@ class ControlAck(msgspec.Struct, kw_only=True):
     seconds: float = 0.0
 
 
+class TierWindowStats(msgspec.Struct, kw_only=True):
+    """One tier's traffic at one router over one control window."""
+
+    prompt_tokens: list[int] = msgspec.field(default_factory=list)  # one entry per arrival
+    output_tokens: list[int] = msgspec.field(default_factory=list)  # estimate per arrival
+    finished: int = 0
+    good: int = 0  # finished within both the TTFT and the TPOT target
+
+
+class RouterWindowStats(msgspec.Struct, kw_only=True):
+    """Router -> controller (ROUTER_STATS): what the configurator needs to estimate demand."""
+
+    router_id: str
+    window_s: float
+    tiers: dict[str, TierWindowStats] = msgspec.field(default_factory=dict)
+
+
+class AdmissionBudgets(msgspec.Struct, kw_only=True):
+    """Controller -> routers (CONTROLLER_BUDGETS): per-tier feasible rate (requests/s) for the
+    next window, split evenly over the routers that reported; tiers absent are not limited."""
+
+    epoch: int
+    budgets: dict[str, float] = msgspec.field(default_factory=dict)
+
+
 class RouterHold(msgspec.Struct, kw_only=True):
     """Controller -> every router (ROUTER_HOLD): hold new dispatches, or release them.
 
@@ -457,6 +482,9 @@ ALL_MESSAGE_TYPES: tuple[type[msgspec.Struct], ...] = (
     ControlAck,
     RouterHold,
     RouterHoldAck,
+    TierWindowStats,
+    RouterWindowStats,
+    AdmissionBudgets,
     ReconfigureRequest,
     ReconfigureResult,
 )

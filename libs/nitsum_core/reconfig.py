@@ -10,6 +10,7 @@ import time
 from typing import NamedTuple
 
 from nitsum_core import messages as m
+from nitsum_core.configurator import SHARED, Assignment, Plan
 from nitsum_core.errors import InvalidRequest
 from nitsum_core.kv_cache import BlockManager, blocks_needed
 
@@ -37,6 +38,31 @@ def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: s
         instances.append(m.Instance(instance_id=i, slots=list(range(start, start + k))))
         start += k
     return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
+
+
+def plan_topology(plan: Plan, epoch: int, reason: str) -> m.Topology:
+    """The topology of a configurator plan: one instance per assignment, in slot order."""
+    instances = [
+        m.Instance(
+            instance_id=i,
+            slots=a.slots,
+            role=a.role,
+            tiers=[] if a.tier == SHARED else [a.tier],
+        )
+        for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start))
+    ]
+    return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
+
+
+def topology_plan(topo: m.Topology) -> Plan | None:
+    """The configurator's view of a topology; None where it cannot express it (an instance
+    serving several but not all tiers)."""
+    out = []
+    for inst in topo.instances:
+        if len(inst.tiers) > 1:
+            return None
+        out.append(Assignment(inst.slots[0], inst.tp, inst.role, inst.tiers[0] if inst.tiers else SHARED))
+    return Plan(sorted(out, key=lambda a: a.start))
 
 
 def changed_slots(old: m.Topology, new: m.Topology) -> list[int]:

@@ -31,6 +31,11 @@ KV_PLAN = f"{PREFIX}.kv.plan"
 CONTROLLER_TOPOLOGY = f"{PREFIX}.controller.topology"
 CONTROLLER_RECONFIGURE = f"{PREFIX}.controller.reconfigure"
 
+# Router -> controller, once per control window: RouterWindowStats (arrivals and finishes by tier).
+ROUTER_STATS = f"{PREFIX}.router.stats"
+# Controller -> every router, once per control window in auto mode: AdmissionBudgets.
+CONTROLLER_BUDGETS = f"{PREFIX}.controller.budgets"
+
 # Controller -> every router (not a queue group): RouterHold, each router replies RouterHoldAck.
 ROUTER_HOLD = f"{PREFIX}.router.hold"
 

@@ -27,6 +27,7 @@ class Flight:
     emitted_chars: int = 0
     reroutes: int = 0
     finished: bool = False
+    lane: int = 0  # routing.Lane: the local queue it joins on its instance (worker priority)
 
     @property
     def max_stop_len(self) -> int:

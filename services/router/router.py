@@ -35,7 +35,7 @@ from nitsum_core.errors import (
     WorkerLost,
 )
 from nitsum_core.logs import setup_logging
-from nitsum_core.routing import Candidate, eligible_leaders, least_loaded
+from nitsum_core.routing import Candidate, Lane, LanePolicy, eligible_leaders
 from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
 from nitsum_core.tokenizer import IncrementalDetokenizer, Tokenizer
 from nitsum_router.flight import Flight
@@ -58,6 +58,9 @@ class RouterConfig:
     max_reroutes: int = 2
     # A hold from a controller that then died must not stall dispatch forever.
     max_hold_s: float = 30.0
+    # Control window: the router reports its traffic to the controller and starts a new lane
+    # budget this often (the controller's window, DESIGN §1).
+    window_s: float = 1.0
 
 
 class Router:
@@ -83,6 +86,10 @@ class Router:
         self._unheld = asyncio.Event()
         self._unheld.set()
         self._held_since = 0.0
+        self.lanes = LanePolicy(tiers, self.config.window_s)
+        self._budgets: dict[str, float] | None = None  # the controller's latest, applied next window
+        self._window: dict[str, m.TierWindowStats] = {}
+        self._mean_output: dict[str, float] = {}  # per tier, EWMA of finished requests' lengths
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -94,9 +101,11 @@ class Router:
         await nc.subscribe(subjects.ROUTER_CANCEL, cb=self._on_cancel)
         # Not a queue group: every router must hold during a switch.
         await nc.subscribe(subjects.ROUTER_HOLD, cb=self._on_hold)
+        await nc.subscribe(subjects.CONTROLLER_BUDGETS, cb=self._on_budgets)
         kv = await topology.open_bucket(nc.jetstream())
         watcher = asyncio.create_task(topology.watch(kv, self._on_topology))
         monitor = asyncio.create_task(self._monitor())
+        windows = asyncio.create_task(self._window_loop())
         svc = await register(nc, subjects.SERVICE_ROUTER, "Nitsum router: admission, routing, streaming")
         await svc.add_endpoint(name="generate", subject=subjects.ROUTER_GENERATE, handler=self._on_generate)
         await svc.add_endpoint(name="status", subject=subjects.ROUTER_STATUS, handler=self._on_status)
@@ -107,6 +116,7 @@ class Router:
             await self._fail(f, NitsumError("the router is shutting down; retry against another router"))
         watcher.cancel()
         monitor.cancel()
+        windows.cancel()
         await svc.stop()
         await nc.drain()
 
@@ -154,6 +164,30 @@ class Router:
             self.log.warning("hold expired without a release; dispatching again", plan=self.held_by)
             self.held_by = None
             self._unheld.set()
+
+    # ---- control windows (DESIGN §1) ------------------------------------------------------------
+    async def _on_budgets(self, msg: Msg) -> None:
+        budgets = decode_or_drop(self.log, m.AdmissionBudgets, msg.data, "budgets")
+        if budgets is not None:
+            self._budgets = budgets.budgets
+
+    async def _window_loop(self) -> None:
+        """Each window: report the traffic to the controller, start the lanes' next budget."""
+        while True:
+            await asyncio.sleep(self.config.window_s)
+            stats, self._window = self._window, {}
+            self.lanes.new_window(self._budgets)
+            self._budgets = None
+            if not stats:
+                continue
+            report = m.RouterWindowStats(router_id=self.router_id, window_s=self.config.window_s, tiers=stats)
+            try:
+                await self.nc.publish(subjects.ROUTER_STATS, m.encode(report))
+            except Exception as exc:  # a reconnecting client: the controller misses one window
+                self.log.warning("window stats not sent", error=str(exc))
+
+    def _tier_window(self, tier: str) -> m.TierWindowStats:
+        return self._window.setdefault(tier, m.TierWindowStats())
 
     # ---- topology and liveness ---------------------------------------------------------------
     async def _on_topology(self, topo: m.Topology) -> None:
@@ -297,6 +331,13 @@ class Router:
             detok=IncrementalDetokenizer(self.tokenizer),
             deadline=time.monotonic() + req.timeout_s,
         )
+        flight.lane = int(self.lanes.classify(tier.name))
+        stats = self._tier_window(tier.name)
+        stats.prompt_tokens.append(len(ids))
+        # The output length is known only at the end: estimate it by the tier's recent mean.
+        stats.output_tokens.append(
+            round(min(req.max_tokens, self._mean_output.get(tier.name, req.max_tokens)))
+        )
         self.flights[req.request_id] = flight
         await self.nc.publish(reply, m.encode(m.StreamChunk(request_id=req.request_id, seq=0)))
         self._spawn(self._dispatch(flight))
@@ -317,7 +358,7 @@ class Router:
                 seed=f.req.seed,
                 ignore_eos=f.req.ignore_eos,
             ),
-            priority=f.tier.priority,
+            priority=f.lane,
             epoch=self.topology.epoch if self.topology else 0,
         )
         payload = m.encode(submit)
@@ -325,11 +366,12 @@ class Router:
             await self._wait_unheld()
             alive = {s for s, w in self.workers.items() if w.alive} - exclude
             leaders = eligible_leaders(self.topology, f.tier.name, alive)
-            slot = least_loaded(
+            slot = self.lanes.pick(
                 [
                     Candidate(s, len(self.workers[s].in_flight) + self.workers[s].heartbeat.waiting)
                     for s in leaders
-                ]
+                ],
+                Lane(f.lane),
             )
             if slot is None:
                 await self._fail(
@@ -389,6 +431,7 @@ class Router:
             if item.token_ids:
                 if f.first_token_at is None:
                     f.first_token_at = now
+                    self.lanes.first_token(f.lane, now - f.arrived <= f.tier.ttft_s)
                 f.last_token_at = now
                 f.generated.extend(item.token_ids)
                 f.detok.add(item.token_ids)
@@ -432,6 +475,11 @@ class Router:
             worker_slot=f.slot if f.slot is not None else -1,
             reroutes=f.reroutes,
         )
+        stats = self._tier_window(f.tier.name)
+        stats.finished += 1
+        stats.good += usage.ttft_s <= f.tier.ttft_s and usage.tpot_s <= f.tier.tpot_s
+        prev = self._mean_output.get(f.tier.name)
+        self._mean_output[f.tier.name] = n if prev is None else 0.9 * prev + 0.1 * n
         chunk = m.StreamChunk(
             request_id=f.req.request_id,
             seq=f.next_seq(),

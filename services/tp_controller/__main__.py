@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 
 from nitsum_core.bus import env_nats_url
+from nitsum_core.checkpoints import resolve_checkpoint
+from nitsum_core.config import load_tiers
 from nitsum_core.logs import run_async
+from nitsum_core.perf_model import HARDWARE, MODEL_CONFIGS, Coefficients, PerfModel, model_spec
+from nitsum_tp_controller.autopilot import AutoPilotConfig
 from nitsum_tp_controller.controller import Controller
 
 
@@ -13,7 +17,9 @@ def main() -> None:
     p = argparse.ArgumentParser(
         prog="nitsum-tp-controller",
         description="Nitsum TP controller: owns the pool topology (epochs) in a JetStream KV bucket, "
-        "written with compare-and-set. Static TP-1 per worker for now.",
+        "written with compare-and-set, and runs topology switches. Without --auto the pool is one "
+        "TP-1 instance per worker until `nitsum reconfigure` changes it; with --auto the configurator "
+        "re-cuts it every control window from the routers' traffic reports.",
     )
     p.add_argument("--nats-url", default=env_nats_url() or "nats://127.0.0.1:4222", help="NATS server URL")
     p.add_argument(
@@ -22,8 +28,27 @@ def main() -> None:
         default=2.0,
         help="seconds without heartbeat before a worker leaves the pool",
     )
+    p.add_argument("--auto", action="store_true", help="let the configurator drive the topology")
+    p.add_argument(
+        "--model", default="smollm2", help="served model (checkpoint dir, .gguf or name), for --auto"
+    )
+    p.add_argument(
+        "--hardware", default="cpu", choices=sorted(HARDWARE), help="hardware spec of the slots, for --auto"
+    )
+    p.add_argument(
+        "--coefficients", default=None, help="perf-model coefficients JSON from `nitsum profile`, for --auto"
+    )
+    p.add_argument("--tiers", default=None, help="tier TOML (the routers' file), for --auto")
+    p.add_argument("--window", type=float, default=1.0, help="control window in seconds (default 1)")
     a = p.parse_args()
-    run_async(Controller(a.nats_url, a.worker_timeout).run())
+    pilot = None
+    if a.auto:
+        spec = model_spec(a.model if a.model in MODEL_CONFIGS else str(resolve_checkpoint(a.model)))
+        coef = Coefficients.load(a.coefficients) if a.coefficients else None
+        pilot = AutoPilotConfig(
+            perf=PerfModel(spec, HARDWARE[a.hardware], coef), tiers=load_tiers(a.tiers), window_s=a.window
+        )
+    run_async(Controller(a.nats_url, a.worker_timeout, autopilot=pilot).run())
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The controller: watches worker heartbeats and writes the topology with compare-and-set.
 
 Two ways to a new epoch. (1) The pool changes (a worker joins or dies): one TP-1 instance per
-live worker, applied by the workers without migration. (2) A switch (``reconfigure``, by hand
-for now; the configurator will drive it): the full protocol in ``switch.py`` -- requests keep
-their KV and continue on their new instances. A restarted controller resumes from the bucket.
+live worker, applied by the workers without migration. (2) A switch, by hand (``reconfigure``)
+or by the configurator every control window (``--auto``, ``autopilot.py``): the full protocol in
+``switch.py`` -- requests keep their KV and continue on their new instances. A restarted
+controller resumes from the bucket.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nitsum_core.bus import connect
 from nitsum_core.errors import InvalidRequest, NitsumError
 from nitsum_core.logs import setup_logging
 from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
+from nitsum_tp_controller.autopilot import AutoPilot, AutoPilotConfig
 from nitsum_tp_controller.switch import SwitchDriver
 
 
@@ -34,8 +36,15 @@ def static_tp1(slots: list[int], epoch: int, reason: str) -> m.Topology:
 
 
 class Controller:
-    def __init__(self, nats_url: str, worker_timeout_s: float = 2.0, settle_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        worker_timeout_s: float = 2.0,
+        settle_s: float = 0.5,
+        autopilot: AutoPilotConfig | None = None,
+    ) -> None:
         self.nats_url = nats_url
+        self.autopilot = autopilot
         self.worker_timeout_s = worker_timeout_s
         self.settle_s = settle_s
         self.log = setup_logging("tp_controller")
@@ -63,9 +72,13 @@ class Controller:
             name="reconfigure", subject=subjects.CONTROLLER_RECONFIGURE, handler=self._on_reconfigure
         )
         loop_task = asyncio.create_task(self._reconcile_loop(kv))
-        self.log.info("controller ready")
+        pilot = AutoPilot(self, self.autopilot) if self.autopilot else None
+        pilot_task = asyncio.create_task(pilot.run()) if pilot else None
+        self.log.info("controller ready", auto=pilot is not None)
         await stop.wait()
         loop_task.cancel()
+        if pilot_task is not None:
+            pilot_task.cancel()
         await svc.stop()
         await nc.drain()
 
@@ -141,21 +154,41 @@ class Controller:
         return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
     async def reconfigure(self, req: m.ReconfigureRequest) -> m.ReconfigureResult:
-        assert self.nc is not None
         async with self._switch_lock:
             try:
                 target = self._target(req)
             except NitsumError as exc:
                 epoch = self.current.epoch if self.current else 0
                 return m.ReconfigureResult(ok=False, epoch=epoch, error=m.ErrorInfo.from_exc(exc))
-            assert self.current is not None
+            return await self._switch(target, req.timeout_s)
 
-            async def write(topo: m.Topology) -> None:
-                self.revision = await topology.write_cas(self.kv, topo, self.revision)
-                self.current = topo
+    async def switch_to(self, target: m.Topology, timeout_s: float = 30.0) -> m.ReconfigureResult:
+        """Move to ``target`` (built on the current epoch + 1) unless the pool or topology moved on."""
+        async with self._switch_lock:
+            live = self._live_slots()
+            have = sorted(s for i in self.current.instances for s in i.slots) if self.current else None
+            if self.current is None or target.epoch != self.current.epoch + 1 or live != have:
+                epoch = self.current.epoch if self.current else 0
+                err = InvalidRequest("the topology or the pool changed since the plan was made")
+                return m.ReconfigureResult(ok=False, epoch=epoch, error=m.ErrorInfo.from_exc(err))
+            return await self._switch(target, timeout_s)
 
-            driver = SwitchDriver(self.nc, self.log, self.known_routers)
-            return await driver.run(self.current, target, write, migrate_timeout_s=req.timeout_s)
+    async def _switch(self, target: m.Topology, timeout_s: float) -> m.ReconfigureResult:
+        assert self.nc is not None and self.current is not None
+
+        async def write(topo: m.Topology) -> None:
+            self.revision = await topology.write_cas(self.kv, topo, self.revision)
+            self.current = topo
+
+        if not reconfig.changed_slots(self.current, target):
+            # Only which tiers an instance serves changes: nothing pauses, routers follow the bucket.
+            if [i.tiers for i in target.instances] == [i.tiers for i in self.current.instances]:
+                return m.ReconfigureResult(ok=True, epoch=self.current.epoch, phases={"total": 0.0})
+            await write(target)
+            self.log.info("topology written", epoch=target.epoch, reason=target.reason)
+            return m.ReconfigureResult(ok=True, epoch=target.epoch, phases={"total": 0.0})
+        driver = SwitchDriver(self.nc, self.log, self.known_routers)
+        return await driver.run(self.current, target, write, migrate_timeout_s=timeout_s)
 
     async def _on_reconfigure(self, request: Request) -> None:
         try:

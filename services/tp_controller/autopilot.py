@@ -1,0 +1,129 @@
+"""The controller's automatic mode: the configurator re-cuts the pool every control window.
+
+Routers report their traffic each window (RouterWindowStats); the shared ``ControlLoop`` -- the
+same object the simulator drives -- turns it into demand, admission budgets for the routers'
+lane policy, and, when the predicted gain beats the switching cost, a new cut that the
+controller applies with the switch protocol. The switching cost it weighs is what its own
+switches have measured (EWMA), starting from ``initial_switch_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+from nitsum_core import messages as m
+from nitsum_core import reconfig, subjects
+from nitsum_core.config import Tier
+from nitsum_core.configurator import Plan
+from nitsum_core.control_loop import ControlLoop
+from nitsum_core.perf_model import PerfModel
+from nitsum_core.service import decode_or_drop
+
+if TYPE_CHECKING:
+    from nitsum_tp_controller.controller import Controller
+
+
+@dataclass(frozen=True)
+class AutoPilotConfig:
+    perf: PerfModel
+    tiers: dict[str, Tier]
+    window_s: float = 1.0
+    initial_switch_s: float = 1.0
+    switch_timeout_s: float = 30.0
+
+
+class AutoPilot:
+    def __init__(self, controller: Controller, config: AutoPilotConfig) -> None:
+        self.controller, self.config = controller, config
+        self.log = controller.log.bind(part="autopilot")
+        self.loop: ControlLoop | None = None
+        self.switch_s = config.initial_switch_s
+        self.switches = 0
+        self._routers: set[str] = set()  # routers that reported this window
+        self._task: asyncio.Task | None = None
+
+    async def run(self) -> None:
+        nc = self.controller.nc
+        assert nc is not None
+        await nc.subscribe(subjects.ROUTER_STATS, cb=self._on_stats)
+        self.log.info("configurator driving the topology", window_s=self.config.window_s)
+        while True:
+            await asyncio.sleep(self.config.window_s)
+            try:
+                await self._window()
+            except Exception:  # a bad window must not stop the controller; the next one retries
+                self.log.exception("control window failed")
+
+    async def _on_stats(self, msg: Msg) -> None:
+        stats = decode_or_drop(self.log, m.RouterWindowStats, msg.data, "router stats")
+        if stats is None or self.loop is None:
+            return
+        self._routers.add(stats.router_id)
+        for name, t in stats.tiers.items():
+            if name not in self.config.tiers:
+                self.log.warning("stats for an unknown tier dropped", tier=name, router=stats.router_id)
+                continue
+            for prompt, output in zip(t.prompt_tokens, t.output_tokens, strict=False):
+                self.loop.arrival(name, prompt, output)
+            for i in range(t.finished):
+                self.loop.finished(name, i < t.good)
+
+    def _sync_plan(self) -> Plan | None:
+        """The loop follows the written topology (a hand-made switch or a pool change moves it too)."""
+        current = self.controller.current
+        if current is None or not current.instances:
+            return None
+        plan = reconfig.topology_plan(current)
+        if plan is None:
+            return None
+        pool = sum(a.tp for a in plan.assignments)
+        if self.loop is None or self.loop.pool != pool:
+            self.loop = ControlLoop(
+                pool,
+                self.config.perf,
+                self.config.tiers,
+                plan,
+                self.config.window_s,
+                roles=("mixed",),  # prefill->decode hand-off is not in the serving path yet
+            )
+        self.loop.plan = plan
+        return plan
+
+    async def _window(self) -> None:
+        if self._sync_plan() is None or self.loop is None:
+            return
+        if self._task is not None and not self._task.done():
+            return  # a switch is still running: its window's decision waits
+        decision = self.loop.window(lambda _: self.switch_s)
+        routers, self._routers = max(1, len(self._routers)), set()
+        nc, current = self.controller.nc, self.controller.current
+        assert nc is not None and current is not None
+        if decision.budgets is not None:
+            share = {t: rps / routers for t, rps in decision.budgets.items()}
+            await nc.publish(
+                subjects.CONTROLLER_BUDGETS, m.encode(m.AdmissionBudgets(epoch=current.epoch, budgets=share))
+            )
+        if decision.switch_to is None:
+            return
+        reason = (
+            f"configurator: predicted {decision.switch_to.predicted_goodput_rps:.2f} req/s "
+            f"vs {decision.predicted_current_rps:.2f} now"
+        )
+        target = reconfig.plan_topology(decision.switch_to, current.epoch + 1, reason)
+        self.log.info("switching", plan=decision.switch_to.describe(), reason=reason)
+        self._task = asyncio.create_task(self._apply(target))
+
+    async def _apply(self, target: m.Topology) -> None:
+        t0 = time.perf_counter()
+        result = await self.controller.switch_to(target, self.config.switch_timeout_s)
+        took = time.perf_counter() - t0
+        if result.ok:
+            self.switches += 1
+            self.switch_s = 0.7 * self.switch_s + 0.3 * took
+            self.log.info("switched", epoch=result.epoch, seconds=round(took, 3))
+        else:
+            self.log.warning("switch not applied", error=result.error.message if result.error else None)
