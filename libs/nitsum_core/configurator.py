@@ -212,7 +212,9 @@ def admission_caps(
     hand out their instance-seconds to tiers in order of goodput per instance-second (cheapest
     requests first), which is what maximises goodput when the pool cannot serve everything.
     """
-    caps: dict[str, float] = {}
+    # Every demanded tier gets a budget; 0 where this plan cannot serve it within SLO (all of its
+    # requests are then best-effort), never "no budget", which the lane policy reads as unlimited.
+    caps: dict[str, float] = dict.fromkeys(demands, 0.0)
     shared: dict[int, int] = {}
     for a in assignments:
         if a.tier == SHARED:

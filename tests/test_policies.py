@@ -1,0 +1,111 @@
+"""The pure policies the router, the controller and the simulator share (routing.LanePolicy,
+control_loop.ControlLoop) and the plan <-> topology mapping the controller uses."""
+
+from __future__ import annotations
+
+import pytest
+from nitsum_core.config import Tier
+from nitsum_core.configurator import Assignment, Plan
+from nitsum_core.control_loop import ControlLoop
+from nitsum_core.perf_model import HARDWARE, PerfModel, model_spec
+from nitsum_core.reconfig import plan_topology, topology_plan
+from nitsum_core.routing import Candidate, Lane, LanePolicy
+
+TIERS = {
+    "interactive": Tier("interactive", 0.3, 0.012, 0),
+    "agent": Tier("agent", 1.0, 0.03, 1),
+    "background": Tier("background", 10.0, 0.1, 2),
+}
+
+
+def test_lanes_admit_up_to_the_budget_then_best_effort_and_background_apart() -> None:
+    lanes = LanePolicy(TIERS, window_s=1.0)
+    # No budget yet: nothing is limited; the lowest-priority tier always queues as background.
+    assert [lanes.classify("interactive") for _ in range(5)] == [Lane.FEASIBLE] * 5
+    assert lanes.classify("background") == Lane.BACKGROUND
+    lanes.new_window({"interactive": 2.0})
+    got = [lanes.classify("interactive") for _ in range(4)]
+    assert got == [Lane.FEASIBLE, Lane.FEASIBLE, Lane.BEST_EFFORT, Lane.BEST_EFFORT]
+    assert lanes.classify("agent") == Lane.FEASIBLE  # a tier without a budget is not limited
+    lanes.new_window(None)  # a window without demand keeps the budget and resets the count
+    assert lanes.classify("interactive") == Lane.FEASIBLE
+
+
+def test_budgets_shrink_while_feasible_requests_miss_ttft_and_regrow_after() -> None:
+    lanes = LanePolicy(TIERS)
+    lanes.new_window({"interactive": 100.0})
+    for _ in range(20):
+        lanes.first_token(Lane.FEASIBLE, within_ttft=False)
+    lanes.new_window({"interactive": 100.0})
+    assert lanes.budgets["interactive"] == 80.0  # multiplicative decrease
+    for _ in range(20):
+        lanes.first_token(Lane.FEASIBLE, within_ttft=True)
+    lanes.first_token(Lane.BEST_EFFORT, within_ttft=False)  # best-effort misses are expected
+    lanes.new_window({"interactive": 100.0})
+    assert lanes.budgets["interactive"] == pytest.approx(85.0)  # additive increase
+
+
+def test_pick_least_loaded_for_feasible_round_robin_for_best_effort() -> None:
+    lanes = LanePolicy(TIERS)
+    cands = [Candidate(0, 5), Candidate(2, 1), Candidate(4, 1)]
+    assert lanes.pick(cands, Lane.FEASIBLE) == 2  # least loaded, lowest slot on ties
+    assert [lanes.pick(cands, Lane.BEST_EFFORT) for _ in range(4)] == [0, 2, 4, 0]
+    assert lanes.pick([], Lane.FEASIBLE) is None
+
+
+def test_plan_topology_round_trip() -> None:
+    plan = Plan(
+        [
+            Assignment(0, 2, "mixed", "interactive"),
+            Assignment(2, 1, "mixed", "*"),
+            Assignment(3, 1, "prefill", "agent"),
+        ]
+    )
+    topo = plan_topology(plan, epoch=7, reason="test")
+    assert [i.slots for i in topo.instances] == [[0, 1], [2], [3]]
+    assert [i.tiers for i in topo.instances] == [["interactive"], [], ["agent"]]
+    assert topology_plan(topo).assignments == plan.assignments  # type: ignore[union-attr]
+
+
+def _loop(plan: Plan) -> ControlLoop:
+    # An interactive TPOT of 4 ms: an 8B decode step at TP 1 on an H100 takes ~4.5 ms in the
+    # roofline (16 GB of weights per step), at TP 2 ~2.8 ms -- only TP >= 2 can serve the tier.
+    tiers = dict(TIERS, interactive=Tier("interactive", 0.3, 0.004, 0))
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    return ControlLoop(8, perf, tiers, plan, window_s=1.0, roles=("mixed",))
+
+
+def test_control_loop_switches_when_demand_appears_and_holds_when_nothing_gains() -> None:
+    loop = _loop(Plan([Assignment(s, 1, "mixed", "*") for s in range(8)]))
+    assert loop.window(lambda _: 0.1).budgets is None  # no traffic: no budgets, no switch
+    for _ in range(40):
+        loop.arrival("interactive", 500, 200)
+    d = loop.window(lambda _: 0.1)
+    assert d.budgets == {"interactive": 0.0}  # TP 1 cannot serve it: every request best-effort
+    assert d.demands["interactive"].arrival_rps == 20.0  # 40 arrivals over two windows seen (1 empty)
+    # The 4 ms interactive TPOT is out of reach at TP 1: the loop proposes more TP.
+    assert d.switch_to is not None and min(a.tp for a in d.switch_to.assignments) > 1
+    loop.plan = d.switch_to
+    for _ in range(40):
+        loop.arrival("interactive", 500, 200)
+    d = loop.window(lambda _: 0.1)
+    assert d.switch_to is None  # already on the best plan: hysteresis holds
+    assert d.budgets is not None and d.budgets["interactive"] > 0  # and the tier is feasible there
+
+
+def test_control_loop_switches_only_when_the_gain_beats_the_pause() -> None:
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    only_background = Plan([Assignment(s, 1, "mixed", "background") for s in range(8)])
+    decisions = []
+    for pause in (1e6, 0.1):
+        loop = ControlLoop(8, perf, TIERS, only_background, window_s=1.0, roles=("mixed",))
+        for _ in range(20):
+            loop.arrival("interactive", 500, 200)
+            loop.arrival("background", 500, 200)
+        decisions.append(loop.window(lambda _, p=pause: p))
+    # Current plan: only background is served (20 req/s); the proposal serves both (40 req/s).
+    assert decisions[0].predicted_current_rps == pytest.approx(20.0)
+    assert decisions[0].switch_to is None  # a pause that long costs more than the gain
+    assert decisions[1].switch_to is not None  # a short one does not
+    assert decisions[1].switch_to.predicted_goodput_rps == pytest.approx(40.0)
+    assert decisions[0].budgets["interactive"] == 0.0  # not servable now: best-effort, not feasible
