@@ -36,7 +36,9 @@ PROMPTS = [f"Question {i}: what comes next in " + "one two three " * (1 + i % 4)
 N_TOKENS = 48
 
 
-async def test_configurator_recuts_the_pool_and_requests_survive(tmp_path: Path, tiny_llama_dir: Path) -> None:
+async def test_configurator_recuts_the_pool_and_requests_survive(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
     tiers = tmp_path / "tiers.toml"
     tiers.write_text(TIERS)
     s = Stack(
@@ -104,7 +106,16 @@ def test_controller_refuses_a_bad_tier_file(tmp_path: Path, bad: str) -> None:
     path = tmp_path / "tiers.toml"
     path.write_text(bad)
     out = subprocess.run(
-        [sys.executable, "-m", "nitsum_tp_controller", "--auto", "--model", "llama-3.1-8b", "--tiers", str(path)],
+        [
+            sys.executable,
+            "-m",
+            "nitsum_tp_controller",
+            "--auto",
+            "--model",
+            "llama-3.1-8b",
+            "--tiers",
+            str(path),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
