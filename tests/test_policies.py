@@ -83,6 +83,10 @@ def test_control_loop_switches_when_demand_appears_and_holds_when_nothing_gains(
     d = loop.window(lambda _: 0.1)
     assert d.budgets == {"interactive": 0.0}  # TP 1 cannot serve it: every request best-effort
     assert d.demands["interactive"].arrival_rps == 20.0  # 40 arrivals over two windows seen (1 empty)
+    assert d.switch_to is None  # debounce: one window is not enough to re-cut the pool
+    for _ in range(40):
+        loop.arrival("interactive", 500, 200)
+    d = loop.window(lambda _: 0.1)
     # The 4 ms interactive TPOT is out of reach at TP 1: the loop proposes more TP.
     assert d.switch_to is not None and min(a.tp for a in d.switch_to.assignments) > 1
     loop.plan = d.switch_to
@@ -99,13 +103,33 @@ def test_control_loop_switches_only_when_the_gain_beats_the_pause() -> None:
     decisions = []
     for pause in (1e6, 0.1):
         loop = ControlLoop(8, perf, TIERS, only_background, window_s=1.0, roles=("mixed",))
-        for _ in range(20):
-            loop.arrival("interactive", 500, 200)
-            loop.arrival("background", 500, 200)
-        decisions.append(loop.window(lambda _, p=pause: p))
+        for _ in range(2):  # two windows: a cut must win twice running
+            for _ in range(20):
+                loop.arrival("interactive", 500, 200)
+                loop.arrival("background", 500, 200)
+                loop.finished("background", good=True)  # the current plan does what it predicts
+            d = loop.window(lambda _, p=pause: p)
+        decisions.append(d)
     # Current plan: only background is served (20 req/s); the proposal serves both (40 req/s).
     assert decisions[0].predicted_current_rps == pytest.approx(20.0)
     assert decisions[0].switch_to is None  # a pause that long costs more than the gain
     assert decisions[1].switch_to is not None  # a short one does not
     assert decisions[1].switch_to.predicted_goodput_rps == pytest.approx(40.0)
     assert decisions[0].budgets["interactive"] == 0.0  # not servable now: best-effort, not feasible
+
+
+def test_a_plan_family_that_underdelivers_is_discounted_and_left() -> None:
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    tp2 = Plan([Assignment(s, 2, "mixed", "*") for s in range(0, 8, 2)])
+    loop = ControlLoop(8, perf, TIERS, tp2, window_s=1.0, roles=("mixed",))
+    switched = None
+    for _ in range(6):
+        for _ in range(30):
+            loop.arrival("interactive", 500, 200)
+            loop.finished("interactive", good=False)  # TP 2 serves nothing within SLO here
+        d = loop.window(lambda _: 0.05)
+        if d.switch_to is not None:
+            switched = d.switch_to
+            break
+    assert loop.calibration["shared-tp2"] < 0.5
+    assert switched is not None and {a.tp for a in switched.assignments} != {2}

@@ -265,8 +265,17 @@ def choose_plan(
     on a tie the shared cut, which needs fewer switches as the mix drifts. ``roles`` limits the
     per-tier cut (the real services serve mixed instances only until P/D hand-off is built).
     """
-    candidates = [*shared_plans(pool, perf, demands), greedy(pool, perf, demands, roles=roles)]
-    return max(candidates, key=lambda p: p.predicted_goodput_rps)
+    return max(candidate_plans(pool, perf, demands, roles), key=lambda p: p.predicted_goodput_rps)
+
+
+def candidate_plans(
+    pool: int,
+    perf: PerfModel,
+    demands: dict[str, TierDemand],
+    roles: Sequence[Role] = ("mixed", "prefill", "decode"),
+) -> list[Plan]:
+    """Every plan the configurator weighs: each shared uniform cut, then the per-tier greedy cut."""
+    return [*shared_plans(pool, perf, demands), greedy(pool, perf, demands, roles=roles)]
 
 
 def _capacities(

@@ -20,7 +20,7 @@ from nitsum_core.configurator import (
     Role,
     TierDemand,
     admission_caps,
-    choose_plan,
+    candidate_plans,
     plan_family,
     predicted_goodput,
     should_switch,
@@ -65,7 +65,12 @@ class ControlLoop:
         self.arrivals: list[Arrival] = []  # this window's, in arrival order
         self._finished: dict[str, int] = {}
         self._good = 0  # requests finished within both targets this window
-        self.observed: dict[str, float] = {}  # plan family -> EWMA of goodput per arrival
+        # Plan family -> EWMA of observed goodput / predicted goodput while it ran. The capacity
+        # model is a roofline estimate; each family's own track record corrects its predictions
+        # (a family never run keeps 1: it gets tried once when its prediction wins).
+        self.calibration: dict[str, float] = {}
+        self._last_prediction: float | None = None  # for the current plan, made a window ago
+        self._pending: list | None = None  # last window's winning cut (debounce)
 
     def arrival(self, tier: str, prompt: int, output: int) -> None:
         self.arrivals.append(Arrival(tier, prompt, output))
@@ -97,31 +102,36 @@ class ControlLoop:
         """
         window, self.arrivals = self.arrivals, []
         self._recent.append(window)
-        if window:
-            key, seen = plan_family(self.plan.assignments), self._good / len(window)
-            prev = self.observed.get(key)
-            self.observed[key] = seen if prev is None else 0.7 * prev + 0.3 * seen
+        family = plan_family(self.plan.assignments)
+        if self._last_prediction is not None and self._last_prediction > 0:
+            seen = min(2.0, (self._good / self.window_s) / self._last_prediction)
+            prev = self.calibration.get(family)
+            self.calibration[family] = seen if prev is None else 0.7 * prev + 0.3 * seen
         self._good = 0
         demands = self.demands([r for w in self._recent for r in w], len(self._recent))
         self._finished.clear()
         if not demands:
+            self._last_prediction = None
             return Decision(demands, None)
         decision = Decision(demands, admission_caps(self.perf, self.plan.assignments, demands))
+        current = predicted_goodput(self.perf, self.plan.assignments, demands)
+        self._last_prediction = current
+        decision.predicted_current_rps = current
         if not self.dynamic:
             return decision
-        proposed = choose_plan(self.pool, self.perf, demands, self.roles)
-        current = predicted_goodput(self.perf, self.plan.assignments, demands)
-        decision.predicted_current_rps = current
-        if proposed.assignments == self.plan.assignments:
+
+        def expected(plan: Plan) -> float:
+            return plan.predicted_goodput_rps * self.calibration.get(plan_family(plan.assignments), 1.0)
+
+        proposed = max(candidate_plans(self.pool, self.perf, demands, self.roles), key=expected)
+        # Debounce: a cut must win two windows running. One second of a bursty trace often
+        # favours a plan the next second does not, and every switch pauses the moved slots.
+        pending, self._pending = self._pending, proposed.assignments
+        if proposed.assignments == self.plan.assignments or pending != proposed.assignments or not window:
             return decision
         pause = switch_cost(proposed)
         if should_switch(
-            current,
-            proposed.predicted_goodput_rps,
-            pause,
-            self.window_s,
-            observed_current=self.observed.get(plan_family(self.plan.assignments)),
-            observed_proposed=self.observed.get(plan_family(proposed.assignments)),
+            current * self.calibration.get(family, 1.0), expected(proposed), pause, self.window_s
         ):
             decision.switch_to, decision.pause_s = proposed, pause
         return decision
