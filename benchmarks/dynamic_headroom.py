@@ -1,0 +1,96 @@
+"""How much could *any* dynamic policy gain over the best static cut on this workload?
+
+Runs every static plan the baselines sweep (shared uniform TP cuts, per-tier clusters, P/D
+splits) with the Nitsum scheduler, buckets each request's outcome by its arrival window, and
+compares the best single plan (what `nitsum-static` / hindsight picks) with an oracle that picks
+the best plan for every window separately (no switching cost, no transient). The oracle/static
+ratio bounds the gain of re-cutting at that window length; full Nitsum's number is shown beside it.
+
+    python benchmarks/dynamic_headroom.py --rate 400 \\
+        --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv:interactive=0.7,background=0.3 \\
+        --trace ../shared/traces/AzureLLMInferenceTrace_code.csv:agent=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nitsum_cli.sim import _workload
+from nitsum_core.baselines import PRESETS, candidates
+from nitsum_core.config import load_tiers
+from nitsum_core.goodput import meets_slo, summarize
+from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.simulator import Simulator
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--hardware", default="h100-sxm", choices=sorted(HARDWARE))
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--rate", type=float, default=400.0)
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--window", type=float, default=10.0, help="oracle re-cut period in seconds")
+    p.add_argument("--tiers", default=None)
+    p.add_argument("--trace", action="append", default=[], help="PATH[:tier=frac,...] as for `nitsum sim`")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_results/dynamic_headroom.json")
+    a = p.parse_args()
+    a.start = 0.0
+    workload = _workload(a, a.rate)
+    tiers = load_tiers(
+        a.tiers or Path(__file__).resolve().parents[1] / "libs" / "nitsum_core" / "gpu_tiers.toml"
+    )
+    perf = PerfModel(model_spec(a.model), HARDWARE[a.hardware], Coefficients(overhead_s=2e-3))
+    order = sorted(tiers, key=lambda t: tiers[t].priority)
+    plans = {}
+    for preset in ("nitsum-static", "split", "static-pd"):
+        for plan in candidates(preset, a.gpus, perf, order):
+            if plan is not None:
+                plans[plan.describe()] = plan
+    t0 = workload[0].arrival_s
+    n_windows = int(a.duration // a.window) + 1
+    per_plan: dict[str, list[int]] = {}
+    for label, plan in plans.items():
+        res = Simulator(perf, a.gpus, tiers, PRESETS["nitsum-static"], plan).run(workload)
+        good = [0] * n_windows
+        for rec in res.records:
+            if rec.error is None and meets_slo(rec, tiers[rec.tier]):
+                good[min(n_windows - 1, int((rec.arrival_s - t0) // a.window))] += 1
+        per_plan[label] = good
+    dyn = Simulator(perf, a.gpus, tiers, PRESETS["nitsum"]).run(workload)
+    nitsum = summarize(dyn.records, tiers, dyn.duration_s, a.gpus).goodput_rps
+    best_label = max(per_plan, key=lambda k: sum(per_plan[k]))
+    static = sum(per_plan[best_label]) / a.duration
+    oracle_picks = [max(per_plan, key=lambda k, w=w: per_plan[k][w]) for w in range(n_windows)]
+    oracle = sum(per_plan[k][w] for w, k in enumerate(oracle_picks)) / a.duration
+    print(
+        f"{a.model} on {a.gpus}x {a.hardware}, {a.rate:.0f} req/s, {len(plans)} static plans, {a.window:.0f} s windows"
+    )
+    print(f"  best static plan      {static:8.2f} req/s  ({best_label[:70]})")
+    print(
+        f"  per-window oracle     {oracle:8.2f} req/s  ({oracle / max(static, 1e-9):.2f}x; {len(set(oracle_picks))} distinct plans)"
+    )
+    print(f"  full Nitsum (dynamic) {nitsum:8.2f} req/s  ({nitsum / max(static, 1e-9):.2f}x)")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(a),
+                "static": static,
+                "static_plan": best_label,
+                "oracle": oracle,
+                "oracle_picks": oracle_picks,
+                "nitsum": nitsum,
+                "per_plan_window_good": per_plan,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
