@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from nitsum_cli.stack import Stack, StackConfig
+from nitsum_core import messages as m
+from nitsum_core import subjects
 from nitsum_core.client import NitsumClient
 from nitsum_core.errors import InvalidRequest, ReconfigFailed
 
@@ -131,5 +133,53 @@ async def test_worker_killed_during_migration_aborts_and_survivors_resume(
             alive = [w for w in status.workers if w.alive]
             assert sorted(w.slot for w in alive) == [0, 1, 2]
             assert all(w.tp == 1 for w in alive)
+    finally:
+        s.stop()
+
+
+async def test_cancel_during_a_switch_stops_the_request_on_its_new_leader(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    # Slot 3 stalls 2 s before migrating: the cancel lands while every old leader is paused and
+    # has already exported the request to the plan; its new leader must not keep generating it.
+    # Every step sleeps 25 ms: the tiny model would otherwise finish all 260 tokens before the
+    # switch gets going on a busy machine.
+    slow = {"NITSUM_TEST_STEP_DELAY_S": "0.025"}
+    s = _stack(
+        tmp_path,
+        tiny_llama_dir,
+        worker_env={0: slow, 1: slow, 2: slow, 3: {**slow, "NITSUM_TEST_MIGRATE_DELAY_S": "2"}},
+    )
+    await s.start()
+    try:
+        async with NitsumClient(s.nats_url) as c:
+            ids = [f"cancel-race-{i}" for i in range(4)]
+            progress = dict.fromkeys(range(4), 0)
+            finish: dict[str, str | None] = {}
+
+            async def run(i: int) -> None:
+                async for chunk in c.generate(
+                    PROMPTS[i], max_tokens=N_TOKENS, ignore_eos=True, request_id=ids[i], timeout_s=300
+                ):
+                    progress[i] += len(chunk.token_ids)
+                    if chunk.finished:
+                        finish[ids[i]] = chunk.finish_reason
+
+            tasks = [asyncio.create_task(run(i)) for i in range(4)]
+            await _advance(progress, 3)
+            switch = asyncio.create_task(c.reconfigure(tp=[2, 2], timeout_s=20))
+            await asyncio.sleep(0.8)  # paused, waiting on slot 3's migrate step
+            assert c.nc is not None
+            await c.nc.publish(subjects.ROUTER_CANCEL, m.encode(m.CancelRequest(ids[0])))
+            res = await asyncio.wait_for(switch, timeout=60)
+            assert res.ok and res.requests_moved == 4, res
+            await asyncio.sleep(1.5)  # two heartbeats from the new leaders
+            status = await c.status()
+            running = sum(w.running for w in status.workers)
+            for t in tasks[1:]:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        assert finish.get(ids[0]) == "cancelled"
+        assert running == 3, [(w.slot, w.running) for w in status.workers]  # the cancelled one is gone
     finally:
         s.stop()

@@ -13,6 +13,7 @@ commit the old layout is intact, which is what makes abort safe.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import time
 from collections.abc import Callable
@@ -31,6 +32,9 @@ from nitsum_core.model import LlamaModel, ModelShard
 from nitsum_core.tp import IDLE, PeerLost, attach, broadcast_step, follower_loop, leader_hook
 
 CHUNK_UNITS = 64  # head-units per message on the wire; both sides chunk identically
+# Test hook: seconds to sleep before each engine step, so a test can keep small, fast models'
+# requests in flight long enough to race a switch against them deterministically.
+STEP_DELAY_S = float(os.environ.get("NITSUM_TEST_STEP_DELAY_S", "0") or 0)
 
 Emit = Callable[[int, dict[str, list[m.TokenItem]], list[m.KvEvent]], None]
 
@@ -249,6 +253,8 @@ class SlotRunner:
     def _step(self) -> None:
         engine = self.engine
         assert engine is not None
+        if STEP_DELAY_S:
+            time.sleep(STEP_DELAY_S)
         try:
             outputs = engine.step()
         except PeerLost as exc:

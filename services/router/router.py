@@ -86,6 +86,9 @@ class Router:
         self._unheld = asyncio.Event()
         self._unheld.set()
         self._held_since = 0.0
+        # Requests aborted while a switch holds (request id -> slot): a paused leader has already
+        # exported them, so their new leader adopts them at commit. Aborted again on release.
+        self._abort_after_hold: dict[str, int] = {}
         self.lanes = LanePolicy(tiers, self.config.window_s)
         self._budgets: dict[str, float] | None = None  # the controller's latest, applied next window
         self._window: dict[str, m.TierWindowStats] = {}
@@ -135,6 +138,8 @@ class Router:
         for request_id, slot in hold.moved.items():
             f = self.flights.get(request_id)
             if f is None or f.finished:
+                # Cancelled, timed out or failed while paused: it lands on ``slot`` at commit.
+                self._abort_after_hold[request_id] = slot
                 continue
             if f.slot is not None and f.slot in self.workers:
                 self.workers[f.slot].in_flight.discard(request_id)
@@ -147,6 +152,11 @@ class Router:
         elif self.held_by in (None, hold.plan_id):
             self.held_by = None
             self._unheld.set()
+            orphans, self._abort_after_hold = self._abort_after_hold, {}
+            for request_id, slot in orphans.items():
+                await self.nc.publish(subjects.worker_abort(slot), m.encode(m.WorkerAbort(request_id)))
+            if orphans:
+                self.log.info("aborted requests that finished here during the switch", count=len(orphans))
         waiting = sum(1 for t in self._tasks if not t.done())
         self.log.info("hold" if hold.hold else "release", plan=hold.plan_id, moved=len(hold.moved))
         if msg.reply:
@@ -509,6 +519,8 @@ class Router:
     async def _abort_on_worker(self, f: Flight) -> None:
         if f.slot is not None:
             await self.nc.publish(subjects.worker_abort(f.slot), m.encode(m.WorkerAbort(f.req.request_id)))
+            if not self._unheld.is_set():  # mid-switch: its state may already be on its way elsewhere
+                self._abort_after_hold[f.req.request_id] = f.slot
 
     async def _on_cancel(self, msg: Msg) -> None:
         cancel = decode_or_drop(self.log, m.CancelRequest, msg.data, "cancel")
