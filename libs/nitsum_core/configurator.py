@@ -361,12 +361,18 @@ def _greedy_pass(
         if best is None:
             break
         _, name, tp, role, got_p, got_d = best
-        best_a = Assignment(starts[tp], tp, role, name)
-        a = best_a
-        chosen.append(a)
-        buddy.take(a.start, a.tp)
-        need_p[a.tier] -= got_p
-        need_d[a.tier] -= got_d
+        full_p, full_d = next((p, q) for r, p, q in supply[(name, tp)] if r == role)
+        start: int | None = starts[tp]
+        # Take the same option again while it still gets its full capacity: its score is then
+        # unchanged and no other option's score rose, so the scan would pick it again anyway.
+        while start is not None:
+            chosen.append(Assignment(start, tp, role, name))
+            buddy.take(start, tp)
+            need_p[name] -= got_p
+            need_d[name] -= got_d
+            if need_p[name] < full_p or need_d[name] < full_d or (got_p, got_d) != (full_p, full_d):
+                break
+            start = buddy.find(tp)
     # Idle slots serve the most demanded tier as mixed instances of the smallest degree this pass
     # allows (capacity is never wasted; a model too big for one GPU never gets a TP-1 instance).
     if demands and tps:
