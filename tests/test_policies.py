@@ -9,7 +9,7 @@ from nitsum_core.configurator import Assignment, Plan
 from nitsum_core.control_loop import ControlLoop
 from nitsum_core.perf_model import HARDWARE, PerfModel, model_spec
 from nitsum_core.reconfig import plan_topology, topology_plan
-from nitsum_core.routing import Candidate, Lane, LanePolicy
+from nitsum_core.routing import Candidate, Lane, LanePolicy, leaders_for
 
 TIERS = {
     "interactive": Tier("interactive", 0.3, 0.012, 0),
@@ -133,3 +133,18 @@ def test_a_plan_family_that_underdelivers_is_discounted_and_left() -> None:
             break
     assert loop.calibration["shared-tp2"] < 0.5
     assert switched is not None and {a.tp for a in switched.assignments} != {2}
+
+
+def test_a_tier_without_an_instance_goes_best_effort_anywhere_not_refused() -> None:
+    plan = Plan(
+        [
+            Assignment(0, 2, "mixed", "interactive"),
+            Assignment(2, 1, "mixed", "agent"),
+            Assignment(3, 1, "decode", "agent"),
+        ]
+    )
+    topo = plan_topology(plan, epoch=1, reason="test")
+    assert leaders_for(topo, "interactive", {0, 1, 2, 3}) == ([0], False)
+    # Background has no instance in this cut: any mixed/prefill leader, flagged as a fallback.
+    assert leaders_for(topo, "background", {0, 1, 2, 3}) == ([0, 2], True)
+    assert leaders_for(topo, "background", set()) == ([], False)

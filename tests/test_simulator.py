@@ -152,3 +152,12 @@ def test_nitsum_sim_cli_writes_results(tmp_path) -> None:
     }
     assert (tmp_path / "sim-llama-3.1-8b-4xh100-sxm.md").read_text().startswith("# Goodput study")
     assert (tmp_path / "sim-llama-3.1-8b-4xh100-sxm.png").exists()
+
+
+def test_a_tier_the_plan_does_not_serve_is_queued_best_effort_not_rejected() -> None:
+    only_interactive = Plan([Assignment(s, 1, "mixed", "interactive") for s in range(4)])
+    res = Simulator(_perf(), 4, TIERS, Preset("nitsum-static", queue_order="slo"), only_interactive).run(
+        _workload(200, rate=5.0)
+    )
+    assert {r.tier for r in res.records} - {"interactive"}  # the workload has other tiers
+    assert res.rejected == 0 and all(r.error is None for r in res.records)

@@ -27,6 +27,8 @@ from nitsum_core.configurator import (
 )
 from nitsum_core.perf_model import PerfModel
 
+WARMUP_WINDOWS = 2  # windows of a new plan before its goodput counts towards its calibration
+
 
 class Arrival(NamedTuple):
     tier: str
@@ -71,6 +73,8 @@ class ControlLoop:
         self.calibration: dict[str, float] = {}
         self._last_prediction: float | None = None  # for the current plan, made a window ago
         self._pending: list | None = None  # last window's winning cut (debounce)
+        self._plan_seen: list | None = None
+        self._warm = 0  # windows the current plan has run
 
     def arrival(self, tier: str, prompt: int, output: int) -> None:
         self.arrivals.append(Arrival(tier, prompt, output))
@@ -103,6 +107,13 @@ class ControlLoop:
         window, self.arrivals = self.arrivals, []
         self._recent.append(window)
         family = plan_family(self.plan.assignments)
+        # Requests finish windows after they arrive: right after a (re)start or a new cut, the
+        # goodput seen lags the plan's real rate, so the first windows of a plan teach nothing.
+        if self.plan.assignments != self._plan_seen:
+            self._plan_seen, self._warm = list(self.plan.assignments), 0
+        self._warm += 1
+        if self._warm <= WARMUP_WINDOWS:
+            self._last_prediction = None
         if self._last_prediction is not None and self._last_prediction > 0:
             seen = min(2.0, (self._good / self.window_s) / self._last_prediction)
             prev = self.calibration.get(family)

@@ -32,6 +32,19 @@ def eligible_leaders(topology: Topology | None, tier: str, alive: set[int]) -> l
     ]
 
 
+def leaders_for(topology: Topology | None, tier: str, alive: set[int]) -> tuple[list[int], bool]:
+    """Leaders to route a ``tier`` request to, and whether that is a fallback.
+
+    A plan may dedicate every instance to other tiers (a tier with no recent demand gets none);
+    its requests then go best-effort to any instance rather than being refused.
+    """
+    leaders = eligible_leaders(topology, tier, alive)
+    if leaders or topology is None:
+        return leaders, False
+    every = [i.leader for i in topology.instances if i.role in ("mixed", "prefill") and i.leader in alive]
+    return every, bool(every)
+
+
 def least_loaded(candidates: list[Candidate]) -> int | None:
     """The slot with the smallest load (lowest slot on ties, so routing is deterministic)."""
     if not candidates:

@@ -22,7 +22,7 @@ from nitsum_core.configurator import Assignment, Plan
 from nitsum_core.control_loop import ControlLoop
 from nitsum_core.goodput import RequestRecord
 from nitsum_core.perf_model import PerfModel
-from nitsum_core.routing import Candidate, LanePolicy
+from nitsum_core.routing import Candidate, Lane, LanePolicy
 from nitsum_core.workload import TraceRequest
 
 QueueOrder = Literal["fcfs", "priority", "slo"]
@@ -136,12 +136,18 @@ class Simulator:
     # ---- routing ---------------------------------------------------------------------------------
     def _route(self, r: SimRequest) -> None:
         cands = self._serving(r.tier, ("mixed", "prefill"))
+        # As routing.leaders_for: a tier no instance is dedicated to goes best-effort anywhere.
+        fallback = not cands
+        if fallback:
+            cands = [i for i in self.instances if i.a.role in ("mixed", "prefill")]
         if not cands:
             self._reject(r, "no instance serves this tier")
             return
         tier = self.tiers[r.tier]
         if self.preset.queue_order == "slo":
             lane = self.lanes.classify(r.tier)
+            if fallback and lane == Lane.FEASIBLE:
+                lane = Lane.BEST_EFFORT
             r.lane = int(lane)
             by_start = {i.a.start: i for i in cands}
             slot = self.lanes.pick([Candidate(i.a.start, i.load) for i in cands], lane)

@@ -35,7 +35,7 @@ from nitsum_core.errors import (
     WorkerLost,
 )
 from nitsum_core.logs import setup_logging
-from nitsum_core.routing import Candidate, Lane, LanePolicy, eligible_leaders
+from nitsum_core.routing import Candidate, Lane, LanePolicy, leaders_for
 from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
 from nitsum_core.tokenizer import IncrementalDetokenizer, Tokenizer
 from nitsum_router.flight import Flight
@@ -371,11 +371,14 @@ class Router:
             priority=f.lane,
             epoch=self.topology.epoch if self.topology else 0,
         )
-        payload = m.encode(submit)
         while not f.finished:
             await self._wait_unheld()
             alive = {s for s, w in self.workers.items() if w.alive} - exclude
-            leaders = eligible_leaders(self.topology, f.tier.name, alive)
+            leaders, fallback = leaders_for(self.topology, f.tier.name, alive)
+            if fallback and f.lane == Lane.FEASIBLE:
+                f.lane = int(Lane.BEST_EFFORT)  # no instance is dedicated to its tier right now
+            submit.priority = f.lane
+            payload = m.encode(submit)
             slot = self.lanes.pick(
                 [
                     Candidate(s, len(self.workers[s].in_flight) + self.workers[s].heartbeat.waiting)
