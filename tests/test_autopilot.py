@@ -88,7 +88,8 @@ async def test_configurator_recuts_the_pool_and_requests_survive(
     assert switched is not None, "the configurator never re-cut the pool"
     assert [i.slots for i in switched.instances] == [[0, 1], [2, 3]], switched
     assert switched.epoch > start.epoch
-    assert budgets and "interactive" in budgets[-1].budgets  # routers got admission budgets
+    assert budgets and "interactive" in budgets[-1].budgets  # the controller sent budgets ...
+    assert "interactive" in after.budgets  # ... and the router runs its lanes with them
     # Every request completed, token for token the model's greedy output, across the switch.
     hf = load_hf(tiny_llama_dir)
     tok = Tokenizer(tiny_llama_dir)

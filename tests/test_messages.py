@@ -92,6 +92,8 @@ SAMPLES: list[msgspec.Struct] = [
         failed=0,
         rerouted=0,
         tiers=["interactive"],
+        budgets={"interactive": 3.5},
+        budget_scale=0.8,
     ),  # fmt: skip
     m.StatusRequest(),
     _state := m.RequestState(

@@ -301,6 +301,9 @@ def _print_status(status, topo=None, services=None) -> None:  # noqa: ANN001
               f"{w.in_flight:>9} {w.free_blocks:>5}/{w.total_blocks:<6} {w.last_seen_s:>5.1f}s "
               f"{'yes' if w.pool_joined else '-':>5}")  # fmt: skip
     print("  queue depth by tier: " + ", ".join(f"{k}={v}" for k, v in status.in_flight_by_tier.items()))
+    if status.budgets:
+        budgets = ", ".join(f"{k}={v:.2f}" for k, v in sorted(status.budgets.items()))
+        print(f"  admission budgets (feasible req/s, AIMD scale {status.budget_scale:.2f}): {budgets}")
     if services:
         print("  services: " + ", ".join(f"{n}×{c}" for n, c in sorted(services.items())))
 

@@ -240,6 +240,10 @@ class RouterStatus(msgspec.Struct, kw_only=True):
     failed: int
     rerouted: int
     tiers: list[str]
+    # Admission budgets in force (feasible req/s per tier, from `tp_controller --auto`) and the
+    # AIMD scale already applied to them; empty: no controller budgets, nothing limited.
+    budgets: dict[str, float] = msgspec.field(default_factory=dict)
+    budget_scale: float = 1.0
 
 
 class StatusRequest(msgspec.Struct):

@@ -568,5 +568,7 @@ class Router:
             failed=self.failed,
             rerouted=self.rerouted,
             tiers=sorted(self.tiers),
+            budgets=dict(self.lanes.budgets),
+            budget_scale=self.lanes.scale,
         )
         await request.respond(m.encode(status))
