@@ -16,30 +16,18 @@ import argparse
 import json
 from pathlib import Path
 
-from nitsum_cli.sim import _workload
 from nitsum_core.baselines import PRESETS, split_clusters
-from nitsum_core.config import load_tiers
 from nitsum_core.configurator import Plan, TierDemand, greedy, predicted_goodput, shared_plans
 from nitsum_core.goodput import summarize
-from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.simulator import Simulator
+from study_setup import add_study_args, load_study
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.1-8b")
-    p.add_argument("--hardware", default="h100-sxm", choices=sorted(HARDWARE))
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--rate", type=float, default=200.0)
-    p.add_argument("--duration", type=float, default=60.0)
-    p.add_argument("--trace", action="append", default=[], help="PATH[:tier=frac,...] as for `nitsum sim`")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench_results/calibration_check.json")
+    add_study_args(p, rate=200.0, out="bench_results/calibration_check.json")
     a = p.parse_args()
-    a.start = 0.0
-    workload = _workload(a, a.rate)
-    tiers = load_tiers(Path(__file__).resolve().parents[1] / "libs" / "nitsum_core" / "gpu_tiers.toml")
-    perf = PerfModel(model_spec(a.model), HARDWARE[a.hardware], Coefficients(overhead_s=2e-3))
+    workload, tiers, perf = load_study(a)
     demands = {}
     for name, tier in tiers.items():
         rs = [r for r in workload if r.tier == name]

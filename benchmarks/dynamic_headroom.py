@@ -17,33 +17,18 @@ import argparse
 import json
 from pathlib import Path
 
-from nitsum_cli.sim import _workload
 from nitsum_core.baselines import PRESETS, candidates
-from nitsum_core.config import load_tiers
 from nitsum_core.goodput import meets_slo, summarize
-from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.simulator import Simulator
+from study_setup import add_study_args, load_study
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.1-8b")
-    p.add_argument("--hardware", default="h100-sxm", choices=sorted(HARDWARE))
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--rate", type=float, default=400.0)
-    p.add_argument("--duration", type=float, default=60.0)
+    add_study_args(p, rate=400.0, out="bench_results/dynamic_headroom.json")
     p.add_argument("--window", type=float, default=10.0, help="oracle re-cut period in seconds")
-    p.add_argument("--tiers", default=None)
-    p.add_argument("--trace", action="append", default=[], help="PATH[:tier=frac,...] as for `nitsum sim`")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench_results/dynamic_headroom.json")
     a = p.parse_args()
-    a.start = 0.0
-    workload = _workload(a, a.rate)
-    tiers = load_tiers(
-        a.tiers or Path(__file__).resolve().parents[1] / "libs" / "nitsum_core" / "gpu_tiers.toml"
-    )
-    perf = PerfModel(model_spec(a.model), HARDWARE[a.hardware], Coefficients(overhead_s=2e-3))
+    workload, tiers, perf = load_study(a)
     order = sorted(tiers, key=lambda t: tiers[t].priority)
     plans = {}
     for preset in ("nitsum-static", "split", "static-pd"):

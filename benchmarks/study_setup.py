@@ -1,0 +1,37 @@
+"""Shared command line and set-up of the study benchmarks (one simulated load point).
+
+The arguments mirror `nitsum sim` (model, hardware, pool, one rate, traces with tier fractions,
+tiers); the perf model is the nominal roofline with the 2 ms step overhead the study uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nitsum_cli.sim import _workload
+from nitsum_core.config import Tier, load_tiers
+from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.workload import TraceRequest
+
+GPU_TIERS = Path(__file__).resolve().parents[1] / "libs" / "nitsum_core" / "gpu_tiers.toml"
+
+
+def add_study_args(p: argparse.ArgumentParser, rate: float, out: str) -> None:
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--hardware", default="h100-sxm", choices=sorted(HARDWARE))
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--rate", type=float, default=rate)
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--tiers", default=None, help="tier TOML (default: the packaged gpu_tiers.toml)")
+    p.add_argument("--trace", action="append", default=[], help="PATH[:tier=frac,...] as for `nitsum sim`")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out)
+
+
+def load_study(a: argparse.Namespace) -> tuple[list[TraceRequest], dict[str, Tier], PerfModel]:
+    a.start = 0.0
+    workload = _workload(a, a.rate)
+    tiers = load_tiers(a.tiers or GPU_TIERS)
+    perf = PerfModel(model_spec(a.model), HARDWARE[a.hardware], Coefficients(overhead_s=2e-3))
+    return workload, tiers, perf
