@@ -122,8 +122,9 @@ def test_a_plan_family_that_underdelivers_is_discounted_and_left() -> None:
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
     tp2 = Plan([Assignment(s, 2, "mixed", "*") for s in range(0, 8, 2)])
     loop = ControlLoop(8, perf, TIERS, tp2, window_s=1.0, roles=("mixed",))
+    loop.calibration["shared-tp1"] = 0.9  # TP 1 has run before and did about what it predicted
     switched = None
-    for _ in range(6):
+    for _ in range(8):
         for _ in range(30):
             loop.arrival("interactive", 500, 200)
             loop.finished("interactive", good=False)  # TP 2 serves nothing within SLO here

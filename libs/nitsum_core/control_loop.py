@@ -69,7 +69,7 @@ class ControlLoop:
         self._good = 0  # requests finished within both targets this window
         # Plan family -> EWMA of observed goodput / predicted goodput while it ran. The capacity
         # model is a roofline estimate; each family's own track record corrects its predictions
-        # (a family never run keeps 1: it gets tried once when its prediction wins).
+        # (a family never run gets the mean factor of those that have).
         self.calibration: dict[str, float] = {}
         self._last_prediction: float | None = None  # for the current plan, made a window ago
         self._pending: list | None = None  # last window's winning cut (debounce)
@@ -131,8 +131,13 @@ class ControlLoop:
         if not self.dynamic:
             return decision
 
+        # A family never run is assumed as far off as the families run so far are on average:
+        # the roofline's error is largely shared, and an optimistic 1.0 would send the loop
+        # through every family the model ranks low, one costly exploration at a time.
+        prior = sum(self.calibration.values()) / len(self.calibration) if self.calibration else 1.0
+
         def expected(plan: Plan) -> float:
-            return plan.predicted_goodput_rps * self.calibration.get(plan_family(plan.assignments), 1.0)
+            return plan.predicted_goodput_rps * self.calibration.get(plan_family(plan.assignments), prior)
 
         proposed = max(candidate_plans(self.pool, self.perf, demands, self.roles), key=expected)
         # Debounce: a cut must win two windows running. One second of a bursty trace often
@@ -142,7 +147,7 @@ class ControlLoop:
             return decision
         pause = switch_cost(proposed)
         if should_switch(
-            current * self.calibration.get(family, 1.0), expected(proposed), pause, self.window_s
+            current * self.calibration.get(family, prior), expected(proposed), pause, self.window_s
         ):
             decision.switch_to, decision.pause_s = proposed, pause
         return decision
