@@ -72,7 +72,7 @@ class ControlLoop:
         # (a family never run gets the mean factor of those that have).
         self.calibration: dict[str, float] = {}
         self._last_prediction: float | None = None  # for the current plan, made a window ago
-        self._pending: list | None = None  # last window's winning cut (debounce)
+        self._pending: str | None = None  # last window's winning plan family (debounce)
         self._plan_seen: list | None = None
         self._warm = 0  # windows the current plan has run
 
@@ -140,10 +140,12 @@ class ControlLoop:
             return plan.predicted_goodput_rps * self.calibration.get(plan_family(plan.assignments), prior)
 
         proposed = max(candidate_plans(self.pool, self.perf, demands, self.roles), key=expected)
-        # Debounce: a cut must win two windows running. One second of a bursty trace often
+        # Debounce: a plan family must win two windows running. One second of a bursty trace often
         # favours a plan the next second does not, and every switch pauses the moved slots.
-        pending, self._pending = self._pending, proposed.assignments
-        if proposed.assignments == self.plan.assignments or pending != proposed.assignments or not window:
+        # The family must win twice, not the exact cut: a per-tier cut changes shape with every
+        # window's demand and would otherwise never win twice running.
+        pending, self._pending = self._pending, plan_family(proposed.assignments)
+        if proposed.assignments == self.plan.assignments or pending != self._pending or not window:
             return decision
         pause = switch_cost(proposed)
         if should_switch(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan
+from nitsum_core.configurator import Assignment, Plan, valid_tp_choices
 from nitsum_core.control_loop import ControlLoop
 from nitsum_core.goodput import RequestRecord
 from nitsum_core.perf_model import PerfModel
@@ -379,9 +379,12 @@ class Simulator:
 
     # ---- run -----------------------------------------------------------------------------------------
     def run(self, workload: list[TraceRequest]) -> SimResult:
-        # Dynamic presets start from a uniform TP-1 cut serving every tier (what a deployment
-        # boots with); the configurator re-cuts it from the first window on.
-        self._build(self._initial_plan or Plan([Assignment(s, 1, "mixed", "*") for s in range(self.pool)]))
+        # Dynamic presets start from a uniform cut of the smallest degree the model fits at,
+        # serving every tier (what a deployment boots with); the configurator re-cuts it from the
+        # first window on.
+        tp = min(valid_tp_choices(self.pool, self.perf) or [1])
+        boot = Plan([Assignment(s, tp, "mixed", "*") for s in range(0, self.pool - tp + 1, tp)])
+        self._build(self._initial_plan or boot)
         self.control = ControlLoop(
             self.pool, self.perf, self.tiers, self.plan, self.preset.window_s, self.preset.dynamic
         )
