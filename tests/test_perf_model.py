@@ -194,8 +194,11 @@ def test_plan_families_group_shared_degrees_and_per_tier_cuts() -> None:
     from nitsum_core.configurator import SHARED, Assignment, plan_family
 
     assert plan_family([Assignment(0, 2, "mixed", SHARED), Assignment(2, 2, "mixed", SHARED)]) == "shared-tp2"
+    pd = [Assignment(0, 1, "prefill", "agent"), Assignment(1, 1, "decode", "agent")]
+    assert plan_family(pd) == "per-tier-pd"
     assert (
-        plan_family([Assignment(0, 1, "prefill", "agent"), Assignment(1, 1, "decode", "agent")]) == "per-tier"
+        plan_family([Assignment(0, 1, "mixed", "agent"), Assignment(1, 1, "mixed", "interactive")])
+        == "per-tier"
     )
 
 

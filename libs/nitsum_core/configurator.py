@@ -245,11 +245,12 @@ def plan_family(assignments: Sequence[Assignment]) -> str:
     """A coarse name for what kind of plan this is, for learning from how such plans did.
 
     Per-tier cuts change shape with every window's demand, so experience is kept per family:
-    each uniform shared degree, and the per-tier cut as one.
+    each uniform shared degree, per-tier cuts of mixed instances, and per-tier cuts that split
+    prefill from decode (whose hand-offs the capacity model knows least about).
     """
     if assignments and all(a.tier == SHARED for a in assignments):
         return "shared-tp" + "-".join(str(t) for t in sorted({a.tp for a in assignments}))
-    return "per-tier"
+    return "per-tier-pd" if any(a.role != "mixed" for a in assignments) else "per-tier"
 
 
 def choose_plan(

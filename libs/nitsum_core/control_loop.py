@@ -73,7 +73,7 @@ class ControlLoop:
         self.calibration: dict[str, float] = {}
         self._last_prediction: float | None = None  # for the current plan, made a window ago
         self._pending: str | None = None  # last window's winning plan family (debounce)
-        self._plan_seen: list | None = None
+        self._family_seen: str | None = None
         self._warm = 0  # windows the current plan has run
 
     def arrival(self, tier: str, prompt: int, output: int) -> None:
@@ -107,10 +107,10 @@ class ControlLoop:
         window, self.arrivals = self.arrivals, []
         self._recent.append(window)
         family = plan_family(self.plan.assignments)
-        # Requests finish windows after they arrive: right after a (re)start or a new cut, the
-        # goodput seen lags the plan's real rate, so the first windows of a plan teach nothing.
-        if self.plan.assignments != self._plan_seen:
-            self._plan_seen, self._warm = list(self.plan.assignments), 0
+        # Requests finish windows after they arrive: right after a (re)start or a change of plan
+        # family, the goodput seen lags the plan's real rate, so those first windows teach nothing.
+        if family != self._family_seen:  # re-cuts within a family keep learning about it
+            self._family_seen, self._warm = family, 0
         self._warm += 1
         if self._warm <= WARMUP_WINDOWS:
             self._last_prediction = None
@@ -131,10 +131,13 @@ class ControlLoop:
         if not self.dynamic:
             return decision
 
-        # A family never run is assumed as far off as the families run so far are on average:
-        # the roofline's error is largely shared, and an optimistic 1.0 would send the loop
-        # through every family the model ranks low, one costly exploration at a time.
-        prior = sum(self.calibration.values()) / len(self.calibration) if self.calibration else 1.0
+        # A family never run is assumed as far off as the *other* families run so far are on
+        # average: the roofline's error is largely shared, and an optimistic 1.0 would send the
+        # loop through every family the model ranks low, one costly exploration at a time. The
+        # current family's own factor is left out, or a bad first family would look like the norm
+        # and the loop would never leave it.
+        others = [c for f, c in self.calibration.items() if f != family]
+        prior = sum(others) / len(others) if others else 1.0
 
         def expected(plan: Plan) -> float:
             return plan.predicted_goodput_rps * self.calibration.get(plan_family(plan.assignments), prior)
