@@ -30,8 +30,8 @@ PRESETS: dict[str, Preset] = {
     "split": Preset("split", "fcfs"),
     "static-pd": Preset("static-pd", "fcfs"),
     "nitsum-static": Preset("nitsum-static", "slo"),
-    "nitsum-slow": Preset("nitsum-slow", "slo", dynamic=True, switch="slow"),
-    "nitsum": Preset("nitsum", "slo", dynamic=True, switch="fast"),
+    "nitsum-slow": Preset("nitsum-slow", "slo", dynamic=True, switch="slow", roles=("mixed",)),
+    "nitsum": Preset("nitsum", "slo", dynamic=True, switch="fast", roles=("mixed",)),
 }
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan, valid_tp_choices
+from nitsum_core.configurator import Assignment, Plan, Role, valid_tp_choices
 from nitsum_core.control_loop import ControlLoop
 from nitsum_core.goodput import RequestRecord
 from nitsum_core.perf_model import PerfModel
@@ -39,6 +39,9 @@ class Preset:
     dynamic: bool = False
     switch: Literal["fast", "slow"] = "fast"
     window_s: float = 1.0
+    # Instance roles a dynamic preset may cut: the presets of Nitsum use what the serving path
+    # runs (mixed instances; prefill->decode hand-off between workers is not built yet).
+    roles: tuple[Role, ...] = ("mixed", "prefill", "decode")
 
 
 @dataclass
@@ -386,7 +389,13 @@ class Simulator:
         boot = Plan([Assignment(s, tp, "mixed", "*") for s in range(0, self.pool - tp + 1, tp)])
         self._build(self._initial_plan or boot)
         self.control = ControlLoop(
-            self.pool, self.perf, self.tiers, self.plan, self.preset.window_s, self.preset.dynamic
+            self.pool,
+            self.perf,
+            self.tiers,
+            self.plan,
+            self.preset.window_s,
+            self.preset.dynamic,
+            roles=self.preset.roles,
         )
         reqs = [
             SimRequest(i, r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
