@@ -253,29 +253,19 @@ def plan_family(assignments: Sequence[Assignment]) -> str:
     return "per-tier-pd" if any(a.role != "mixed" for a in assignments) else "per-tier"
 
 
-def choose_plan(
-    pool: int,
-    perf: PerfModel,
-    demands: dict[str, TierDemand],
-    roles: Sequence[Role] = ("mixed", "prefill", "decode"),
-) -> Plan:
-    """The configurator's pick for one window: the per-tier greedy cut or a shared uniform cut.
-
-    Per-tier cuts isolate tiers (a tight-TPOT tier gets its own high-TP instances); shared cuts
-    pool the capacity (no GPU idles while another tier queues). The higher predicted goodput wins;
-    on a tie the shared cut, which needs fewer switches as the mix drifts. ``roles`` limits the
-    per-tier cut (the real services serve mixed instances only until P/D hand-off is built).
-    """
-    return max(candidate_plans(pool, perf, demands, roles), key=lambda p: p.predicted_goodput_rps)
-
-
 def candidate_plans(
     pool: int,
     perf: PerfModel,
     demands: dict[str, TierDemand],
     roles: Sequence[Role] = ("mixed", "prefill", "decode"),
 ) -> list[Plan]:
-    """Every plan the configurator weighs: each shared uniform cut, then the per-tier greedy cut."""
+    """Every plan the configurator weighs: each shared uniform cut, then the per-tier greedy cut.
+
+    Per-tier cuts isolate tiers (a tight-TPOT tier gets its own high-TP instances); shared cuts
+    pool the capacity (no GPU idles while another tier queues). ``control_loop.ControlLoop`` picks
+    among them by calibrated prediction. ``roles`` limits the per-tier cut (the serving path runs
+    mixed instances only until prefill->decode hand-off is built).
+    """
     return [*shared_plans(pool, perf, demands), greedy(pool, perf, demands, roles=roles)]
 
 

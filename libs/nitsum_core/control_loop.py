@@ -74,7 +74,7 @@ class ControlLoop:
         self._last_prediction: float | None = None  # for the current plan, made a window ago
         self._pending: str | None = None  # last window's winning plan family (debounce)
         self._family_seen: str | None = None
-        self._warm = 0  # windows the current plan has run
+        self._warm = 0  # windows the current plan family has run
 
     def arrival(self, tier: str, prompt: int, output: int) -> None:
         self.arrivals.append(Arrival(tier, prompt, output))

@@ -98,7 +98,7 @@ class Controller:
             if self._switch_lock.locked():
                 continue
             live = self._live_slots()
-            have = sorted(s for inst in self.current.instances for s in inst.slots) if self.current else None
+            have = self._topology_slots() if self.current else None
             if not live or live == have:
                 continue
             epoch = (self.current.epoch + 1) if self.current else 1
@@ -121,14 +121,27 @@ class Controller:
         topo = self.current or m.Topology(epoch=0, instances=[], written_at=0.0, reason="no topology yet")
         await request.respond(m.encode(topo))
 
-    def _target(self, req: m.ReconfigureRequest) -> m.Topology:
-        """The topology a ReconfigureRequest asks for, validated against the live pool."""
+    def _topology_slots(self) -> list[int]:
+        assert self.current is not None
+        return sorted(s for i in self.current.instances for s in i.slots)
+
+    def _settled_pool(self) -> list[int]:
+        """The live slots, provided they are exactly the topology's (no pool change under way)."""
         if self.current is None:
             raise InvalidRequest("no topology yet: wait until the workers are up")
-        live = self._live_slots()
-        have = sorted(s for i in self.current.instances for s in i.slots)
+        live, have = self._live_slots(), self._topology_slots()
         if live != have:
             raise InvalidRequest(f"the pool is changing (live {live}, topology {have}); retry in a moment")
+        return live
+
+    def _refused(self, exc: NitsumError) -> m.ReconfigureResult:
+        epoch = self.current.epoch if self.current else 0
+        return m.ReconfigureResult(ok=False, epoch=epoch, error=m.ErrorInfo.from_exc(exc))
+
+    def _target(self, req: m.ReconfigureRequest) -> m.Topology:
+        """The topology a ReconfigureRequest asks for, validated against the live pool."""
+        live = self._settled_pool()
+        assert self.current is not None
         epoch = self.current.epoch + 1
         reason = f"reconfigure: {req.reason}"
         if req.tp is not None:
@@ -158,19 +171,19 @@ class Controller:
             try:
                 target = self._target(req)
             except NitsumError as exc:
-                epoch = self.current.epoch if self.current else 0
-                return m.ReconfigureResult(ok=False, epoch=epoch, error=m.ErrorInfo.from_exc(exc))
+                return self._refused(exc)
             return await self._switch(target, req.timeout_s)
 
     async def switch_to(self, target: m.Topology, timeout_s: float = 30.0) -> m.ReconfigureResult:
         """Move to ``target`` (built on the current epoch + 1) unless the pool or topology moved on."""
         async with self._switch_lock:
-            live = self._live_slots()
-            have = sorted(s for i in self.current.instances for s in i.slots) if self.current else None
-            if self.current is None or target.epoch != self.current.epoch + 1 or live != have:
-                epoch = self.current.epoch if self.current else 0
-                err = InvalidRequest("the topology or the pool changed since the plan was made")
-                return m.ReconfigureResult(ok=False, epoch=epoch, error=m.ErrorInfo.from_exc(err))
+            try:
+                self._settled_pool()
+                assert self.current is not None
+                if target.epoch != self.current.epoch + 1:
+                    raise InvalidRequest("the topology changed since the plan was made")
+            except NitsumError as exc:
+                return self._refused(exc)
             return await self._switch(target, timeout_s)
 
     async def _switch(self, target: m.Topology, timeout_s: float) -> m.ReconfigureResult:
