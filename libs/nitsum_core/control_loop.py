@@ -1,10 +1,14 @@
 """The controller's per-window decision (DESIGN §1, §7), shared by ``tp_controller`` and the simulator.
 
 Pure and clock-free: the driver feeds it arrivals and finishes as they happen and calls
-``window()`` once per control window. It estimates each tier's demand over the last few windows,
-learns how each plan family actually did, and proposes a new cut only when the configurator
-predicts a clear gain that beats the switching cost. The admission budgets it returns go to the
-router's ``LanePolicy``.
+``window()`` once per control window. It estimates each tier's demand over the last few windows
+and proposes a new cut only when it expects a clear gain that beats the switching cost. The
+admission budgets it returns go to the router's ``LanePolicy``.
+
+How a candidate plan is scored: with a ``replay`` scorer (``simulator.PlanReplay``, what both
+drivers use), each candidate is run through the simulator on the last few windows' requests; without
+one, by the configurator's roofline prediction scaled by how each plan family actually did
+(per-family calibration), which is cheap enough for any pool size but ranks plans less well.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import NamedTuple
 
 from nitsum_core.config import Tier
 from nitsum_core.configurator import (
+    Assignment,
     Plan,
     Role,
     TierDemand,
@@ -28,6 +33,7 @@ from nitsum_core.configurator import (
 from nitsum_core.perf_model import PerfModel
 
 WARMUP_WINDOWS = 2  # windows of a new plan before its goodput counts towards its calibration
+REPLAY_WINDOWS = 5  # windows of requests a replay scores plans on
 
 
 class Arrival(NamedTuple):
@@ -36,15 +42,19 @@ class Arrival(NamedTuple):
     output: int  # actual output length where known (simulator), else the router's estimate
 
 
+# A plan's expected goodput (req/s) on these requests, which arrived over this many seconds.
+ReplayScorer = Callable[[Plan, list[Arrival], float], float]
+
+
 @dataclass
 class Decision:
     """One window's outcome: the demand seen, the admission budgets, and maybe a new plan."""
 
     demands: dict[str, TierDemand]
     budgets: dict[str, float] | None  # None: no demand this window, keep the old budgets
-    switch_to: Plan | None = None
+    switch_to: Plan | None = None  # its predicted_goodput_rps: the score it won with
     pause_s: float = 0.0
-    predicted_current_rps: float = 0.0
+    predicted_current_rps: float = 0.0  # the current plan's score (dynamic loops)
 
 
 class ControlLoop:
@@ -58,9 +68,15 @@ class ControlLoop:
         dynamic: bool = True,
         history: int = 3,
         roles: Sequence[Role] = ("mixed", "prefill", "decode"),
+        replay: ReplayScorer | None = None,
+        replay_windows: int = REPLAY_WINDOWS,
     ) -> None:
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
+        self.replay = replay
+        # Replay scores a plan on more history than the demand estimate uses: a few seconds of a
+        # bursty trace rank plans by that burst, and every re-cut on noise pays a pause.
+        self._replayed: deque[list[Arrival]] = deque(maxlen=replay_windows)
         # Demand over the last few windows: one second of a bursty trace is a noisy estimate, and
         # the controller should follow the load, not its noise.
         self._recent: deque[list[Arrival]] = deque(maxlen=history)
@@ -106,6 +122,7 @@ class ControlLoop:
         """
         window, self.arrivals = self.arrivals, []
         self._recent.append(window)
+        self._replayed.append(window)
         family = plan_family(self.plan.assignments)
         # Requests finish windows after they arrive: right after a (re)start or a change of plan
         # family, the goodput seen lags the plan's real rate, so those first windows teach nothing.
@@ -128,9 +145,49 @@ class ControlLoop:
         current = predicted_goodput(self.perf, self.plan.assignments, demands)
         self._last_prediction = current
         decision.predicted_current_rps = current
-        if not self.dynamic:
+        if not self.dynamic or not window:  # no re-cut in a window without arrivals
             return decision
 
+        candidates = candidate_plans(self.pool, self.perf, demands, self.roles)
+        if self.replay is not None:
+            expected = self._replay_scores()
+            now_rps = expected(self.plan)
+        else:
+            expected = self._calibrated_scores(family)
+            now_rps = expected(Plan(self.plan.assignments, current))
+        decision.predicted_current_rps = now_rps
+        best = max(candidates, key=expected)
+        proposed = Plan(best.assignments, expected(best))
+        # Debounce: a plan family must win two windows running. One second of a bursty trace often
+        # favours a plan the next second does not, and every switch pauses the moved slots.
+        # The family must win twice, not the exact cut: a per-tier cut changes shape with every
+        # window's demand and would otherwise never win twice running.
+        pending, self._pending = self._pending, plan_family(proposed.assignments)
+        if proposed.assignments == self.plan.assignments or pending != self._pending:
+            return decision
+        pause = switch_cost(proposed)
+        if should_switch(now_rps, proposed.predicted_goodput_rps, pause, self.window_s):
+            decision.switch_to, decision.pause_s = proposed, pause
+        return decision
+
+    def _replay_scores(self) -> Callable[[Plan], float]:
+        """Each plan's goodput on the recent requests, simulated (memoised within the window)."""
+        assert self.replay is not None
+        replay = self.replay
+        requests = [r for w in self._replayed for r in w]
+        span = self.window_s * len(self._replayed)
+        seen: dict[tuple[Assignment, ...], float] = {}
+
+        def expected(plan: Plan) -> float:
+            key = tuple(plan.assignments)
+            if key not in seen:
+                seen[key] = replay(plan, requests, span)
+            return seen[key]
+
+        return expected
+
+    def _calibrated_scores(self, family: str) -> Callable[[Plan], float]:
+        """Each plan's roofline prediction times its family's observed / predicted factor."""
         # A family never run is assumed as far off as the *other* families run so far are on
         # average: the roofline's error is largely shared, and an optimistic 1.0 would send the
         # loop through every family the model ranks low, one costly exploration at a time. The
@@ -142,17 +199,4 @@ class ControlLoop:
         def expected(plan: Plan) -> float:
             return plan.predicted_goodput_rps * self.calibration.get(plan_family(plan.assignments), prior)
 
-        proposed = max(candidate_plans(self.pool, self.perf, demands, self.roles), key=expected)
-        # Debounce: a plan family must win two windows running. One second of a bursty trace often
-        # favours a plan the next second does not, and every switch pauses the moved slots.
-        # The family must win twice, not the exact cut: a per-tier cut changes shape with every
-        # window's demand and would otherwise never win twice running.
-        pending, self._pending = self._pending, plan_family(proposed.assignments)
-        if proposed.assignments == self.plan.assignments or pending != self._pending or not window:
-            return decision
-        pause = switch_cost(proposed)
-        if should_switch(
-            current * self.calibration.get(family, prior), expected(proposed), pause, self.window_s
-        ):
-            decision.switch_to, decision.pause_s = proposed, pause
-        return decision
+        return expected

@@ -2,8 +2,10 @@
 
 Routers report their traffic each window (RouterWindowStats); the shared ``ControlLoop`` -- the
 same object the simulator drives -- turns it into demand, admission budgets for the routers'
-lane policy, and, when the predicted gain beats the switching cost, a new cut that the
-controller applies with the switch protocol. The switching cost it weighs is what its own
+lane policy, and, when a candidate cut replayed through the simulator on the recent requests
+(``simulator.PlanReplay``, with this controller's performance model) beats the current one by more
+than the switching cost, a new cut that the controller applies with the switch protocol. The
+replay runs in a thread, off the event loop. The switching cost it weighs is what its own
 switches have measured (EWMA), starting from ``initial_switch_s``.
 """
 
@@ -22,6 +24,7 @@ from nitsum_core.configurator import Plan
 from nitsum_core.control_loop import ControlLoop
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.service import decode_or_drop
+from nitsum_core.simulator import PlanReplay
 
 if TYPE_CHECKING:
     from nitsum_tp_controller.controller import Controller
@@ -44,6 +47,9 @@ class AutoPilot:
         self.switch_s = config.initial_switch_s
         self.switches = 0
         self._routers: set[str] = set()  # routers that reported this window
+        # Stats wait here until the window closes: the loop's window runs in a thread (replaying
+        # candidate plans through the simulator takes a while) and must not be fed meanwhile.
+        self._stats: list[m.RouterWindowStats] = []
         self._task: asyncio.Task | None = None
 
     async def run(self) -> None:
@@ -60,17 +66,21 @@ class AutoPilot:
 
     async def _on_stats(self, msg: Msg) -> None:
         stats = decode_or_drop(self.log, m.RouterWindowStats, msg.data, "router stats")
-        if stats is None or self.loop is None:
-            return
-        self._routers.add(stats.router_id)
-        for name, t in stats.tiers.items():
-            if name not in self.config.tiers:
-                self.log.warning("stats for an unknown tier dropped", tier=name, router=stats.router_id)
-                continue
-            for prompt, output in zip(t.prompt_tokens, t.output_tokens, strict=False):
-                self.loop.arrival(name, prompt, output)
-            for i in range(t.finished):
-                self.loop.finished(name, i < t.good)
+        if stats is not None:
+            self._routers.add(stats.router_id)
+            self._stats.append(stats)
+
+    def _feed(self, loop: ControlLoop) -> None:
+        stats, self._stats = self._stats, []
+        for s in stats:
+            for name, t in s.tiers.items():
+                if name not in self.config.tiers:
+                    self.log.warning("stats for an unknown tier dropped", tier=name, router=s.router_id)
+                    continue
+                for prompt, output in zip(t.prompt_tokens, t.output_tokens, strict=False):
+                    loop.arrival(name, prompt, output)
+                for i in range(t.finished):
+                    loop.finished(name, i < t.good)
 
     def _sync_plan(self) -> Plan | None:
         """The loop follows the written topology (a hand-made switch or a pool change moves it too)."""
@@ -89,16 +99,20 @@ class AutoPilot:
                 plan,
                 self.config.window_s,
                 roles=("mixed",),  # prefill->decode hand-off is not in the serving path yet
+                replay=PlanReplay(self.config.perf, pool, self.config.tiers, self.config.window_s),
             )
         self.loop.plan = plan
         return plan
 
     async def _window(self) -> None:
         if self._sync_plan() is None or self.loop is None:
+            self._stats.clear()  # no pool to cut yet: this traffic says nothing about a plan
             return
         if self._task is not None and not self._task.done():
             return  # a switch is still running: its window's decision waits
-        decision = self.loop.window(lambda _: self.switch_s)
+        self._feed(self.loop)
+        switch_s = self.switch_s
+        decision = await asyncio.to_thread(self.loop.window, lambda _: switch_s)
         routers, self._routers = max(1, len(self._routers)), set()
         nc, current = self.controller.nc, self.controller.current
         assert nc is not None and current is not None
