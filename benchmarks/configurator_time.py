@@ -1,8 +1,11 @@
-"""Configurator decision time (greedy search, pure Python) at 8, 32 and 128 GPUs.
+"""Configurator decision time (greedy search, pure Python) at 8, 32 and 128 GPUs, and the
+time a control window takes when it scores the candidates by replay.
 
-    python benchmarks/configurator_time.py [--gpus 8 32 128] [--repeats 50]
+    python benchmarks/configurator_time.py [--gpus 8 32 128] [--repeats 50] [--replay-rates 50 200 400]
 
 Three tiers with mixed demands, Llama-3.1-8B on H100; min and median of --repeats decisions.
+The replay table times ``ControlLoop.window`` on 8 GPUs with ``simulator.PlanReplay`` scoring
+every candidate (and the current plan) on the last 5 windows of requests at each rate.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import time
 from pathlib import Path
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import TierDemand, greedy
+from nitsum_core.configurator import Assignment, Plan, TierDemand, greedy
+from nitsum_core.control_loop import REPLAY_WINDOWS, ControlLoop
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.simulator import PlanReplay
 
 DEMANDS = {
     "interactive": TierDemand(Tier("interactive", 0.3, 0.012, 0), 120.0, 1000, 200, 110.0),
@@ -28,6 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--replay-rates", type=float, nargs="*", default=[50.0, 200.0, 400.0])
     p.add_argument("--out", default="bench_results/configurator_time.json")
     a = p.parse_args()
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"], Coefficients(overhead_s=2e-3))
@@ -49,8 +55,30 @@ def main() -> None:
     print(f"{'GPUs':>5} | {'min ms':>7} | {'median ms':>9} | target")
     for r in rows:
         print(f"{r['gpus']:>5} | {r['min_ms']:>7.2f} | {r['median_ms']:>9.2f} | <= 2.5 ms at 128")
+    replay_rows = [replay_window_time(perf, rate) for rate in a.replay_rates]
+    if replay_rows:
+        print(f"\n{'req/s':>6} | {'window ms (8 GPUs, replay)':>27}")
+        for r in replay_rows:
+            print(f"{r['rate']:>6.0f} | {r['window_ms']:>27.1f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(rows, indent=2))
+    Path(a.out).write_text(json.dumps({"greedy": rows, "replay_window": replay_rows}, indent=2))
+
+
+def replay_window_time(perf: PerfModel, rate: float, pool: int = 8) -> dict[str, float]:
+    """Time one control window that replays every candidate on REPLAY_WINDOWS windows of requests."""
+    tiers = {name: d.tier for name, d in DEMANDS.items()}
+    total = sum(d.arrival_rps for d in DEMANDS.values())
+    plan = Plan([Assignment(s, 1, "mixed", "*") for s in range(pool)])
+    loop = ControlLoop(pool, perf, tiers, plan, replay=PlanReplay(perf, pool, tiers), roles=("mixed",))
+    took = 0.0
+    for _ in range(REPLAY_WINDOWS):
+        for name, d in DEMANDS.items():
+            for _ in range(round(rate * d.arrival_rps / total)):
+                loop.arrival(name, int(d.mean_prompt), int(d.mean_output))
+        t0 = time.perf_counter()
+        loop.window(lambda _: 0.05)
+        took = time.perf_counter() - t0  # the last window: a full history to replay
+    return {"rate": rate, "window_ms": took * 1e3}
 
 
 if __name__ == "__main__":

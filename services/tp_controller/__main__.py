@@ -40,13 +40,24 @@ def main() -> None:
     )
     p.add_argument("--tiers", default=None, help="tier TOML (the routers' file), for --auto")
     p.add_argument("--window", type=float, default=1.0, help="control window in seconds (default 1)")
+    p.add_argument(
+        "--score",
+        default="replay",
+        choices=["replay", "roofline"],
+        help="how --auto ranks candidate cuts: replay them through the simulator on the recent requests "
+        "(default; ~0.3-0.5 s of CPU per window on 8 GPUs, grows with the pool) or the calibrated "
+        "roofline capacity model (milliseconds at any pool size, ranks less well)",
+    )
     a = p.parse_args()
     pilot = None
     if a.auto:
         spec = model_spec(a.model if a.model in MODEL_CONFIGS else str(resolve_checkpoint(a.model)))
         coef = Coefficients.load(a.coefficients) if a.coefficients else None
         pilot = AutoPilotConfig(
-            perf=PerfModel(spec, HARDWARE[a.hardware], coef), tiers=load_tiers(a.tiers), window_s=a.window
+            perf=PerfModel(spec, HARDWARE[a.hardware], coef),
+            tiers=load_tiers(a.tiers),
+            window_s=a.window,
+            score=a.score,
         )
     run_async(Controller(a.nats_url, a.worker_timeout, autopilot=pilot).run())
 

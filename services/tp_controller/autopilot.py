@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from nats.aio.msg import Msg
 from nitsum_core import messages as m
@@ -37,6 +37,7 @@ class AutoPilotConfig:
     window_s: float = 1.0
     initial_switch_s: float = 1.0
     switch_timeout_s: float = 30.0
+    score: Literal["replay", "roofline"] = "replay"  # how candidate cuts are ranked (control_loop)
 
 
 class AutoPilot:
@@ -99,7 +100,9 @@ class AutoPilot:
                 plan,
                 self.config.window_s,
                 roles=("mixed",),  # prefill->decode hand-off is not in the serving path yet
-                replay=PlanReplay(self.config.perf, pool, self.config.tiers, self.config.window_s),
+                replay=PlanReplay(self.config.perf, pool, self.config.tiers, self.config.window_s)
+                if self.config.score == "replay"
+                else None,
             )
         self.loop.plan = plan
         return plan
