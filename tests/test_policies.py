@@ -190,6 +190,28 @@ def test_the_loop_follows_the_replay_where_the_roofline_misranks(scorer: str) ->
         assert {2} not in switched  # the roofline never goes to the plan it wrongly ranks low
 
 
+def test_a_plan_meeting_every_target_is_not_rescored() -> None:
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    scored: list[Plan] = []
+
+    def replay(plan: Plan, requests: list[Arrival], span: float) -> float:
+        scored.append(plan)
+        return len(requests) / span
+
+    loop = ControlLoop(8, perf, TIERS, _shared(1), window_s=1.0, roles=("mixed",), replay=replay)
+    for _ in range(3):  # every request that arrives finishes within its targets
+        for _ in range(20):
+            loop.arrival("interactive", 500, 200)
+            loop.finished("interactive", good=True)
+        assert loop.window(lambda _: 0.05).switch_to is None
+    assert scored == []  # goodput already equals arrivals: nothing to score
+    for _ in range(20):
+        loop.arrival("interactive", 500, 200)
+        loop.finished("interactive", good=False)  # now some miss
+    loop.window(lambda _: 0.05)
+    assert scored  # the candidates are replayed again
+
+
 def test_a_tier_without_an_instance_goes_best_effort_anywhere_not_refused() -> None:
     plan = Plan(
         [

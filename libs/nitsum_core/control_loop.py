@@ -13,6 +13,7 @@ one, by the configurator's roofline prediction scaled by how each plan family ac
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class ControlLoop:
         # Demand over the last few windows: one second of a bursty trace is a noisy estimate, and
         # the controller should follow the load, not its noise.
         self._recent: deque[list[Arrival]] = deque(maxlen=history)
+        self._outcomes: deque[tuple[int, int, int]] = deque(maxlen=history)  # (arrived, finished, good)
         self.arrivals: list[Arrival] = []  # this window's, in arrival order
         self._finished: dict[str, int] = {}
         self._good = 0  # requests finished within both targets this window
@@ -135,6 +137,7 @@ class ControlLoop:
             seen = min(2.0, (self._good / self.window_s) / self._last_prediction)
             prev = self.calibration.get(family)
             self.calibration[family] = seen if prev is None else 0.7 * prev + 0.3 * seen
+        self._outcomes.append((len(window), sum(self._finished.values()), self._good))
         self._good = 0
         demands = self.demands([r for w in self._recent for r in w], len(self._recent))
         self._finished.clear()
@@ -146,6 +149,12 @@ class ControlLoop:
         self._last_prediction = current
         decision.predicted_current_rps = current
         if not self.dynamic or not window:  # no re-cut in a window without arrivals
+            return decision
+        if self._serving_everything():
+            # Goodput cannot exceed arrivals: a plan that meets every target for all that arrives
+            # has nothing to gain from a re-cut, so the candidates are not scored (at light load,
+            # most windows; a replay of every candidate costs a good part of a second).
+            self._pending = family
             return decision
 
         candidates = candidate_plans(self.pool, self.perf, demands, self.roles)
@@ -169,6 +178,13 @@ class ControlLoop:
         if should_switch(now_rps, proposed.predicted_goodput_rps, pause, self.window_s):
             decision.switch_to, decision.pause_s = proposed, pause
         return decision
+
+    def _serving_everything(self) -> bool:
+        """Every request that finished over the recent windows met both targets, and as many
+        finished as arrived, up to Poisson noise (three standard deviations): a plan falling
+        behind finishes far fewer and is not 'serving everything'."""
+        arrived, finished, good = (sum(o[i] for o in self._outcomes) for i in range(3))
+        return finished > 0 and good == finished and finished >= arrived - 3 * math.sqrt(arrived)
 
     def _replay_scores(self) -> Callable[[Plan], float]:
         """Each plan's goodput on the recent requests, simulated (memoised within the window)."""
