@@ -75,12 +75,12 @@ class ControlLoop:
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
         self.replay = replay
-        # Replay scores a plan on more history than the demand estimate uses: a few seconds of a
-        # bursty trace rank plans by that burst, and every re-cut on noise pays a pause.
-        self._replayed: deque[list[Arrival]] = deque(maxlen=replay_windows)
-        # Demand over the last few windows: one second of a bursty trace is a noisy estimate, and
-        # the controller should follow the load, not its noise.
-        self._recent: deque[list[Arrival]] = deque(maxlen=history)
+        # Demand over the last ``history`` windows: one second of a bursty trace is a noisy
+        # estimate, and the controller should follow the load, not its noise. Replay scores a plan
+        # on ``replay_windows`` of them (more: a few seconds rank plans by that burst, and every
+        # re-cut on noise pays a pause); one deque keeps the longer of the two.
+        self.history, self.replay_windows = history, replay_windows
+        self._recent: deque[list[Arrival]] = deque(maxlen=max(history, replay_windows))
         self._outcomes: deque[tuple[int, int, int]] = deque(maxlen=history)  # (arrived, finished, good)
         self.arrivals: list[Arrival] = []  # this window's, in arrival order
         self._finished: dict[str, int] = {}
@@ -124,7 +124,6 @@ class ControlLoop:
         """
         window, self.arrivals = self.arrivals, []
         self._recent.append(window)
-        self._replayed.append(window)
         family = plan_family(self.plan.assignments)
         # Requests finish windows after they arrive: right after a (re)start or a change of plan
         # family, the goodput seen lags the plan's real rate, so those first windows teach nothing.
@@ -139,7 +138,8 @@ class ControlLoop:
             self.calibration[family] = seen if prev is None else 0.7 * prev + 0.3 * seen
         self._outcomes.append((len(window), sum(self._finished.values()), self._good))
         self._good = 0
-        demands = self.demands([r for w in self._recent for r in w], len(self._recent))
+        recent = list(self._recent)[-self.history :]
+        demands = self.demands([r for w in recent for r in w], len(recent))
         self._finished.clear()
         if not demands:
             self._last_prediction = None
@@ -190,8 +190,9 @@ class ControlLoop:
         """Each plan's goodput on the recent requests, simulated (memoised within the window)."""
         assert self.replay is not None
         replay = self.replay
-        requests = [r for w in self._replayed for r in w]
-        span = self.window_s * len(self._replayed)
+        replayed = list(self._recent)[-self.replay_windows :]
+        requests = [r for w in replayed for r in w]
+        span = self.window_s * len(replayed)
         seen: dict[tuple[Assignment, ...], float] = {}
 
         def expected(plan: Plan) -> float:

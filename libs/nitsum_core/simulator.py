@@ -128,15 +128,6 @@ class Simulator:
         self._seat_caps: dict[tuple[int, float], int] = {}
         self._mean_ctx = 1000.0  # KV tokens per decoding sequence, re-estimated every window
         self.min_chunk = min_chunk
-        self._replay = PlanReplay(
-            perf,
-            pool,
-            tiers,
-            preset.window_s,
-            chunk_tokens=chunk_tokens,
-            max_batch=max_batch,
-            min_chunk=min_chunk,
-        )
 
     # ---- plumbing -------------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: object) -> None:
@@ -393,6 +384,18 @@ class Simulator:
         inst = min(cands, key=lambda i: i.load)
         heapq.heappush(inst.queue, (r.lane, r.arrival, r.rid, r))
 
+    def _plan_replay(self) -> PlanReplay:
+        """The replay scorer for this run's control loop, stepping instances as this simulator does."""
+        return PlanReplay(
+            self.perf,
+            self.pool,
+            self.tiers,
+            self.preset.window_s,
+            chunk_tokens=self.chunk_tokens,
+            max_batch=self.max_batch,
+            min_chunk=self.min_chunk,
+        )
+
     # ---- run -----------------------------------------------------------------------------------------
     def run(self, workload: list[TraceRequest]) -> SimResult:
         # Dynamic presets start from a uniform cut of the smallest degree the model fits at,
@@ -409,7 +412,7 @@ class Simulator:
             self.preset.window_s,
             self.preset.dynamic,
             roles=self.preset.roles,
-            replay=self._replay if self.preset.dynamic and self.preset.score == "replay" else None,
+            replay=self._plan_replay() if self.preset.dynamic and self.preset.score == "replay" else None,
         )
         reqs = [
             SimRequest(i, r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
