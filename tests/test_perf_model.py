@@ -188,6 +188,9 @@ def test_greedy_never_proposes_a_degree_the_model_does_not_fit() -> None:
     plan = greedy(8, perf, demands)
     assert plan.assignments and all(a.tp >= 2 for a in plan.assignments)
     assert sum(a.tp for a in plan.assignments) == 8
+    # One GPU cannot hold it at all: no plan (and no crash), so the caller keeps its current cut.
+    alone = greedy(1, perf, demands)
+    assert alone.assignments == [] and alone.predicted_goodput_rps == 0.0
 
 
 def test_plan_families_group_shared_degrees_and_per_tier_cuts() -> None:
