@@ -127,7 +127,9 @@ SAMPLES: list[msgspec.Struct] = [
     m.ControlAck(slot=0, ok=False, error=m.ErrorInfo("worker_lost", "peer gone"), bytes_sent=5, seconds=0.2),
     m.RouterHold(plan_id="p", hold=False, moved={"r": 0}),
     m.RouterHoldAck(router_id="rt", held=3),
-    m.TierWindowStats(prompt_tokens=[12, 40], output_tokens=[64, 64], finished=3, good=2),
+    m.TierWindowStats(
+        prompt_tokens=[12, 40], output_tokens=[64, 64], arrival_offsets_s=[0.1, 0.7], finished=3, good=2
+    ),
     m.RouterWindowStats(
         router_id="rt", window_s=1.0, tiers={"interactive": m.TierWindowStats(prompt_tokens=[5], finished=1)}
     ),

@@ -178,6 +178,7 @@ def test_the_loop_follows_the_replay_where_the_roofline_misranks(scorer: str) ->
         for i in range(40):
             a = MIX_70B[i % 10]
             loop.arrival(a.tier, a.prompt, a.output)
+            loop.finished(a.tier, good=i < 30)  # about what TP 4 serves within target (replay: 29)
         d = loop.window(lambda _: 0.05)
         if d.switch_to is not None:
             switched.append({a.tp for a in d.switch_to.assignments})
@@ -225,3 +226,43 @@ def test_a_tier_without_an_instance_goes_best_effort_anywhere_not_refused() -> N
     # Background has no instance in this cut: any mixed/prefill leader, flagged as a fallback.
     assert leaders_for(topo, "background", {0, 1, 2, 3}) == ([0, 2], True)
     assert leaders_for(topo, "background", set()) == ([], False)
+
+
+def test_replay_keeps_the_reported_arrival_times() -> None:
+    perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
+    replay = PlanReplay(perf, 8, TIERS_70B)
+    spread = [MIX_70B[i % 10]._replace(at_s=i * 0.05) for i in range(100)]  # 20 req/s over 5 s
+    burst = [r._replace(at_s=0.0) for r in spread]  # the same requests, all in the first instant
+    assert replay(_shared(2), spread, 5.0) == pytest.approx(20.0)  # served whole
+    assert replay(_shared(2), burst, 5.0) < 0.8 * 20.0  # the burst queues past its TTFT targets
+    # The loop moves each arrival's offset into its window onto the replayed span.
+    loop = ControlLoop(8, perf, TIERS_70B, _shared(2), window_s=1.0, roles=("mixed",), replay=replay)
+    loop.arrival("interactive", 1000, 250, offset_s=0.25)
+    loop.arrival("agent", 2000, 30, offset_s=7.0)  # a late report: clamped to the window
+    assert [a.at_s for a in loop.arrivals] == [0.25, 1.0]
+
+
+def test_a_plan_that_falls_behind_its_replay_is_left() -> None:
+    # A replay starts from an empty pool, so a plan building a backlog replays as if it kept up.
+    # Its observed goodput then stays below its replay; calibration discounts it and the loop
+    # leaves it for the runner-up, instead of staying on it for the rest of the trace.
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    by_degree = {1: 40.0, 2: 35.0, 4: 20.0, 8: 10.0}
+
+    def replay(plan: Plan, requests: list[Arrival], span: float) -> float:
+        degrees = {a.tp for a in plan.assignments}
+        shared = all(a.tier == "*" for a in plan.assignments) and len(degrees) == 1
+        return by_degree[degrees.pop()] if shared else 0.0
+
+    loop = ControlLoop(8, perf, TIERS, _shared(1), window_s=1.0, roles=("mixed",), replay=replay)
+    switched = None
+    for _ in range(8):
+        for i in range(40):
+            loop.arrival("interactive", 500, 200)
+            loop.finished("interactive", good=i < 10)  # TP 1 replays at 40 but delivers 10
+        d = loop.window(lambda _: 0.05)
+        if d.switch_to is not None:
+            switched = d.switch_to
+            break
+    assert loop.calibration["shared-tp1"] < 0.5
+    assert switched is not None and {a.tp for a in switched.assignments} == {2}

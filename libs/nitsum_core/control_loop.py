@@ -6,9 +6,10 @@ and proposes a new cut only when it expects a clear gain that beats the switchin
 admission budgets it returns go to the router's ``LanePolicy``.
 
 How a candidate plan is scored: with a ``replay`` scorer (``simulator.PlanReplay``, what both
-drivers use), each candidate is run through the simulator on the last few windows' requests; without
-one, by the configurator's roofline prediction scaled by how each plan family actually did
-(per-family calibration), which is cheap enough for any pool size but ranks plans less well.
+drivers use), each candidate is run through the simulator on the last few windows' requests, at the
+times they arrived; without one, by the configurator's roofline prediction, which is cheap enough
+for any pool size but ranks plans less well. Either score is scaled by how each plan family actually
+did against its score while it ran (per-family calibration).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Arrival(NamedTuple):
     tier: str
     prompt: int
     output: int  # actual output length where known (simulator), else the router's estimate
+    # Seconds from the start of its window (as given to ``ControlLoop.arrival``); in the requests
+    # a replay scores, from the start of the replayed span. None where the driver does not know.
+    at_s: float | None = None
 
 
 # A plan's expected goodput (req/s) on these requests, which arrived over this many seconds.
@@ -94,8 +98,10 @@ class ControlLoop:
         self._family_seen: str | None = None
         self._warm = 0  # windows the current plan family has run
 
-    def arrival(self, tier: str, prompt: int, output: int) -> None:
-        self.arrivals.append(Arrival(tier, prompt, output))
+    def arrival(self, tier: str, prompt: int, output: int, offset_s: float | None = None) -> None:
+        """One request arrived, ``offset_s`` seconds into this window (None: not known)."""
+        at = None if offset_s is None else min(max(0.0, offset_s), self.window_s)
+        self.arrivals.append(Arrival(tier, prompt, output, at))
 
     def finished(self, tier: str, good: bool) -> None:
         self._finished[tier] = self._finished.get(tier, 0) + 1
@@ -146,6 +152,8 @@ class ControlLoop:
             return Decision(demands, None)
         decision = Decision(demands, admission_caps(self.perf, self.plan.assignments, demands))
         current = predicted_goodput(self.perf, self.plan.assignments, demands)
+        # Calibration's reference when the candidates are not scored: the roofline, capped by
+        # arrivals (for a plan serving everything, about what its replay would say).
         self._last_prediction = current
         decision.predicted_current_rps = current
         if not self.dynamic or not window:  # no re-cut in a window without arrivals
@@ -159,11 +167,16 @@ class ControlLoop:
 
         candidates = candidate_plans(self.pool, self.perf, demands, self.roles)
         if self.replay is not None:
-            expected = self._replay_scores()
-            now_rps = expected(self.plan)
+            raw = self._replay_scores()
+            # What calibration compares next window's goodput with: the current plan's replay.
+            self._last_prediction = raw(self.plan)
         else:
-            expected = self._calibrated_scores(family)
-            now_rps = expected(Plan(self.plan.assignments, current))
+
+            def raw(plan: Plan) -> float:
+                return current if plan is self.plan else plan.predicted_goodput_rps
+
+        expected = self._calibrated(family, raw)
+        now_rps = expected(self.plan)
         decision.predicted_current_rps = now_rps
         best = max(candidates, key=expected)
         proposed = Plan(best.assignments, expected(best))
@@ -191,7 +204,13 @@ class ControlLoop:
         assert self.replay is not None
         replay = self.replay
         replayed = list(self._recent)[-self.replay_windows :]
-        requests = [r for w in replayed for r in w]
+        # Arrival times move from their window's start to the span's, so the replay sees the
+        # recent bursts where they happened.
+        requests = [
+            r if r.at_s is None else r._replace(at_s=i * self.window_s + r.at_s)
+            for i, w in enumerate(replayed)
+            for r in w
+        ]
         span = self.window_s * len(replayed)
         seen: dict[tuple[Assignment, ...], float] = {}
 
@@ -203,17 +222,24 @@ class ControlLoop:
 
         return expected
 
-    def _calibrated_scores(self, family: str) -> Callable[[Plan], float]:
-        """Each plan's roofline prediction times its family's observed / predicted factor."""
+    def _calibrated(self, family: str, raw: Callable[[Plan], float]) -> Callable[[Plan], float]:
+        """Each plan's raw score (replay or roofline) times its family's observed / predicted factor.
+
+        The roofline over-predicts by a different factor per family. A replay starts from an
+        empty pool, so a plan that is falling behind -- its backlog growing -- replays as if it
+        kept up; its observed goodput then stays below its replay, its factor drops, and the loop
+        moves on instead of staying on it (without this, 8B at 300 req/s fell to 0.58x its static
+        scheduler on one seed of the trace: docs/simulator.md).
+        """
         # A family never run is assumed as far off as the *other* families run so far are on
-        # average: the roofline's error is largely shared, and an optimistic 1.0 would send the
-        # loop through every family the model ranks low, one costly exploration at a time. The
-        # current family's own factor is left out, or a bad first family would look like the norm
-        # and the loop would never leave it.
+        # average: the error is largely shared, and an optimistic 1.0 would send the loop through
+        # every family ranked low, one costly exploration at a time. The current family's own
+        # factor is left out, or a bad first family would look like the norm and the loop would
+        # never leave it.
         others = [c for f, c in self.calibration.items() if f != family]
         prior = sum(others) / len(others) if others else 1.0
 
         def expected(plan: Plan) -> float:
-            return plan.predicted_goodput_rps * self.calibration.get(plan_family(plan.assignments), prior)
+            return raw(plan) * self.calibration.get(plan_family(plan.assignments), prior)
 
         return expected

@@ -363,6 +363,10 @@ class TierWindowStats(msgspec.Struct, kw_only=True):
 
     prompt_tokens: list[int] = msgspec.field(default_factory=list)  # one entry per arrival
     output_tokens: list[int] = msgspec.field(default_factory=list)  # estimate per arrival
+    # Seconds from the start of the router's window to each arrival: the controller's replay
+    # keeps the window's bursts instead of smoothing them into a Poisson stream. Empty from a
+    # router that does not report them (the replay then re-spaces that window's arrivals).
+    arrival_offsets_s: list[float] = msgspec.field(default_factory=list)
     finished: int = 0
     good: int = 0  # finished within both the TTFT and the TPOT target
 

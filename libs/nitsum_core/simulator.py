@@ -322,6 +322,7 @@ class Simulator:
             self._mean_ctx = sum(r.prompt + r.output / 2 for r in window) / len(window)
             self._seat_caps.clear()
         decision = control.window(self._switch_cost)
+        self._window_start = self.now
         if self.preset.queue_order == "slo":
             self.lanes.new_window(decision.budgets)
         if decision.switch_to is not None:
@@ -423,11 +424,13 @@ class Simulator:
                 raise ValueError(f"request {r.rid} has unknown tier {r.tier!r}")
             self._push(r.arrival, "arrival", r)
         self._push(self.preset.window_s, "window", None)
+        self._window_start = 0.0  # arrivals are reported to the control loop as offsets into it
         originals = {r.rid: (r.prompt, r.output) for r in reqs}
         while self.events:
             self.now, _, kind, payload = heapq.heappop(self.events)
             if kind == "arrival":
-                self.control.arrival(payload.tier, payload.prompt, payload.output)
+                offset = self.now - self._window_start
+                self.control.arrival(payload.tier, payload.prompt, payload.output, offset)
                 self._route(payload)
             elif kind == "step":
                 self._step_done(*payload)
@@ -460,11 +463,12 @@ class PlanReplay:
     The roofline capacity formulas rank plans badly (they over-predict by 1.1-5x, and by
     different factors for different plans: docs/simulator.md); the simulator models what they
     approximate -- prefill chunks inside TPOT-sized steps, seat caps, the SLO lanes, bursts
-    queueing. The requests (tier and lengths; the controller knows no arrival times) are re-spaced
-    as a Poisson stream at their observed rate with a fixed seed, so within a window every
-    candidate sees the very same arrivals and the comparison is paired. Each replay starts empty
-    and runs the plan statically with the Nitsum scheduler until every request is done; the score
-    is the requests that met both targets per second of the span.
+    queueing. The requests (tier, lengths, and the arrival times the routers reported) are replayed
+    where they arrived, so the recent bursts are kept; requests without a time (a driver that does
+    not know them) are re-spaced as a Poisson stream at their observed rate with a fixed seed.
+    Within a window every candidate sees the very same arrivals: the comparison is paired. Each
+    replay starts empty and runs the plan statically with the Nitsum scheduler until every request
+    is done; the score is the requests that met both targets per second of the span.
     """
 
     def __init__(
@@ -483,12 +487,16 @@ class PlanReplay:
     def __call__(self, plan: Plan, requests: list[Arrival], span_s: float) -> float:
         if not requests or span_s <= 0:
             return 0.0
-        rng = random.Random(self.seed)
-        rate = len(requests) / span_s
-        t, workload = 0.0, []
-        for r in requests:
-            t += rng.expovariate(rate)
-            workload.append(TraceRequest(t, r.prompt, max(1, r.output), r.tier))
+        if all(r.at_s is not None for r in requests):
+            timed = sorted(requests, key=lambda r: r.at_s or 0.0)
+            workload = [TraceRequest(r.at_s or 0.0, r.prompt, max(1, r.output), r.tier) for r in timed]
+        else:
+            rng = random.Random(self.seed)
+            rate = len(requests) / span_s
+            t, workload = 0.0, []
+            for r in requests:
+                t += rng.expovariate(rate)
+                workload.append(TraceRequest(t, r.prompt, max(1, r.output), r.tier))
         sim = Simulator(self.perf, self.pool, self.tiers, self.preset, plan, **self.sim_kwargs)  # type: ignore[arg-type]
         result = sim.run(workload)
         return sum(meets_slo(rec, self.tiers[rec.tier]) for rec in result.records) / span_s

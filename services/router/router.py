@@ -92,6 +92,7 @@ class Router:
         self.lanes = LanePolicy(tiers, self.config.window_s)
         self._budgets: dict[str, float] | None = None  # the controller's latest, applied next window
         self._window: dict[str, m.TierWindowStats] = {}
+        self._window_started = time.monotonic()  # arrival offsets in the stats count from here
         self._mean_output: dict[str, float] = {}  # per tier, EWMA of finished requests' lengths
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class Router:
         while True:
             await asyncio.sleep(self.config.window_s)
             stats, self._window = self._window, {}
+            self._window_started = time.monotonic()
             self.lanes.new_window(self._budgets)
             self._budgets = None
             if not stats:
@@ -344,6 +346,7 @@ class Router:
         flight.lane = int(self.lanes.classify(tier.name))
         stats = self._tier_window(tier.name)
         stats.prompt_tokens.append(len(ids))
+        stats.arrival_offsets_s.append(round(time.monotonic() - self._window_started, 4))
         # The output length is known only at the end: estimate it by the tier's recent mean.
         stats.output_tokens.append(
             round(min(req.max_tokens, self._mean_output.get(tier.name, req.max_tokens)))

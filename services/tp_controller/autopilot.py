@@ -78,8 +78,12 @@ class AutoPilot:
                 if name not in self.config.tiers:
                     self.log.warning("stats for an unknown tier dropped", tier=name, router=s.router_id)
                     continue
-                for prompt, output in zip(t.prompt_tokens, t.output_tokens, strict=False):
-                    loop.arrival(name, prompt, output)
+                # Offsets are optional (an older router sends none): the replay then re-spaces.
+                offsets: list[float | None] = list(t.arrival_offsets_s)
+                if len(offsets) != len(t.prompt_tokens):
+                    offsets = [None] * len(t.prompt_tokens)
+                for prompt, output, offset in zip(t.prompt_tokens, t.output_tokens, offsets, strict=False):
+                    loop.arrival(name, prompt, output, offset)
                 for i in range(t.finished):
                     loop.finished(name, i < t.good)
 
