@@ -176,6 +176,38 @@ async def test_kv_broker_tracks_where_a_request_lives(stack: Stack) -> None:
         await nc.close()
 
 
+async def test_router_reports_each_arrival_with_its_offset_into_the_window(stack: Stack) -> None:
+    # The controller's replay places every request where it arrived in the window: the router's
+    # stats carry one length pair and one offset per arrival.
+    nc = await connect(stack.nats_url, name="test-router-stats")
+    reports: list[m.RouterWindowStats] = []
+
+    async def collect(msg) -> None:  # noqa: ANN001
+        reports.append(m.decode(m.RouterWindowStats, msg.data))
+
+    sub = await nc.subscribe(subjects.ROUTER_STATS, cb=collect)
+    try:
+        async with NitsumClient(stack.nats_url) as c:
+            await asyncio.gather(
+                *[c.complete(f"Count to {n}:", max_tokens=4, tier="agent") for n in range(3)]
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(_agent_arrivals(r) for r in reports) < 3:
+            await asyncio.sleep(0.2)
+        agent = [r.tiers["agent"] for r in reports if "agent" in r.tiers]
+        assert sum(len(t.prompt_tokens) for t in agent) == 3
+        for r, t in ((r, r.tiers["agent"]) for r in reports if "agent" in r.tiers):
+            assert len(t.arrival_offsets_s) == len(t.prompt_tokens) == len(t.output_tokens)
+            assert all(0.0 <= o <= r.window_s + 0.5 for o in t.arrival_offsets_s)
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
+
+
+def _agent_arrivals(report: m.RouterWindowStats) -> int:
+    return len(report.tiers["agent"].prompt_tokens) if "agent" in report.tiers else 0
+
+
 async def test_topology_bucket_cas_and_service_discovery(stack: Stack) -> None:
     nc = await connect(stack.nats_url, name="test-topology")
     try:
