@@ -2,9 +2,10 @@
 
 Routers report their traffic each window (RouterWindowStats); the shared ``ControlLoop`` -- the
 same object the simulator drives -- turns it into demand, admission budgets for the routers'
-lane policy, and, when a candidate cut replayed through the simulator on the recent requests
-(``simulator.PlanReplay``, with this controller's performance model) beats the current one by more
-than the switching cost, a new cut that the controller applies with the switch protocol. The
+lane policy, and, when a candidate cut replayed through the simulator on the recent requests at
+the offsets the routers reported (``simulator.PlanReplay``, with this controller's performance
+model; each score scaled by what that plan family delivered while it ran) beats the current one by
+more than the switching cost, a new cut that the controller applies with the switch protocol. The
 replay runs in a thread, off the event loop. The switching cost it weighs is what its own
 switches have measured (EWMA), starting from ``initial_switch_s``.
 """
