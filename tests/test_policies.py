@@ -266,3 +266,25 @@ def test_a_plan_that_falls_behind_its_replay_is_left() -> None:
             break
     assert loop.calibration["shared-tp1"] < 0.5
     assert switched is not None and {a.tp for a in switched.assignments} == {2}
+
+
+def test_the_first_windows_after_a_start_teach_calibration_nothing() -> None:
+    # The pool starts empty and requests take seconds: the first windows finish few of those that
+    # arrive. Learned then, the boot cut would look like it underdelivers and be left for nothing.
+    from nitsum_core.control_loop import BOOT_WINDOWS
+
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+
+    def replay(plan: Plan, requests: list[Arrival], span: float) -> float:
+        return 40.0 if {a.tp for a in plan.assignments} == {1} else 30.0
+
+    loop = ControlLoop(8, perf, TIERS, _shared(1), window_s=1.0, roles=("mixed",), replay=replay)
+    for w in range(BOOT_WINDOWS + 3):
+        for _ in range(40):
+            loop.arrival("interactive", 500, 200)
+            if w >= 3:  # nothing finishes in the first three seconds, then everything does
+                loop.finished("interactive", good=True)
+        assert loop.window(lambda _: 0.05).switch_to is None
+        if w < BOOT_WINDOWS:
+            assert loop.calibration == {}
+    assert loop.calibration["shared-tp1"] == pytest.approx(1.0)

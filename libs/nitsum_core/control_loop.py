@@ -36,6 +36,10 @@ from nitsum_core.perf_model import PerfModel
 
 WARMUP_WINDOWS = 2  # windows of a new plan before its goodput counts towards its calibration
 REPLAY_WINDOWS = 5  # windows of requests a replay scores plans on
+# Windows after the loop starts before any calibration is learned. The pool fills from empty and a
+# request takes seconds to finish, so the first windows finish far fewer than arrive: learned
+# then, the boot plan's factor reads ~0.5 and the loop leaves a good cut for an untried one.
+BOOT_WINDOWS = REPLAY_WINDOWS + 1
 
 
 class Arrival(NamedTuple):
@@ -97,6 +101,7 @@ class ControlLoop:
         self._pending: str | None = None  # last window's winning plan family (debounce)
         self._family_seen: str | None = None
         self._warm = 0  # windows the current plan family has run
+        self._windows_run = 0
 
     def arrival(self, tier: str, prompt: int, output: int, offset_s: float | None = None) -> None:
         """One request arrived, ``offset_s`` seconds into this window (None: not known)."""
@@ -136,7 +141,8 @@ class ControlLoop:
         if family != self._family_seen:  # re-cuts within a family keep learning about it
             self._family_seen, self._warm = family, 0
         self._warm += 1
-        if self._warm <= WARMUP_WINDOWS:
+        self._windows_run += 1
+        if self._warm <= WARMUP_WINDOWS or self._windows_run <= BOOT_WINDOWS:
             self._last_prediction = None
         if self._last_prediction is not None and self._last_prediction > 0:
             seen = min(2.0, (self._good / self.window_s) / self._last_prediction)
