@@ -414,8 +414,8 @@ def greedy(
         picks, goodput = _greedy_pass(pool, demands, [t for t in tps if t <= cap], roles, caps)
         if best is None or goodput > best[1]:
             best = (picks, goodput)
-        largest = max((tp for _, tp, _, _ in picks), default=cap)
-        cap = next((t for t in tps if t < min(cap, largest)), None)
+        largest = max((tp for _, tp, _, _ in picks), default=cap)  # never above the cap
+        cap = next((t for t in tps if t < largest), None)
     if best is None:
         return Plan()
     picks, goodput = best

@@ -66,6 +66,10 @@ class Decision:
     predicted_current_rps: float = 0.0  # the current plan's score (dynamic loops)
 
 
+def _roofline_score(plan: Plan) -> float:
+    return plan.predicted_goodput_rps
+
+
 class ControlLoop:
     def __init__(
         self,
@@ -172,17 +176,13 @@ class ControlLoop:
             return decision
 
         candidates = candidate_plans(self.pool, self.perf, demands, self.roles)
+        now = Plan(self.plan.assignments, current)
+        raw = self._replay_scores() if self.replay is not None else _roofline_score
         if self.replay is not None:
-            raw = self._replay_scores()
             # What calibration compares next window's goodput with: the current plan's replay.
-            self._last_prediction = raw(self.plan)
-        else:
-
-            def raw(plan: Plan) -> float:
-                return current if plan is self.plan else plan.predicted_goodput_rps
-
+            self._last_prediction = raw(now)
         expected = self._calibrated(family, raw)
-        now_rps = expected(self.plan)
+        now_rps = expected(now)
         decision.predicted_current_rps = now_rps
         best = max(candidates, key=expected)
         proposed = Plan(best.assignments, expected(best))

@@ -487,16 +487,18 @@ class PlanReplay:
     def __call__(self, plan: Plan, requests: list[Arrival], span_s: float) -> float:
         if not requests or span_s <= 0:
             return 0.0
-        if all(r.at_s is not None for r in requests):
-            timed = sorted(requests, key=lambda r: r.at_s or 0.0)
-            workload = [TraceRequest(r.at_s or 0.0, r.prompt, max(1, r.output), r.tier) for r in timed]
-        else:
+        times = [r.at_s for r in requests]
+        if any(t is None for t in times):
             rng = random.Random(self.seed)
             rate = len(requests) / span_s
-            t, workload = 0.0, []
-            for r in requests:
-                t += rng.expovariate(rate)
-                workload.append(TraceRequest(t, r.prompt, max(1, r.output), r.tier))
+            times = list(itertools.accumulate(rng.expovariate(rate) for _ in requests))
+        workload = sorted(
+            (
+                TraceRequest(t, r.prompt, max(1, r.output), r.tier)
+                for t, r in zip(times, requests, strict=True)
+            ),
+            key=lambda w: w.arrival_s,
+        )
         sim = Simulator(self.perf, self.pool, self.tiers, self.preset, plan, **self.sim_kwargs)  # type: ignore[arg-type]
         result = sim.run(workload)
         return sum(meets_slo(rec, self.tiers[rec.tier]) for rec in result.records) / span_s
