@@ -176,9 +176,10 @@ async def test_kv_broker_tracks_where_a_request_lives(stack: Stack) -> None:
         await nc.close()
 
 
-async def test_router_reports_each_arrival_with_its_offset_into_the_window(stack: Stack) -> None:
-    # The controller's replay places every request where it arrived in the window: the router's
-    # stats carry one length pair and one offset per arrival.
+async def test_router_reports_arrival_offsets_and_what_is_in_flight(stack: Stack) -> None:
+    # The controller's replay places every request where it arrived in the window and starts from
+    # what is still in flight: the router's stats carry one length pair and one offset per
+    # arrival, and the requests not finished when a window closes.
     nc = await connect(stack.nats_url, name="test-router-stats")
     reports: list[m.RouterWindowStats] = []
 
@@ -188,9 +189,17 @@ async def test_router_reports_each_arrival_with_its_offset_into_the_window(stack
     sub = await nc.subscribe(subjects.ROUTER_STATS, cb=collect)
     try:
         async with NitsumClient(stack.nats_url) as c:
-            await asyncio.gather(
-                *[c.complete(f"Count to {n}:", max_tokens=4, tier="agent") for n in range(3)]
-            )
+            long = c.complete("Tell a story:", max_tokens=160, ignore_eos=True, tier="agent")
+            short = [c.complete(f"Count to {n}:", max_tokens=4, tier="agent") for n in range(2)]
+            done = await asyncio.gather(long, *short)
+        # The long request spans windows: some window closed while it was decoding.
+        prompt_len = done[0].usage.prompt_tokens
+        seen = [f for r in reports if "agent" in r.tiers for f in r.tiers["agent"].in_flight]
+        decoding = [f for f in seen if f.prompt_tokens == prompt_len and f.generated > 0]
+        assert decoding, f"no in-flight report of the long request in {len(reports)} windows"
+        for f in decoding:
+            assert f.ttft_s is not None and 0.0 < f.ttft_s <= f.age_s
+            assert f.generated < f.output_tokens and f.generated <= 160
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and sum(_agent_arrivals(r) for r in reports) < 3:
             await asyncio.sleep(0.2)

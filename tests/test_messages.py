@@ -128,7 +128,15 @@ SAMPLES: list[msgspec.Struct] = [
     m.RouterHold(plan_id="p", hold=False, moved={"r": 0}),
     m.RouterHoldAck(router_id="rt", held=3),
     m.TierWindowStats(
-        prompt_tokens=[12, 40], output_tokens=[64, 64], arrival_offsets_s=[0.1, 0.7], finished=3, good=2
+        prompt_tokens=[12, 40],
+        output_tokens=[64, 64],
+        arrival_offsets_s=[0.1, 0.7],
+        finished=3,
+        good=2,
+        in_flight=[
+            m.InFlightRequest(prompt_tokens=30, output_tokens=64, age_s=1.5),
+            m.InFlightRequest(prompt_tokens=8, output_tokens=64, age_s=0.9, ttft_s=0.2, generated=12, lane=2),
+        ],
     ),
     m.RouterWindowStats(
         router_id="rt", window_s=1.0, tiers={"interactive": m.TierWindowStats(prompt_tokens=[5], finished=1)}

@@ -7,6 +7,7 @@ import random
 import pytest
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan
+from nitsum_core.control_loop import InFlight
 from nitsum_core.goodput import summarize
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.simulator import Preset, Simulator
@@ -52,6 +53,24 @@ def test_deterministic_and_conserving(preset: Preset) -> None:
             "prompt + output exceed the instance's KV capacity",
         )
     assert sum(r.error is None for r in a.records) >= 0.99 * len(wl)
+
+
+def test_a_run_can_start_from_requests_already_in_flight() -> None:
+    # What a replay's warm start relies on: decoding requests resume where they were, queued ones
+    # keep their age (their TTFT counts from their real arrival), and both are accounted for.
+    decoding = InFlight("interactive", 500, 50, age_s=1.0, ttft_s=0.1, generated=10)
+    queued = InFlight("agent", 800, 20, age_s=0.3)
+    wl = [TraceRequest(0.2, 300, 10, "interactive")]
+    res = Simulator(_perf(), 4, TIERS, Preset("s", "slo"), STATIC4).run(wl, [decoding, queued])
+    resumed, waited, fresh = res.records
+    assert resumed.ttft_s == pytest.approx(0.1) and resumed.error is None
+    # 40 more tokens at this plan's step time: the mean TPOT over all 49 stays about the same.
+    assert resumed.tpot_s is not None and 0.0 < resumed.tpot_s < TIERS["interactive"].tpot_s
+    assert waited.ttft_s is not None and waited.ttft_s > 0.3
+    assert fresh.error is None and fresh.ttft_s is not None and fresh.ttft_s < 0.3
+    # Stopped at a horizon: what is still running then is left unfinished.
+    cut = Simulator(_perf(), 4, TIERS, Preset("s", "slo"), STATIC4).run(wl, [decoding, queued], until_s=0.05)
+    assert [r.error for r in cut.records] == ["unfinished"] * 3
 
 
 def test_queueing_matches_md1_closed_form() -> None:

@@ -6,10 +6,12 @@ and proposes a new cut only when it expects a clear gain that beats the switchin
 admission budgets it returns go to the router's ``LanePolicy``.
 
 How a candidate plan is scored: with a ``replay`` scorer (``simulator.PlanReplay``, what both
-drivers use), each candidate is run through the simulator on the last few windows' requests, at the
-times they arrived; without one, by the configurator's roofline prediction, which is cheap enough
-for any pool size but ranks plans less well. Either score is scaled by how each plan family actually
-did against its score while it ran (per-family calibration).
+drivers use), each candidate is run through the simulator for the next few windows, starting from
+the requests in flight now and fed the last few windows' arrivals again at the times they arrived;
+its score is the requests it finishes within both targets in that span, the same quantity the
+routers observe. Without one, by the configurator's roofline prediction, which is cheap enough for
+any pool size but ranks plans less well; that score is scaled by how each plan family actually did
+against it while it ran (per-family calibration).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from nitsum_core.perf_model import PerfModel
 
 WARMUP_WINDOWS = 2  # windows of a new plan before its goodput counts towards its calibration
 REPLAY_WINDOWS = 5  # windows of requests a replay scores plans on
-# Windows after the loop starts before any calibration is learned. The pool fills from empty and a
-# request takes seconds to finish, so the first windows finish far fewer than arrive: learned
-# then, the boot plan's factor reads ~0.5 and the loop leaves a good cut for an untried one.
+# Windows after the loop starts before the roofline's calibration learns anything. The pool fills
+# from empty and a request takes seconds to finish, so the first windows finish far fewer than
+# arrive: learned then, the boot plan's factor would read ~0.5.
 BOOT_WINDOWS = REPLAY_WINDOWS + 1
 
 
@@ -51,8 +53,21 @@ class Arrival(NamedTuple):
     at_s: float | None = None
 
 
-# A plan's expected goodput (req/s) on these requests, which arrived over this many seconds.
-ReplayScorer = Callable[[Plan, list[Arrival], float], float]
+class InFlight(NamedTuple):
+    """A request still in the pool when a window closes: what a warm-started replay starts from."""
+
+    tier: str
+    prompt: int
+    output: int  # as for ``Arrival``
+    age_s: float  # seconds since it arrived
+    ttft_s: float | None = None  # its time to first token; None while it waits for it
+    generated: int = 0  # output tokens produced so far
+    lane: int | None = None  # routing.Lane it queues in (None: classify it afresh)
+
+
+# A plan's expected goodput (req/s) on these requests, which arrived over this many seconds,
+# starting from a pool that holds these in-flight requests.
+ReplayScorer = Callable[[Plan, list[Arrival], float, list[InFlight]], float]
 
 
 @dataclass
@@ -95,11 +110,13 @@ class ControlLoop:
         self._recent: deque[list[Arrival]] = deque(maxlen=max(history, replay_windows))
         self._outcomes: deque[tuple[int, int, int]] = deque(maxlen=history)  # (arrived, finished, good)
         self.arrivals: list[Arrival] = []  # this window's, in arrival order
+        self._in_flight: list[InFlight] = []  # the pool's backlog as this window closes
+        self._backlog: list[InFlight] = []  # ... and as the last window closed: what replays start from
         self._finished: dict[str, int] = {}
         self._good = 0  # requests finished within both targets this window
-        # Plan family -> EWMA of observed goodput / predicted goodput while it ran. The capacity
-        # model is a roofline estimate; each family's own track record corrects its predictions
-        # (a family never run gets the mean factor of those that have).
+        # Plan family -> EWMA of observed goodput / predicted goodput while it ran (roofline
+        # scoring only). The capacity model is a roofline estimate; each family's own track record
+        # corrects its predictions (a family never run gets the mean factor of those that have).
         self.calibration: dict[str, float] = {}
         self._last_prediction: float | None = None  # for the current plan, made a window ago
         self._pending: str | None = None  # last window's winning plan family (debounce)
@@ -111,6 +128,10 @@ class ControlLoop:
         """One request arrived, ``offset_s`` seconds into this window (None: not known)."""
         at = None if offset_s is None else min(max(0.0, offset_s), self.window_s)
         self.arrivals.append(Arrival(tier, prompt, output, at))
+
+    def in_flight(self, request: InFlight) -> None:
+        """A request still queued or decoding as this window closes (reported just before ``window``)."""
+        self._in_flight.append(request)
 
     def finished(self, tier: str, good: bool) -> None:
         self._finished[tier] = self._finished.get(tier, 0) + 1
@@ -138,6 +159,7 @@ class ControlLoop:
         The driver applies ``switch_to`` and then sets ``plan`` (a failed switch keeps the old one).
         """
         window, self.arrivals = self.arrivals, []
+        self._backlog, self._in_flight = self._in_flight, []
         self._recent.append(window)
         family = plan_family(self.plan.assignments)
         # Requests finish windows after they arrive: right after a (re)start or a change of plan
@@ -146,8 +168,8 @@ class ControlLoop:
             self._family_seen, self._warm = family, 0
         self._warm += 1
         self._windows_run += 1
-        if self._warm <= WARMUP_WINDOWS or self._windows_run <= BOOT_WINDOWS:
-            self._last_prediction = None
+        if self.replay is not None or self._warm <= WARMUP_WINDOWS or self._windows_run <= BOOT_WINDOWS:
+            self._last_prediction = None  # (a replay needs no calibration: see ``_replay_scores``)
         if self._last_prediction is not None and self._last_prediction > 0:
             seen = min(2.0, (self._good / self.window_s) / self._last_prediction)
             prev = self.calibration.get(family)
@@ -162,9 +184,7 @@ class ControlLoop:
             return Decision(demands, None)
         decision = Decision(demands, admission_caps(self.perf, self.plan.assignments, demands))
         current = predicted_goodput(self.perf, self.plan.assignments, demands)
-        # Calibration's reference when the candidates are not scored: the roofline, capped by
-        # arrivals (for a plan serving everything, about what its replay would say).
-        self._last_prediction = current
+        self._last_prediction = current  # what the roofline's calibration compares next window with
         decision.predicted_current_rps = current
         if not self.dynamic or not window:  # no re-cut in a window without arrivals
             return decision
@@ -177,11 +197,10 @@ class ControlLoop:
 
         candidates = candidate_plans(self.pool, self.perf, demands, self.roles)
         now = Plan(self.plan.assignments, current)
-        raw = self._replay_scores() if self.replay is not None else _roofline_score
         if self.replay is not None:
-            # What calibration compares next window's goodput with: the current plan's replay.
-            self._last_prediction = raw(now)
-        expected = self._calibrated(family, raw)
+            expected = self._replay_scores()
+        else:
+            expected = self._calibrated(family, _roofline_score)
         now_rps = expected(now)
         decision.predicted_current_rps = now_rps
         best = max(candidates, key=expected)
@@ -206,7 +225,15 @@ class ControlLoop:
         return finished > 0 and good == finished and finished >= arrived - 3 * math.sqrt(arrived)
 
     def _replay_scores(self) -> Callable[[Plan], float]:
-        """Each plan's goodput on the recent requests, simulated (memoised within the window)."""
+        """Each plan's goodput over the next ``replay_windows``, simulated (memoised within the window).
+
+        The replay starts from the backlog the driver reported and counts what finishes within the
+        span, as the routers count a window's goodput: a plan that is falling behind carries its
+        backlog into its own replay and scores what it will really deliver. (Replays that started
+        from an empty pool and ran every request to its end scored such a plan as if it kept up,
+        by up to 2x, and needed a per-family calibration that then stuck to a family after one
+        bad stint: docs/simulator.md, round 8.)
+        """
         assert self.replay is not None
         replay = self.replay
         replayed = list(self._recent)[-self.replay_windows :]
@@ -219,24 +246,19 @@ class ControlLoop:
         ]
         span = self.window_s * len(replayed)
         seen: dict[tuple[Assignment, ...], float] = {}
+        backlog = self._backlog
 
         def expected(plan: Plan) -> float:
             key = tuple(plan.assignments)
             if key not in seen:
-                seen[key] = replay(plan, requests, span)
+                seen[key] = replay(plan, requests, span, backlog)
             return seen[key]
 
         return expected
 
     def _calibrated(self, family: str, raw: Callable[[Plan], float]) -> Callable[[Plan], float]:
-        """Each plan's raw score (replay or roofline) times its family's observed / predicted factor.
-
-        The roofline over-predicts by a different factor per family. A replay starts from an
-        empty pool, so a plan that is falling behind -- its backlog growing -- replays as if it
-        kept up; its observed goodput then stays below its replay, its factor drops, and the loop
-        moves on instead of staying on it (without this, 8B at 300 req/s fell to 0.58x its static
-        scheduler on one seed of the trace: docs/simulator.md).
-        """
+        """Each plan's roofline score times its family's observed / predicted factor: the roofline
+        over-predicts by a different factor per family (docs/simulator.md)."""
         # A family never run is assumed as far off as the *other* families run so far are on
         # average: the error is largely shared, and an optimistic 1.0 would send the loop through
         # every family ranked low, one costly exploration at a time. The current family's own

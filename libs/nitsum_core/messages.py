@@ -358,6 +358,22 @@ class ControlAck(msgspec.Struct, kw_only=True):
     seconds: float = 0.0
 
 
+# Most in-flight requests a router reports per tier and window (the youngest): enough for the
+# replay's backlog on any pool here, and ~100 KiB at most, well under the bus's payload limit.
+MAX_IN_FLIGHT_REPORTED = 2048
+
+
+class InFlightRequest(msgspec.Struct, kw_only=True):
+    """A request still in flight at a router when its window closed (queued or decoding)."""
+
+    prompt_tokens: int
+    output_tokens: int  # the router's estimate (the tier's recent mean), at least generated + 1
+    age_s: float  # seconds since it arrived
+    ttft_s: float | None = None  # its time to first token; None while it waits for one
+    generated: int = 0  # output tokens streamed so far
+    lane: int = 0  # routing.Lane it was classified into
+
+
 class TierWindowStats(msgspec.Struct, kw_only=True):
     """One tier's traffic at one router over one control window."""
 
@@ -369,6 +385,9 @@ class TierWindowStats(msgspec.Struct, kw_only=True):
     arrival_offsets_s: list[float] = msgspec.field(default_factory=list)
     finished: int = 0
     good: int = 0  # finished within both the TTFT and the TPOT target
+    # What was still in flight when the window closed: the controller's replay starts from it.
+    # Empty from a router that does not report it (the replay then starts from an empty pool).
+    in_flight: list[InFlightRequest] = msgspec.field(default_factory=list)
 
 
 class RouterWindowStats(msgspec.Struct, kw_only=True):

@@ -15,12 +15,13 @@ import heapq
 import itertools
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan, Role, valid_tp_choices
-from nitsum_core.control_loop import Arrival, ControlLoop
+from nitsum_core.control_loop import Arrival, ControlLoop, InFlight
 from nitsum_core.goodput import RequestRecord, meets_slo
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.routing import Candidate, Lane, LanePolicy
@@ -61,6 +62,7 @@ class SimRequest:
     error: str | None = None
     done_step: int = 0  # the instance step at which decoding ends
     lane: int = 0  # 0 feasible, 1 background, 2 best-effort (SLO order); tier priority otherwise
+    resumed_lane: int | None = None  # a warm start's queued request keeps the lane it had
 
 
 @dataclass
@@ -152,7 +154,7 @@ class Simulator:
             return
         tier = self.tiers[r.tier]
         if self.preset.queue_order == "slo":
-            lane = self.lanes.classify(r.tier)
+            lane = Lane(r.resumed_lane) if r.resumed_lane is not None else self.lanes.classify(r.tier)
             if fallback and lane == Lane.FEASIBLE:
                 lane = Lane.BEST_EFFORT
             r.lane = int(lane)
@@ -321,6 +323,9 @@ class Simulator:
         if window:
             self._mean_ctx = sum(r.prompt + r.output / 2 for r in window) / len(window)
             self._seat_caps.clear()
+        if control.replay is not None:
+            for request in self.in_flight():
+                control.in_flight(request)
         decision = control.window(self._switch_cost)
         self._window_start = self.now
         if self.preset.queue_order == "slo":
@@ -367,18 +372,40 @@ class Simulator:
                     self._route_requeue(r)
                 else:
                     # Fast path: the KV migrates; decoding continues on the new instance.
-                    left = max(1, r.done_step - inst.steps + 1)
-                    targets = self._serving(r.tier, ("decode", "mixed")) or self.instances
-                    new = min(targets, key=lambda i: i.load)
-                    new.kv_used += r.prompt + r.output
-                    new.running += 1
-                    new.ctx_tokens += r.prompt + (r.output - left)
-                    r.done_step = new.steps + left
-                    heapq.heappush(new.finishing, (r.done_step, r.rid, r))
+                    self._resume_decode(r, max(1, r.done_step - inst.steps + 1))
         for inst in fresh:
             self._push(resume, "kick", inst)
         for inst in kept.values():
             self._kick(inst)
+
+    def _resume_decode(self, r: SimRequest, left: int) -> None:
+        """Continue decoding ``r`` (its KV moved here), ``left`` steps from done, on the least-loaded
+        instance that decodes its tier."""
+        targets = self._serving(r.tier, ("decode", "mixed")) or self.instances
+        new = min(targets, key=lambda i: i.load)
+        new.kv_used += r.prompt + r.output
+        new.running += 1
+        new.ctx_tokens += r.prompt + (r.output - left)
+        r.done_step = new.steps + left
+        heapq.heappush(new.finishing, (r.done_step, r.rid, r))
+
+    def in_flight(self) -> list[InFlight]:
+        """Every request queued, prefilling or decoding now: what the control loop's replay starts from."""
+        out = []
+        for inst in self.instances:
+            waiting = [q[3] for q in inst.queue] + list(inst.prefilling)
+            for r in waiting:
+                ttft = None if r.first_token is None else r.first_token - r.arrival
+                out.append(InFlight(r.tier, r.prompt, r.output, self.now - r.arrival, ttft, lane=r.lane))
+            for _, _, r in inst.finishing:
+                assert r.first_token is not None
+                generated = max(1, r.output - (r.done_step - inst.steps))
+                out.append(
+                    InFlight(
+                        r.tier, r.prompt, r.output, self.now - r.arrival, r.first_token - r.arrival, generated
+                    )
+                )
+        return out
 
     def _route_requeue(self, r: SimRequest) -> None:
         cands = self._serving(r.tier, ("mixed", "prefill")) or self.instances
@@ -398,7 +425,13 @@ class Simulator:
         )
 
     # ---- run -----------------------------------------------------------------------------------------
-    def run(self, workload: list[TraceRequest]) -> SimResult:
+    def run(
+        self, workload: list[TraceRequest], in_flight: Sequence[InFlight] = (), until_s: float | None = None
+    ) -> SimResult:
+        """Simulate ``workload`` to the last request's end (or to ``until_s``: later ones are left
+        unfinished), starting from a pool that already holds ``in_flight`` (a replay's warm start:
+        queued ones are routed at time 0, decoding ones resume on an instance that decodes their
+        tier); records cover both, in_flight first."""
         # Dynamic presets start from a uniform cut of the smallest degree the model fits at,
         # serving every tier (what a deployment boots with); the configurator re-cuts it from the
         # first window on.
@@ -415,18 +448,33 @@ class Simulator:
             roles=self.preset.roles,
             replay=self._plan_replay() if self.preset.dynamic and self.preset.score == "replay" else None,
         )
-        reqs = [
-            SimRequest(i, r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
+        resumed = [SimRequest(i, f.tier, -f.age_s, f.prompt, f.output) for i, f in enumerate(in_flight)]
+        reqs = resumed + [
+            SimRequest(len(resumed) + i, r.tier, r.arrival_s, r.prompt_tokens, r.output_tokens)
             for i, r in enumerate(workload)
         ]
         for r in reqs:
             if r.tier not in self.tiers:
                 raise ValueError(f"request {r.rid} has unknown tier {r.tier!r}")
+        for r, f in zip(resumed, in_flight, strict=True):
+            if f.ttft_s is not None:
+                r.first_token = r.arrival + f.ttft_s
+            if f.generated > 0:
+                r.prefilled = r.prompt
+                self._resume_decode(r, max(1, r.output - f.generated))
+            else:
+                r.resumed_lane = f.lane
+                self._push(0.0, "arrival", r)
+        for inst in self.instances:
+            self._kick(inst)
+        for r in reqs[len(resumed) :]:
             self._push(r.arrival, "arrival", r)
         self._push(self.preset.window_s, "window", None)
         self._window_start = 0.0  # arrivals are reported to the control loop as offsets into it
         originals = {r.rid: (r.prompt, r.output) for r in reqs}
         while self.events:
+            if until_s is not None and self.events[0][0] > until_s:
+                break
             self.now, _, kind, payload = heapq.heappop(self.events)
             if kind == "arrival":
                 offset = self.now - self._window_start
@@ -453,7 +501,8 @@ class Simulator:
             tpot = (r.finish - r.first_token) / (output - 1) if output > 1 else 0.0
             records.append(RequestRecord(r.tier, r.arrival, prompt, output, ttft, tpot))
         # Goodput is counted over the arrival span, the same for every preset on the same trace.
-        duration = (reqs[-1].arrival - reqs[0].arrival) if len(reqs) > 1 else 1.0
+        arrived = reqs[len(resumed) :]
+        duration = (arrived[-1].arrival - arrived[0].arrival) if len(arrived) > 1 else 1.0
         return SimResult(records, duration, self.switches, self.timeline, self.rejected)
 
 
@@ -467,8 +516,12 @@ class PlanReplay:
     where they arrived, so the recent bursts are kept; requests without a time (a driver that does
     not know them) are re-spaced as a Poisson stream at their observed rate with a fixed seed.
     Within a window every candidate sees the very same arrivals: the comparison is paired. Each
-    replay starts empty and runs the plan statically with the Nitsum scheduler until every request
-    is done; the score is the requests that met both targets per second of the span.
+    replay starts from the ``backlog`` (the requests in flight when the window closed: queued ones
+    keep their age and lane, decoding ones resume on an instance that decodes their tier, as a
+    fast switch would move them), runs the plan statically with the Nitsum scheduler for the span,
+    and scores the requests that finished within both targets per second of it -- what the routers
+    report as a window's goodput. Requests still running at the end of the span do not count:
+    in a steady state they are balanced by the backlog that finished in it.
     """
 
     def __init__(
@@ -484,7 +537,9 @@ class PlanReplay:
         self.sim_kwargs = sim_kwargs
         self.preset = Preset("replay", "slo", window_s=window_s)
 
-    def __call__(self, plan: Plan, requests: list[Arrival], span_s: float) -> float:
+    def __call__(
+        self, plan: Plan, requests: list[Arrival], span_s: float, backlog: Sequence[InFlight] = ()
+    ) -> float:
         if not requests or span_s <= 0:
             return 0.0
         times = [r.at_s for r in requests]
@@ -500,5 +555,5 @@ class PlanReplay:
             key=lambda w: w.arrival_s,
         )
         sim = Simulator(self.perf, self.pool, self.tiers, self.preset, plan, **self.sim_kwargs)  # type: ignore[arg-type]
-        result = sim.run(workload)
+        result = sim.run(workload, backlog, until_s=span_s)
         return sum(meets_slo(rec, self.tiers[rec.tier]) for rec in result.records) / span_s

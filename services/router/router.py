@@ -192,11 +192,40 @@ class Router:
             self._budgets = None
             if not stats:
                 continue
+            self._report_in_flight(stats)
             report = m.RouterWindowStats(router_id=self.router_id, window_s=self.config.window_s, tiers=stats)
             try:
                 await self.nc.publish(subjects.ROUTER_STATS, m.encode(report))
             except Exception as exc:  # a reconnecting client: the controller misses one window
                 self.log.warning("window stats not sent", error=str(exc))
+
+    def _report_in_flight(self, stats: dict[str, m.TierWindowStats]) -> None:
+        """Add the requests still in flight to the window's stats: the controller's replay of each
+        candidate cut starts from this backlog instead of an empty pool."""
+        now = time.monotonic()
+        by_tier: dict[str, list[Flight]] = {}
+        for f in self.flights.values():
+            if not f.finished:
+                by_tier.setdefault(f.tier.name, []).append(f)
+        for name, flights in by_tier.items():
+            # The youngest are kept when there are too many: the oldest have likely missed their
+            # targets already, and the report must stay well under the bus's payload limit.
+            flights.sort(key=lambda f: f.arrived, reverse=True)
+            estimate = self._mean_output.get(name)
+            tier_stats = stats.setdefault(name, m.TierWindowStats())
+            for f in flights[: m.MAX_IN_FLIGHT_REPORTED]:
+                done = len(f.generated)
+                output = f.req.max_tokens if estimate is None else min(f.req.max_tokens, round(estimate))
+                tier_stats.in_flight.append(
+                    m.InFlightRequest(
+                        prompt_tokens=len(f.prompt_ids),
+                        output_tokens=max(output, done + 1),
+                        age_s=round(now - f.arrived, 4),
+                        ttft_s=None if f.first_token_at is None else round(f.first_token_at - f.arrived, 4),
+                        generated=done,
+                        lane=f.lane,
+                    )
+                )
 
     def _tier_window(self, tier: str) -> m.TierWindowStats:
         return self._window.setdefault(tier, m.TierWindowStats())

@@ -3,8 +3,8 @@
 Routers report their traffic each window (RouterWindowStats); the shared ``ControlLoop`` -- the
 same object the simulator drives -- turns it into demand, admission budgets for the routers'
 lane policy, and, when a candidate cut replayed through the simulator on the recent requests at
-the offsets the routers reported (``simulator.PlanReplay``, with this controller's performance
-model; each score scaled by what that plan family delivered while it ran) beats the current one by
+the offsets the routers reported, starting from the requests they still had in flight
+(``simulator.PlanReplay``, with this controller's performance model), beats the current one by
 more than the switching cost, a new cut that the controller applies with the switch protocol. The
 replay runs in a thread, off the event loop. The switching cost it weighs is what its own
 switches have measured (EWMA), starting from ``initial_switch_s``.
@@ -22,7 +22,7 @@ from nitsum_core import messages as m
 from nitsum_core import reconfig, subjects
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Plan
-from nitsum_core.control_loop import ControlLoop
+from nitsum_core.control_loop import ControlLoop, InFlight
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.service import decode_or_drop
 from nitsum_core.simulator import PlanReplay
@@ -87,6 +87,12 @@ class AutoPilot:
                     loop.arrival(name, prompt, output, offset)
                 for i in range(t.finished):
                     loop.finished(name, i < t.good)
+                for f in t.in_flight:
+                    loop.in_flight(
+                        InFlight(
+                            name, f.prompt_tokens, f.output_tokens, f.age_s, f.ttft_s, f.generated, f.lane
+                        )
+                    )
 
     def _sync_plan(self) -> Plan | None:
         """The loop follows the written topology (a hand-made switch or a pool change moves it too)."""
