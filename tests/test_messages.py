@@ -135,7 +135,7 @@ SAMPLES: list[msgspec.Struct] = [
         good=2,
         in_flight=[
             m.InFlightRequest(prompt_tokens=30, output_tokens=64, age_s=1.5),
-            m.InFlightRequest(prompt_tokens=8, output_tokens=64, age_s=0.9, ttft_s=0.2, generated=12, lane=2),
+            m.InFlightRequest(prompt_tokens=8, output_tokens=64, age_s=0.9, ttft_s=0.2, generated=12),
         ],
     ),
     m.RouterWindowStats(

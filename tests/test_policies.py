@@ -180,7 +180,7 @@ def test_a_replay_starts_from_the_backlog_and_counts_what_finishes_in_its_span()
         assert replay(plan, short + long, 2.0, ending + late) == pytest.approx(25 / 2.0)
     # A backlog far beyond what a plan can serve in the span crowds out the new arrivals: the
     # plan that clears it faster scores higher, where from an empty pool both looked the same.
-    queued = [InFlight("agent", 2000, 30, 0.1, lane=0)] * 100
+    queued = [InFlight("agent", 2000, 30, 0.1)] * 100
     cold = replay(_shared(2), short, 2.0), replay(_shared(8), short, 2.0)
     warm = replay(_shared(2), short, 2.0, queued), replay(_shared(8), short, 2.0, queued)
     assert cold[0] == cold[1] == pytest.approx(5 / 2.0)
@@ -266,7 +266,7 @@ def test_a_plan_falling_behind_is_left_once_its_backlog_is_replayed() -> None:
     # starts from the requests the routers report in flight, so the backlog of one big TP 8
     # instance shows, and the loop moves to a cut that clears it.
     perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
-    backlog = [InFlight("agent", 2000, 30, 0.5, lane=0)] * 100
+    backlog = [InFlight("agent", 2000, 30, 0.5)] * 100
 
     def run(report_backlog: bool) -> list[set[int]]:
         loop = ControlLoop(

@@ -62,7 +62,6 @@ class InFlight(NamedTuple):
     age_s: float  # seconds since it arrived
     ttft_s: float | None = None  # its time to first token; None while it waits for it
     generated: int = 0  # output tokens produced so far
-    lane: int | None = None  # routing.Lane it queues in (None: classify it afresh)
 
 
 # A plan's expected goodput (req/s) on these requests, which arrived over this many seconds,

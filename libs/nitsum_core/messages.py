@@ -371,7 +371,6 @@ class InFlightRequest(msgspec.Struct, kw_only=True):
     age_s: float  # seconds since it arrived
     ttft_s: float | None = None  # its time to first token; None while it waits for one
     generated: int = 0  # output tokens streamed so far
-    lane: int = 0  # routing.Lane it was classified into
 
 
 class TierWindowStats(msgspec.Struct, kw_only=True):

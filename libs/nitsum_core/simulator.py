@@ -62,7 +62,7 @@ class SimRequest:
     error: str | None = None
     done_step: int = 0  # the instance step at which decoding ends
     lane: int = 0  # 0 feasible, 1 background, 2 best-effort (SLO order); tier priority otherwise
-    resumed_lane: int | None = None  # a warm start's queued request keeps the lane it had
+    late: bool = False  # a warm start's queued request already past its TTFT target
 
 
 @dataclass
@@ -154,7 +154,8 @@ class Simulator:
             return
         tier = self.tiers[r.tier]
         if self.preset.queue_order == "slo":
-            lane = Lane(r.resumed_lane) if r.resumed_lane is not None else self.lanes.classify(r.tier)
+            # A request that can no longer meet its TTFT target must not hold up those that can.
+            lane = Lane.BEST_EFFORT if r.late else self.lanes.classify(r.tier)
             if fallback and lane == Lane.FEASIBLE:
                 lane = Lane.BEST_EFFORT
             r.lane = int(lane)
@@ -396,7 +397,7 @@ class Simulator:
             waiting = [q[3] for q in inst.queue] + list(inst.prefilling)
             for r in waiting:
                 ttft = None if r.first_token is None else r.first_token - r.arrival
-                out.append(InFlight(r.tier, r.prompt, r.output, self.now - r.arrival, ttft, lane=r.lane))
+                out.append(InFlight(r.tier, r.prompt, r.output, self.now - r.arrival, ttft))
             for _, _, r in inst.finishing:
                 assert r.first_token is not None
                 generated = max(1, r.output - (r.done_step - inst.steps))
@@ -463,7 +464,7 @@ class Simulator:
                 r.prefilled = r.prompt
                 self._resume_decode(r, max(1, r.output - f.generated))
             else:
-                r.resumed_lane = f.lane
+                r.late = f.ttft_s is not None or f.age_s > self.tiers[f.tier].ttft_s
                 self._push(0.0, "arrival", r)
         for inst in self.instances:
             self._kick(inst)
@@ -517,8 +518,8 @@ class PlanReplay:
     not know them) are re-spaced as a Poisson stream at their observed rate with a fixed seed.
     Within a window every candidate sees the very same arrivals: the comparison is paired. Each
     replay starts from the ``backlog`` (the requests in flight when the window closed: queued ones
-    keep their age and lane, decoding ones resume on an instance that decodes their tier, as a
-    fast switch would move them), runs the plan statically with the Nitsum scheduler for the span,
+    keep their age, in the best-effort lane once past their TTFT target; decoding ones resume on an
+    instance that decodes their tier, as a fast switch would move them), runs the plan statically with the Nitsum scheduler for the span,
     and scores the requests that finished within both targets per second of it -- what the routers
     report as a window's goodput. Requests still running at the end of the span do not count:
     in a steady state they are balanced by the backlog that finished in it.

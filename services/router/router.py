@@ -223,7 +223,6 @@ class Router:
                         age_s=round(now - f.arrived, 4),
                         ttft_s=None if f.first_token_at is None else round(f.first_token_at - f.arrived, 4),
                         generated=done,
-                        lane=f.lane,
                     )
                 )
 

@@ -89,9 +89,7 @@ class AutoPilot:
                     loop.finished(name, i < t.good)
                 for f in t.in_flight:
                     loop.in_flight(
-                        InFlight(
-                            name, f.prompt_tokens, f.output_tokens, f.age_s, f.ttft_s, f.generated, f.lane
-                        )
+                        InFlight(name, f.prompt_tokens, f.output_tokens, f.age_s, f.ttft_s, f.generated)
                     )
 
     def _sync_plan(self) -> Plan | None:
