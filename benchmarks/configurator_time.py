@@ -5,7 +5,8 @@ time a control window takes when it scores the candidates by replay.
 
 Three tiers with mixed demands, Llama-3.1-8B on H100; min and median of --repeats decisions.
 The replay table times ``ControlLoop.window`` on 8 GPUs with ``simulator.PlanReplay`` scoring
-every candidate (and the current plan) on the last 5 windows of requests at each rate.
+every candidate (and the current plan) on the last 5 windows of requests at each rate, starting
+from a reported backlog of two seconds' arrivals (half queued, half half-way through decoding).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan, TierDemand, greedy
-from nitsum_core.control_loop import REPLAY_WINDOWS, ControlLoop
+from nitsum_core.control_loop import REPLAY_WINDOWS, ControlLoop, InFlight
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.simulator import PlanReplay
 
@@ -73,8 +74,22 @@ def replay_window_time(perf: PerfModel, rate: float, pool: int = 8) -> dict[str,
     took = 0.0
     for _ in range(REPLAY_WINDOWS):
         for name, d in DEMANDS.items():
-            for _ in range(round(rate * d.arrival_rps / total)):
-                loop.arrival(name, int(d.mean_prompt), int(d.mean_output))
+            prompt, output = int(d.mean_prompt), int(d.mean_output)
+            n = round(rate * d.arrival_rps / total)
+            for i in range(n):
+                loop.arrival(name, prompt, output, offset_s=i / n)
+            for i in range(2 * n):  # Little's law at ~2 s in the system
+                decoding = i % 2 == 1
+                loop.in_flight(
+                    InFlight(
+                        name,
+                        prompt,
+                        output,
+                        1.0 if decoding else 0.2,
+                        0.2 if decoding else None,
+                        output // 2 if decoding else 0,
+                    )
+                )
         t0 = time.perf_counter()
         loop.window(lambda _: 0.05)
         took = time.perf_counter() - t0  # the last window: a full history to replay
