@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import structlog
 from conftest import hf_greedy, load_hf
 from nitsum_cli.stack import Stack, StackConfig
 from nitsum_core import messages as m
 from nitsum_core import subjects
 from nitsum_core.bus import connect
 from nitsum_core.client import NitsumClient
+from nitsum_core.config import Tier
+from nitsum_core.configurator import Assignment, Plan
+from nitsum_core.control_loop import ControlLoop
+from nitsum_core.perf_model import HARDWARE, PerfModel, model_spec
 from nitsum_core.tokenizer import Tokenizer
+from nitsum_tp_controller.autopilot import AutoPilot, AutoPilotConfig
 
 TIERS = """
 [tiers.interactive]
@@ -123,3 +130,25 @@ def test_controller_refuses_a_bad_tier_file(tmp_path: Path, bad: str) -> None:
     )
     assert out.returncode != 0
     assert str(path) in out.stderr  # the error names the file
+
+
+def test_in_flight_reports_are_snapshots_and_arrivals_add_up() -> None:
+    # A router's windows are not aligned with the controller's, so two of its reports can land in
+    # one controller window: both windows' arrivals count, but only its latest in-flight snapshot
+    # (counting both would replay its backlog twice).
+    tiers = {"interactive": Tier("interactive", 1.0, 0.05, 0)}
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    pilot = AutoPilot(SimpleNamespace(log=structlog.get_logger()), AutoPilotConfig(perf, tiers))  # type: ignore[arg-type]
+    loop = ControlLoop(2, perf, tiers, Plan([Assignment(0, 1, "mixed", "*"), Assignment(1, 1, "mixed", "*")]))
+
+    def report(router: str, age: float) -> m.RouterWindowStats:
+        flight = m.InFlightRequest(prompt_tokens=10, output_tokens=20, age_s=age)
+        stats = m.TierWindowStats(
+            prompt_tokens=[10], output_tokens=[20], arrival_offsets_s=[0.5], in_flight=[flight]
+        )
+        return m.RouterWindowStats(router_id=router, window_s=1.0, tiers={"interactive": stats})
+
+    pilot._stats = [report("a", 1.0), report("b", 3.0), report("a", 2.0)]
+    pilot._feed(loop)
+    assert len(loop.arrivals) == 3
+    assert sorted(f.age_s for f in loop._in_flight) == [2.0, 3.0]

@@ -74,6 +74,9 @@ class AutoPilot:
 
     def _feed(self, loop: ControlLoop) -> None:
         stats, self._stats = self._stats, []
+        # A router's windows are not aligned with this one's: two of its reports can land in one
+        # window. Arrivals and finishes add up; what is in flight is a snapshot, so only its latest.
+        latest = {s.router_id: s for s in stats}
         for s in stats:
             for name, t in s.tiers.items():
                 if name not in self.config.tiers:
@@ -87,7 +90,7 @@ class AutoPilot:
                     loop.arrival(name, prompt, output, offset)
                 for i in range(t.finished):
                     loop.finished(name, i < t.good)
-                for f in t.in_flight:
+                for f in t.in_flight if latest[s.router_id] is s else ():
                     loop.in_flight(
                         InFlight(name, f.prompt_tokens, f.output_tokens, f.age_s, f.ttft_s, f.generated)
                     )
