@@ -29,7 +29,10 @@ def _stack(home: Path, model: Path, **kw: object) -> Stack:
 
 @pytest.fixture(scope="module")
 async def pool4(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
-    s = _stack(tmp_path_factory.mktemp("pool4"), tiny_llama_dir)
+    # These tests assert that a switch reroutes nothing. Under the whole suite on a 2-core host a
+    # worker's heartbeat once came > 2 s late mid-switch (all 16 requests rerouted, outputs still
+    # exact): a liveness false alarm, not a switch failure. Detection speed is tested elsewhere.
+    s = _stack(tmp_path_factory.mktemp("pool4"), tiny_llama_dir, worker_timeout_s=6.0)
     await s.start()
     yield s
     s.stop()
