@@ -12,6 +12,7 @@ from nitsum_core.configurator import (
     aligned_partitions,
     exhaustive,
     greedy,
+    plan_goodput,
     should_switch,
     slo_safe_capacity,
 )
@@ -119,6 +120,19 @@ def test_greedy_within_5_percent_of_exhaustive_on_random_small_cases() -> None:
             ratios.append(got.predicted_goodput_rps / best.predicted_goodput_rps)
     assert len(ratios) >= 30
     assert sum(ratios) / len(ratios) >= 0.95, sorted(ratios)[:5]
+
+
+def test_greedy_goodput_is_the_plan_goodput_of_its_assignments() -> None:
+    # The greedy sums its goodput as it picks (it builds Assignments only for the winning pass):
+    # that running sum must stay the same number ``plan_goodput`` gives the finished plan.
+    pm = _h100_8b()
+    rng = random.Random(7)
+    for _ in range(40):
+        demands = _random_case(rng)
+        pool = rng.choice([4, 8, 16])
+        plan = greedy(pool, pm, demands)
+        caps = {(a.tier, a.tp): slo_safe_capacity(pm, a.tp, demands[a.tier]) for a in plan.assignments}
+        assert plan.predicted_goodput_rps == pytest.approx(plan_goodput(plan.assignments, caps, demands))
 
 
 def test_aligned_partitions_and_hysteresis() -> None:

@@ -110,7 +110,6 @@ class ControlLoop:
         self._outcomes: deque[tuple[int, int, int]] = deque(maxlen=history)  # (arrived, finished, good)
         self.arrivals: list[Arrival] = []  # this window's, in arrival order
         self._in_flight: list[InFlight] = []  # the pool's backlog as this window closes
-        self._backlog: list[InFlight] = []  # ... and as the last window closed: what replays start from
         self._finished: dict[str, int] = {}
         self._good = 0  # requests finished within both targets this window
         # Plan family -> EWMA of observed goodput / predicted goodput while it ran (roofline
@@ -158,7 +157,7 @@ class ControlLoop:
         The driver applies ``switch_to`` and then sets ``plan`` (a failed switch keeps the old one).
         """
         window, self.arrivals = self.arrivals, []
-        self._backlog, self._in_flight = self._in_flight, []
+        backlog, self._in_flight = self._in_flight, []  # what this window's replays start from
         self._recent.append(window)
         family = plan_family(self.plan.assignments)
         # Requests finish windows after they arrive: right after a (re)start or a change of plan
@@ -197,7 +196,7 @@ class ControlLoop:
         candidates = candidate_plans(self.pool, self.perf, demands, self.roles)
         now = Plan(self.plan.assignments, current)
         if self.replay is not None:
-            expected = self._replay_scores()
+            expected = self._replay_scores(backlog)
         else:
             expected = self._calibrated(family, _roofline_score)
         now_rps = expected(now)
@@ -223,10 +222,10 @@ class ControlLoop:
         arrived, finished, good = (sum(o[i] for o in self._outcomes) for i in range(3))
         return finished > 0 and good == finished and finished >= arrived - 3 * math.sqrt(arrived)
 
-    def _replay_scores(self) -> Callable[[Plan], float]:
+    def _replay_scores(self, backlog: list[InFlight]) -> Callable[[Plan], float]:
         """Each plan's goodput over the next ``replay_windows``, simulated (memoised within the window).
 
-        The replay starts from the backlog the driver reported and counts what finishes within the
+        The replay starts from ``backlog``, what the driver reported in flight, and counts what finishes within the
         span, as the routers count a window's goodput: a plan that is falling behind carries its
         backlog into its own replay and scores what it will really deliver. (Replays that started
         from an empty pool and ran every request to its end scored such a plan as if it kept up,
@@ -245,7 +244,6 @@ class ControlLoop:
         ]
         span = self.window_s * len(replayed)
         seen: dict[tuple[Assignment, ...], float] = {}
-        backlog = self._backlog
 
         def expected(plan: Plan) -> float:
             key = tuple(plan.assignments)
