@@ -5,6 +5,8 @@ splits) with the Nitsum scheduler, buckets each request's outcome by its arrival
 compares the best single plan (what `nitsum-static` / hindsight picks) with an oracle that picks
 the best plan for every window separately (no switching cost, no transient). The oracle/static
 ratio bounds the gain of re-cutting at that window length; full Nitsum's number is shown beside it.
+``--foresight 5 10`` adds full Nitsum with a clairvoyant control loop (its replays score the next
+5 / 10 s of real arrivals): how much a perfect forecast would gain over replaying the last 5 s.
 
     python benchmarks/dynamic_headroom.py --rate 400 \\
         --trace ../shared/traces/AzureLLMInferenceTrace_conv.csv:interactive=0.7,background=0.3 \\
@@ -27,6 +29,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p, rate=400.0, out="bench_results/dynamic_headroom.json")
     p.add_argument("--window", type=float, default=10.0, help="oracle re-cut period in seconds")
+    p.add_argument(
+        "--foresight",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="S",
+        help="also run full Nitsum with a clairvoyant loop whose replays score the next S seconds of "
+        "real arrivals instead of the last five (one run per value): what a perfect forecast could gain",
+    )
     a = p.parse_args()
     workload, tiers, perf = load_study(a)
     order = sorted(tiers, key=lambda t: tiers[t].priority)
@@ -59,6 +70,14 @@ def main() -> None:
         f"  per-window oracle     {oracle:8.2f} req/s  ({oracle / max(static, 1e-9):.2f}x; {len(set(oracle_picks))} distinct plans)"
     )
     print(f"  full Nitsum (dynamic) {nitsum:8.2f} req/s  ({nitsum / max(static, 1e-9):.2f}x)")
+    foresight = {}
+    for s in a.foresight:
+        res = Simulator(perf, a.gpus, tiers, PRESETS["nitsum"], foresight_s=s).run(workload)
+        foresight[s] = summarize(res.records, tiers, res.duration_s, a.gpus).goodput_rps
+        print(
+            f"  ... foresight {s:4.0f} s   {foresight[s]:8.2f} req/s  ({foresight[s] / max(static, 1e-9):.2f}x; "
+            f"replays score the next {s:.0f} s of real arrivals)"
+        )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -70,6 +89,7 @@ def main() -> None:
                 "oracle": oracle,
                 "oracle_picks": oracle_picks,
                 "nitsum": nitsum,
+                "nitsum_foresight": {str(s): g for s, g in foresight.items()},
                 "per_plan_window_good": per_plan,
             },
             indent=1,

@@ -209,6 +209,32 @@ def test_the_loop_follows_the_replay_where_the_roofline_misranks(scorer: str) ->
         assert {2} not in switched  # the roofline never goes to the plan it wrongly ranks low
 
 
+def test_a_forecast_replaces_the_replayed_windows() -> None:
+    # The same stream that makes the replay-scored loop leave TP 4 (above), with a forecast of a
+    # light next span: the replays score the forecast, every cut serves all of it, and the loop
+    # stays where it is.
+    perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
+    real = PlanReplay(perf, 8, TIERS_70B)
+    future = [Arrival("agent", 2000, 30, at_s=0.1 * i) for i in range(5)]
+    seen: list[tuple[list[Arrival], float]] = []
+
+    def replay(plan: Plan, requests: list[Arrival], span: float, backlog: list[InFlight]) -> float:
+        seen.append((requests, span))
+        return real(plan, requests, span, backlog)
+
+    loop = ControlLoop(
+        8, perf, TIERS_70B, _shared(4), window_s=1.0, roles=("mixed",), replay=replay,
+        forecast=lambda: (future, 2.0),
+    )  # fmt: skip
+    for _ in range(4):
+        for i in range(40):
+            a = MIX_70B[i % 10]
+            loop.arrival(a.tier, a.prompt, a.output)
+            loop.finished(a.tier, good=i < 30)
+        assert loop.window(lambda _: 0.05).switch_to is None
+    assert seen and all(requests == future and span == 2.0 for requests, span in seen)
+
+
 def test_a_plan_meeting_every_target_is_not_rescored() -> None:
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
     scored: list[Plan] = []

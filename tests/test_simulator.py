@@ -73,6 +73,26 @@ def test_a_run_can_start_from_requests_already_in_flight() -> None:
     assert [r.error for r in cut.records] == ["unfinished"] * 3
 
 
+def test_foresight_hands_the_loop_the_real_next_arrivals() -> None:
+    # For bounds only (benchmarks/dynamic_headroom.py --foresight): a clairvoyant loop's replays
+    # score the workload's own arrivals of the next ``foresight_s`` seconds, timed from now.
+    wl = _workload(600, rate=20.0)
+    nitsum = Preset("nitsum", queue_order="slo", dynamic=True)
+    sim = Simulator(_perf(), 4, TIERS, nitsum, foresight_s=2.0)
+    sim.run(wl, until_s=10.0)
+    assert sim.control is not None and sim.control.forecast is not None
+    requests, span = sim.control.forecast()
+    ahead = [r for r in wl if sim.now <= r.arrival_s < sim.now + 2.0]
+    assert span == 2.0 and len(requests) == len(ahead) > 0
+    for got, r in zip(requests, sorted(ahead, key=lambda r: r.arrival_s), strict=True):
+        assert (got.tier, got.prompt, got.output) == (r.tier, r.prompt_tokens, r.output_tokens)
+        assert got.at_s == pytest.approx(r.arrival_s - sim.now)
+    # A clairvoyant run is still deterministic and accounts for every request.
+    a = Simulator(_perf(), 4, TIERS, nitsum, foresight_s=2.0).run(wl)
+    b = Simulator(_perf(), 4, TIERS, nitsum, foresight_s=2.0).run(wl)
+    assert a.records == b.records and len(a.records) == len(wl)
+
+
 def test_queueing_matches_md1_closed_form() -> None:
     """One TP-1 instance, one request at a time, fixed prompt, one output token, Poisson arrivals:
     an M/D/1 queue. Mean time in system = D + rho * D / (2 (1 - rho))."""

@@ -67,6 +67,10 @@ class InFlight(NamedTuple):
 # A plan's expected goodput (req/s) on these requests, which arrived over this many seconds,
 # starting from a pool that holds these in-flight requests.
 ReplayScorer = Callable[[Plan, list[Arrival], float, list[InFlight]], float]
+# The requests a replay scores plans on and the seconds they span, in place of the recent windows'
+# arrivals: a forecast of the next span. The simulator's ``foresight_s`` passes the real future
+# arrivals, to bound what any forecast could gain (benchmarks/dynamic_headroom.py --foresight).
+Forecast = Callable[[], tuple[list[Arrival], float]]
 
 
 @dataclass
@@ -97,10 +101,11 @@ class ControlLoop:
         roles: Sequence[Role] = ("mixed", "prefill", "decode"),
         replay: ReplayScorer | None = None,
         replay_windows: int = REPLAY_WINDOWS,
+        forecast: Forecast | None = None,
     ) -> None:
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
-        self.replay = replay
+        self.replay, self.forecast = replay, forecast
         # Demand over the last ``history`` windows: one second of a bursty trace is a noisy
         # estimate, and the controller should follow the load, not its noise. Replay scores a plan
         # on ``replay_windows`` of them (more: a few seconds rank plans by that burst, and every
@@ -234,15 +239,18 @@ class ControlLoop:
         """
         assert self.replay is not None
         replay = self.replay
-        replayed = list(self._recent)[-self.replay_windows :]
-        # Arrival times move from their window's start to the span's, so the replay sees the
-        # recent bursts where they happened.
-        requests = [
-            r if r.at_s is None else r._replace(at_s=i * self.window_s + r.at_s)
-            for i, w in enumerate(replayed)
-            for r in w
-        ]
-        span = self.window_s * len(replayed)
+        if self.forecast is not None:
+            requests, span = self.forecast()
+        else:
+            replayed = list(self._recent)[-self.replay_windows :]
+            # Arrival times move from their window's start to the span's, so the replay sees the
+            # recent bursts where they happened.
+            requests = [
+                r if r.at_s is None else r._replace(at_s=i * self.window_s + r.at_s)
+                for i, w in enumerate(replayed)
+                for r in w
+            ]
+            span = self.window_s * len(replayed)
         seen: dict[tuple[Assignment, ...], float] = {}
 
         def expected(plan: Plan) -> float:

@@ -11,6 +11,7 @@ KV bytes over the link plus a setup time.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import random
@@ -21,7 +22,7 @@ from typing import Literal
 
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan, Role, valid_tp_choices
-from nitsum_core.control_loop import Arrival, ControlLoop, InFlight
+from nitsum_core.control_loop import Arrival, ControlLoop, Forecast, InFlight
 from nitsum_core.goodput import RequestRecord, meets_slo
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.routing import Candidate, Lane, LanePolicy
@@ -107,8 +108,13 @@ class Simulator:
         handoff_setup_s: float = 1e-3,
         fast_switch_s: float = 0.05,
         min_chunk: int = 128,
+        foresight_s: float = 0.0,
     ) -> None:
+        """``foresight_s`` > 0 makes a dynamic preset's control loop clairvoyant, for bounds only:
+        its replays score the next ``foresight_s`` seconds of the workload's real arrivals instead of
+        replaying the recent ones (``benchmarks/dynamic_headroom.py --foresight``)."""
         self.perf, self.pool, self.tiers, self.preset = perf, pool, tiers, preset
+        self.foresight_s = foresight_s
         self.chunk_tokens, self.max_batch = chunk_tokens, max_batch
         self.handoff_setup_s, self.fast_switch_s = handoff_setup_s, fast_switch_s
         if plan is None and not preset.dynamic:
@@ -425,6 +431,21 @@ class Simulator:
             min_chunk=self.min_chunk,
         )
 
+    def _foresight(self, workload: list[TraceRequest]) -> Forecast:
+        """The real arrivals of the next ``foresight_s`` seconds, timed from now: a perfect forecast."""
+        upcoming = sorted(workload, key=lambda r: r.arrival_s)
+        times = [r.arrival_s for r in upcoming]
+
+        def forecast() -> tuple[list[Arrival], float]:
+            lo = bisect.bisect_left(times, self.now)
+            hi = bisect.bisect_left(times, self.now + self.foresight_s)
+            return [
+                Arrival(r.tier, r.prompt_tokens, r.output_tokens, r.arrival_s - self.now)
+                for r in upcoming[lo:hi]
+            ], self.foresight_s
+
+        return forecast
+
     # ---- run -----------------------------------------------------------------------------------------
     def run(
         self, workload: list[TraceRequest], in_flight: Sequence[InFlight] = (), until_s: float | None = None
@@ -448,6 +469,7 @@ class Simulator:
             self.preset.dynamic,
             roles=self.preset.roles,
             replay=self._plan_replay() if self.preset.dynamic and self.preset.score == "replay" else None,
+            forecast=self._foresight(workload) if self.foresight_s > 0 else None,
         )
         resumed = [SimRequest(i, f.tier, -f.age_s, f.prompt, f.output) for i, f in enumerate(in_flight)]
         reqs = resumed + [
