@@ -7,9 +7,10 @@ admission budgets it returns go to the router's ``LanePolicy``.
 
 How a candidate plan is scored: with a ``replay`` scorer (``simulator.PlanReplay``, what both
 drivers use), each candidate is run through the simulator for the next few windows, starting from
-the requests in flight now and fed the last few windows' arrivals again at the times they arrived;
-its score is the requests it finishes within both targets in that span, the same quantity the
-routers observe. Without one, by the configurator's roofline prediction, which is cheap enough for
+the requests in flight now and fed the last few windows' arrivals again at the times they arrived
+(or, where the driver passes a ``forecast``, the requests it predicts for the next span); its
+score is the requests it finishes within both targets in that span, the same quantity the routers
+observe. Without one, by the configurator's roofline prediction, which is cheap enough for
 any pool size but ranks plans less well; that score is scaled by how each plan family actually did
 against it while it ran (per-family calibration).
 """
