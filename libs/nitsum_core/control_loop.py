@@ -172,10 +172,12 @@ class ControlLoop:
             self._family_seen, self._warm = family, 0
         self._warm += 1
         self._windows_run += 1
-        if self.replay is not None or self._warm <= WARMUP_WINDOWS or self._windows_run <= BOOT_WINDOWS:
-            self._last_prediction = None  # (a replay needs no calibration: see ``_replay_scores``)
-        if self._last_prediction is not None and self._last_prediction > 0:
-            seen = min(2.0, (self._good / self.window_s) / self._last_prediction)
+        # The roofline's calibration compares this window's goodput with last window's prediction
+        # (a replay needs no calibration: see ``_replay_scores``).
+        predicted, self._last_prediction = self._last_prediction, None
+        learning = self.replay is None and self._warm > WARMUP_WINDOWS and self._windows_run > BOOT_WINDOWS
+        if learning and predicted:
+            seen = min(2.0, (self._good / self.window_s) / predicted)
             prev = self.calibration.get(family)
             self.calibration[family] = seen if prev is None else 0.7 * prev + 0.3 * seen
         self._outcomes.append((len(window), sum(self._finished.values()), self._good))
@@ -184,7 +186,6 @@ class ControlLoop:
         demands = self.demands([r for w in recent for r in w], len(recent))
         self._finished.clear()
         if not demands:
-            self._last_prediction = None
             return Decision(demands, None)
         decision = Decision(demands, admission_caps(self.perf, self.plan.assignments, demands))
         current = predicted_goodput(self.perf, self.plan.assignments, demands)
@@ -229,11 +230,13 @@ class ControlLoop:
         return finished > 0 and good == finished and finished >= arrived - 3 * math.sqrt(arrived)
 
     def _replay_scores(self, backlog: list[InFlight]) -> Callable[[Plan], float]:
-        """Each plan's goodput over the next ``replay_windows``, simulated (memoised within the window).
+        """Each plan's goodput over the next span, simulated (memoised within the window).
 
-        The replay starts from ``backlog``, what the driver reported in flight, and counts what finishes within the
-        span, as the routers count a window's goodput: a plan that is falling behind carries its
-        backlog into its own replay and scores what it will really deliver. (Replays that started
+        The span is the last ``replay_windows`` of arrivals replayed, or the ``forecast`` where the
+        driver gives one. The replay starts from ``backlog``, what the driver reported in flight,
+        and counts what finishes within the span, as the routers count a window's goodput: a plan
+        that is falling behind carries its backlog into its own replay and scores what it will
+        really deliver. (Replays that started
         from an empty pool and ran every request to its end scored such a plan as if it kept up,
         by up to 2x, and needed a per-family calibration that then stuck to a family after one
         bad stint: docs/simulator.md, round 8.)

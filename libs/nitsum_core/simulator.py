@@ -541,9 +541,9 @@ class PlanReplay:
     Within a window every candidate sees the very same arrivals: the comparison is paired. Each
     replay starts from the ``backlog`` (the requests in flight when the window closed: queued ones
     keep their age, in the best-effort lane once past their TTFT target; decoding ones resume on an
-    instance that decodes their tier, as a fast switch would move them), runs the plan statically with the Nitsum scheduler for the span,
-    and scores the requests that finished within both targets per second of it -- what the routers
-    report as a window's goodput. Requests still running at the end of the span do not count:
+    instance that decodes their tier, as a fast switch would move them), runs the plan statically
+    with the Nitsum scheduler for the span, and scores the requests that finished within both
+    targets per second of it -- what the routers report as a window's goodput. Requests still running at the end of the span do not count:
     in a steady state they are balanced by the backlog that finished in it.
     """
 
