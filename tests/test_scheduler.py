@@ -36,8 +36,39 @@ def test_new_requests_join_at_step_boundaries_and_priority_orders_admission() ->
         p.seq.token_ids.append(99)
     sched.add(_seq("late", 5))
     plan = sched.schedule()
-    # Running sequences decode one token each; the newcomer prefills in the same step.
-    assert [(p.seq.seq_id, p.num_new) for p in plan] == [("fast", 1), ("bg", 1), ("late", 5)]
+    # Running sequences decode one token each; the newcomer prefills in the same step (planned in
+    # rank order: priority, then arrival).
+    assert [(p.seq.seq_id, p.num_new) for p in plan] == [("fast", 1), ("late", 5), ("bg", 1)]
+
+
+def test_a_high_priority_prompt_chunks_ahead_of_a_lower_priority_one_admitted_first() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=8), BlockManager(64, 4))
+    sched.add(_seq("best-effort", 40, priority=2))
+    (first,) = sched.schedule()
+    assert (first.seq.seq_id, first.num_new) == ("best-effort", 8)
+    first.seq.num_computed = 8
+    sched.add(_seq("feasible", 12, priority=0))
+    plan = sched.schedule()
+    # The newcomer takes the whole budget although the other prompt was admitted a step earlier.
+    assert [(p.seq.seq_id, p.start, p.num_new) for p in plan] == [("feasible", 0, 8)]
+    for p in plan:
+        p.seq.num_computed = p.start + p.num_new
+    plan = sched.schedule()
+    assert [(p.seq.seq_id, p.start, p.num_new) for p in plan] == [("feasible", 8, 4), ("best-effort", 8, 4)]
+
+
+def test_decodes_are_never_starved_and_prompts_share_what_they_leave() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=8), BlockManager(64, 4))
+    low = _seq("low", 2, priority=2)
+    sched.add(low)
+    (item,) = sched.schedule()
+    low.num_computed = 2
+    low.token_ids.append(7)  # its first token is out: it decodes from now on
+    sched.add(_seq("high", 30, priority=0))
+    plan = sched.schedule()
+    # The low-priority decode still runs; the high-priority prompt gets the other 7 tokens.
+    assert sorted((p.seq.seq_id, p.num_new) for p in plan) == [("high", 7), ("low", 1)]
+    assert sum(p.num_new for p in plan) == 8
 
 
 def test_chunked_prefill_respects_token_budget() -> None:

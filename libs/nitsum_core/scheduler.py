@@ -1,8 +1,8 @@
 """Continuous-batching scheduler: pure Python, clock-free, shared by the engine and tests.
 
-Each ``schedule()`` call plans one engine step: every running sequence decodes one token, then
-waiting sequences are admitted (by priority, then arrival) with chunked prefill under a token
-budget. New requests therefore join the running batch at the next step boundary and finished ones
+Each ``schedule()`` call plans one engine step: every running sequence past its prompt decodes
+one token, and prompt chunks (running ones and newly admitted waiting ones) share the rest of a
+token budget in priority, then arrival, order. New requests therefore join the running batch at the next step boundary and finished ones
 leave it as soon as they finish.
 """
 
@@ -117,21 +117,33 @@ class Scheduler:
         self.num_preempted += 1
 
     def schedule(self) -> list[ScheduledSeq]:
+        """Plan one step: every running sequence past its prompt decodes one token; the rest of the
+        token budget goes to prompt chunks in rank order (priority, then arrival) across running
+        and waiting sequences, so a high-priority prompt never chunks behind a lower-priority one
+        that happened to be admitted first (it would miss its TTFT behind it)."""
         plan: list[ScheduledSeq] = []
-        budget = self.config.max_batched_tokens
-        # 1. Running sequences: decode one token, or continue a chunked prefill.
-        still_running: list[Sequence] = []
-        queue = list(self.running)
-        while queue:
-            seq = queue.pop(0)
-            remaining = len(seq.token_ids) - seq.num_computed
-            num_new = min(remaining, budget) if remaining > 1 else 1
-            if num_new <= 0:
-                still_running.append(seq)
+        running = sorted(self.running, key=_rank)
+        budget = self.config.max_batched_tokens - sum(1 for seq in running if _is_decoding(seq))
+        scheduled: list[Sequence] = []
+        admitting = True
+        while running or (admitting and self._waiting):
+            if (
+                admitting
+                and self._waiting
+                and (not running or _rank(self._waiting[0][2]) < _rank(running[0]))
+            ):
+                admitting = self._admit(plan, scheduled, len(running), budget)
+                if admitting:
+                    budget -= plan[-1].num_new
+                continue
+            seq = running.pop(0)
+            num_new = 1 if _is_decoding(seq) else min(len(seq.token_ids) - seq.num_computed, budget)
+            if num_new <= 0:  # a prompt whose chunk did not fit this step's budget
+                scheduled.append(seq)
                 continue
             while not self.blocks.can_reserve(seq.seq_id, seq.num_computed + num_new):
-                # Out of KV: evict the most recently admitted sequence (maybe this one).
-                victim = queue.pop() if queue else seq
+                # Out of KV: evict the lowest-ranked running sequence not yet planned (maybe this one).
+                victim = running.pop() if running else seq
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -139,19 +151,35 @@ class Scheduler:
                 continue
             self.blocks.reserve(seq.seq_id, seq.num_computed + num_new)
             plan.append(ScheduledSeq(seq, seq.num_computed, num_new))
-            budget -= num_new
-            still_running.append(seq)
-        self.running = still_running
-        # 2. Admit waiting sequences while the token budget, seat count and KV blocks allow.
-        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            _, _, seq = self._waiting[0]
-            num_new = min(len(seq.token_ids) - seq.num_computed, budget)
-            if not self.blocks.can_reserve(seq.seq_id, seq.num_computed + num_new):
-                break
-            heapq.heappop(self._waiting)
-            self.blocks.reserve(seq.seq_id, seq.num_computed + num_new)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            plan.append(ScheduledSeq(seq, seq.num_computed, num_new))
-            budget -= num_new
+            if not _is_decoding(seq):
+                budget -= num_new
+            scheduled.append(seq)
+        self.running = scheduled
         return plan
+
+    def _admit(
+        self, plan: list[ScheduledSeq], scheduled: list[Sequence], unplanned: int, budget: int
+    ) -> bool:
+        """Admit the best-ranked waiting sequence with a first prompt chunk, if budget, a seat and
+        KV blocks allow; False (stop admitting this step) otherwise."""
+        if budget <= 0 or len(scheduled) + unplanned >= self.config.max_num_seqs:
+            return False
+        _, _, seq = self._waiting[0]
+        num_new = min(len(seq.token_ids) - seq.num_computed, budget)
+        if not self.blocks.can_reserve(seq.seq_id, seq.num_computed + num_new):
+            return False
+        heapq.heappop(self._waiting)
+        self.blocks.reserve(seq.seq_id, seq.num_computed + num_new)
+        seq.status = SeqStatus.RUNNING
+        scheduled.append(seq)
+        plan.append(ScheduledSeq(seq, seq.num_computed, num_new))
+        return True
+
+
+def _rank(seq: Sequence) -> tuple[int, int]:
+    return seq.priority, seq.arrival
+
+
+def _is_decoding(seq: Sequence) -> bool:
+    """Past its prompt: the next step feeds its one newest token."""
+    return len(seq.token_ids) - seq.num_computed <= 1

@@ -15,7 +15,6 @@ import bisect
 import heapq
 import itertools
 import random
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -71,7 +70,10 @@ class SimInstance:
     a: Assignment
     kv_cap: int
     queue: list[tuple[int, float, int, SimRequest]] = field(default_factory=list)  # heap (lane, arrival, rid)
-    prefilling: deque[SimRequest] = field(default_factory=deque)
+    # Admitted requests still prefilling, in (lane, arrival) order: each step's prefill chunk goes
+    # to them in that order, so a feasible request admitted after a best-effort one still
+    # prefills first (in admission order it waited behind it and missed its TTFT).
+    prefilling: list[SimRequest] = field(default_factory=list)
     finishing: list[tuple[int, int, SimRequest]] = field(default_factory=list)  # heap (done_step, rid)
     running: int = 0
     ctx_tokens: int = 0  # KV tokens of the running sequences (grows by `running` per step)
@@ -93,6 +95,10 @@ class SimResult:
     switches: int
     timeline: list[tuple[float, str, float]]  # (time, plan description, arrivals in the window)
     rejected: int
+
+
+def _prefill_order(r: SimRequest) -> tuple[int, float, int]:
+    return r.lane, r.arrival, r.rid
 
 
 class Simulator:
@@ -196,7 +202,7 @@ class Simulator:
                 break
             heapq.heappop(inst.queue)
             inst.kv_used += need
-            inst.prefilling.append(r)
+            bisect.insort(inst.prefilling, r, key=_prefill_order)
         decode = inst.running if inst.a.role != "prefill" else 0
         # SLO-safe steps (DESIGN §1): with sequences decoding, the prefill chunk is cut so the
         # step stays within the strictest TPOT target it serves (always some progress).
