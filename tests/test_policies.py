@@ -168,7 +168,7 @@ def test_replay_scores_plans_by_simulating_them_on_the_recent_requests() -> None
 
 def test_a_replay_starts_from_the_backlog_and_counts_what_finishes_in_its_span() -> None:
     perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
-    replay = PlanReplay(perf, 8, TIERS_70B)
+    replay = PlanReplay(perf, 8, TIERS_70B, drain_s=0.0)  # the span alone: no drain after it
     short = [Arrival("agent", 2000, 30, at_s=0.1 * i) for i in range(5)]  # done within a second
     long = [Arrival("interactive", 1000, 400, at_s=0.0)]  # 400 tokens at >= 10 ms: not in 2 s
     assert replay(_shared(2), short + long, 2.0) == pytest.approx(5 / 2.0)
@@ -187,13 +187,25 @@ def test_a_replay_starts_from_the_backlog_and_counts_what_finishes_in_its_span()
     assert warm[0] > 1.5 * warm[1]
 
 
+def test_a_replay_drains_its_span_so_requests_count_by_their_outcome() -> None:
+    perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
+    short = [Arrival("agent", 2000, 30, at_s=0.1 * i) for i in range(5)]
+    long = [Arrival("interactive", 1000, 400, at_s=0.0)]  # ends after the 2 s span, within targets
+    late = [InFlight("agent", 2000, 30, 4.0)]  # already past its TTFT target: never counts
+    in_span = PlanReplay(perf, 8, TIERS_70B, drain_s=0.0)(_shared(2), short + long, 2.0, late)
+    drained = PlanReplay(perf, 8, TIERS_70B, drain_s=10.0)(_shared(2), short + long, 2.0, late)
+    assert in_span == pytest.approx(5 / 2.0) and drained == pytest.approx(6 / 2.0)
+    # By default the drain is as long as the span: 2 s more are not enough for the long request.
+    assert PlanReplay(perf, 8, TIERS_70B)(_shared(2), short + long, 2.0, late) == pytest.approx(5 / 2.0)
+
+
 @pytest.mark.parametrize("scorer", ["replay", "roofline"])
 def test_the_loop_follows_the_replay_where_the_roofline_misranks(scorer: str) -> None:
     perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
     replay = PlanReplay(perf, 8, TIERS_70B) if scorer == "replay" else None
     loop = ControlLoop(8, perf, TIERS_70B, _shared(4), window_s=1.0, roles=("mixed",), replay=replay)
     switched = []
-    for _ in range(4):
+    for _ in range(8):
         for i in range(40):
             a = MIX_70B[i % 10]
             loop.arrival(a.tier, a.prompt, a.output)
@@ -203,7 +215,9 @@ def test_the_loop_follows_the_replay_where_the_roofline_misranks(scorer: str) ->
             switched.append({a.tp for a in d.switch_to.assignments})
             loop.plan = d.switch_to
     if scorer == "replay":
-        # TP 2 wins the replay twice running (debounce), the loop re-cuts to it and holds there.
+        # Once the replayed span is long enough to tell them apart (over the first few seconds
+        # both plans serve every request within targets), TP 2 wins the replay twice running
+        # (debounce), the loop re-cuts to it and holds there.
         assert switched == [{2}]
     else:
         assert {2} not in switched  # the roofline never goes to the plan it wrongly ranks low

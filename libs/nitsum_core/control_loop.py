@@ -9,8 +9,8 @@ How a candidate plan is scored: with a ``replay`` scorer (``simulator.PlanReplay
 drivers use), each candidate is run through the simulator for the next few windows, starting from
 the requests in flight now and fed the last few windows' arrivals again at the times they arrived
 (or, where the driver passes a ``forecast``, the requests it predicts for the next span); its
-score is the requests it finishes within both targets in that span, the same quantity the routers
-observe. Without one, by the configurator's roofline prediction, which is cheap enough for
+score is the requests that finish within both targets, per second of the span, counting those
+that finish while the replay drains the span (so work a cut pushes past the span is charged). Without one, by the configurator's roofline prediction, which is cheap enough for
 any pool size but ranks plans less well; that score is scaled by how each plan family actually did
 against it while it ran (per-family calibration).
 """
@@ -234,7 +234,7 @@ class ControlLoop:
 
         The span is the last ``replay_windows`` of arrivals replayed, or the ``forecast`` where the
         driver gives one. The replay starts from ``backlog``, what the driver reported in flight,
-        and counts what finishes within the span, as the routers count a window's goodput: a plan
+        and counts what finishes within targets (``PlanReplay`` drains the span first): a plan
         that is falling behind carries its backlog into its own replay and scores what it will
         really deliver. (Replays that started
         from an empty pool and ran every request to its end scored such a plan as if it kept up,
