@@ -214,3 +214,23 @@ def test_a_later_urgent_prompt_prefills_ahead_of_a_long_lower_priority_one(order
     assert interactive.ttft_s is not None and background.ttft_s is not None
     assert interactive.ttft_s <= TIERS["interactive"].ttft_s
     assert interactive.arrival_s + interactive.ttft_s < background.ttft_s
+
+
+def test_each_instance_sizes_its_seats_from_its_own_batch() -> None:
+    # A tight-TPOT tier of short prompts on one instance, a tier of 60k-token prompts on another.
+    # Seats sized from the pool's mean context (inflated by the long prompts) would give the
+    # interactive instance a tenth of the sequences it can decode within 10 ms, and its requests
+    # would queue for seconds; sized from its own batch, it serves them all within both targets.
+    tiers = {"interactive": Tier("interactive", 0.5, 0.010, 0), "agent": Tier("agent", 5.0, 0.1, 1)}
+    per_tier = Plan([Assignment(0, 1, "mixed", "interactive"), Assignment(1, 1, "mixed", "agent")])
+    rng = random.Random(0)
+    wl = sorted(
+        [TraceRequest(rng.uniform(0, 20), 100, 500, "interactive") for _ in range(600)]
+        + [TraceRequest(rng.uniform(0, 20), 60000, 20, "agent") for _ in range(40)],
+        key=lambda r: r.arrival_s,
+    )
+    res = Simulator(_perf(), 2, tiers, Preset("nitsum-static", queue_order="slo"), per_tier).run(wl)
+    interactive = next(
+        t for t in summarize(res.records, tiers, res.duration_s, 2).tiers if t.tier == "interactive"
+    )
+    assert interactive.completed == 600 and interactive.attainment >= 0.99

@@ -139,8 +139,6 @@ class Simulator:
         # run (routing.LanePolicy, control_loop.ControlLoop), driven by simulated time.
         self.lanes = LanePolicy(tiers, preset.window_s)
         self.control: ControlLoop | None = None  # built with the initial plan in run()
-        self._seat_caps: dict[tuple[int, float], int] = {}
-        self._mean_ctx = 1000.0  # KV tokens per decoding sequence, re-estimated every window
         self.min_chunk = min_chunk
 
     # ---- plumbing -------------------------------------------------------------------------------
@@ -193,10 +191,21 @@ class Simulator:
             return
         start = max(self.now, inst.paused_until)
         target = self._tpot_target(inst) if self.preset.queue_order == "slo" else None
-        seats = self._seat_cap(inst, target) if target else self.max_batch
+        # KV tokens the batch will decode over once the requests prefilling now join it.
+        batch_ctx = inst.ctx_tokens + sum(r.prompt for r in inst.prefilling) if target else 0
         # Admit queued requests into prefill while seats and KV allow (their whole KV is reserved).
-        while inst.queue and inst.running + len(inst.prefilling) < seats:
+        while inst.queue and inst.running + len(inst.prefilling) < self.max_batch:
             r = inst.queue[0][3]
+            if target:
+                # SLO-safe seats (DESIGN §1): admit only while a decode step over the batch, this
+                # request included, stays within the instance's TPOT target. Checked against this
+                # instance's own batch: a seat cap sized from a pool-wide mean context is wrong
+                # for per-tier instances and swings with every window's length mix (it cost up
+                # to 18 % of goodput: docs/simulator.md, round 10).
+                seats = inst.running + len(inst.prefilling) + 1
+                if self.perf.step_time(inst.a.tp, 0, seats, batch_ctx + r.prompt) > target:
+                    break
+                batch_ctx += r.prompt
             need = r.prompt + r.output
             if inst.kv_used + need > inst.kv_cap:
                 break
@@ -226,22 +235,6 @@ class Simulator:
         if inst.a.tier == "*":
             return self._strictest_tpot
         return self.tiers[inst.a.tier].tpot_s
-
-    def _seat_cap(self, inst: SimInstance, tpot: float) -> int:
-        """Most sequences this instance may decode at once and stay within ``tpot`` (cached per window)."""
-        key = (inst.a.tp, tpot)
-        cap = self._seat_caps.get(key)
-        if cap is None:
-            ctx = self._mean_ctx
-            lo, hi = 1, self.max_batch
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if self.perf.step_time(inst.a.tp, 0, mid, int(mid * ctx)) <= tpot:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            cap = self._seat_caps[key] = lo
-        return cap
 
     def _chunk_within(self, inst: SimInstance, decode: int, tpot: float) -> int:
         # Memoised on the context rounded *up* to 256 tokens (a slightly conservative chunk):
@@ -333,9 +326,6 @@ class Simulator:
         control = self.control
         assert control is not None
         window = control.arrivals
-        if window:
-            self._mean_ctx = sum(r.prompt + r.output / 2 for r in window) / len(window)
-            self._seat_caps.clear()
         if control.replay is not None:
             for request in self.in_flight():
                 control.in_flight(request)
