@@ -10,9 +10,10 @@ drivers use), each candidate is run through the simulator for the next few windo
 the requests in flight now and fed the last few windows' arrivals again at the times they arrived
 (or, where the driver passes a ``forecast``, the requests it predicts for the next span); its
 score is the requests that finish within both targets, per second of the span, counting those
-that finish while the replay drains the span (so work a cut pushes past the span is charged). Without one, by the configurator's roofline prediction, which is cheap enough for
-any pool size but ranks plans less well; that score is scaled by how each plan family actually did
-against it while it ran (per-family calibration).
+that finish while the replay drains the span (so work a cut pushes past the span is charged).
+Without one, by the configurator's roofline prediction, which is cheap enough for any pool size
+but ranks plans less well; that score is scaled by how each plan family actually did against it
+while it ran (per-family calibration).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Each ``schedule()`` call plans one engine step: every running sequence past its prompt decodes
 one token, and prompt chunks (running ones and newly admitted waiting ones) share the rest of a
-token budget in priority, then arrival, order. New requests therefore join the running batch at the next step boundary and finished ones
-leave it as soon as they finish.
+token budget in priority, then arrival, order. New requests therefore join the running batch at
+the next step boundary and finished ones leave it as soon as they finish.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ class Simulator:
         start = max(self.now, inst.paused_until)
         target = self._tpot_target(inst) if self.preset.queue_order == "slo" else None
         # KV tokens the batch will decode over once the requests prefilling now join it.
-        batch_ctx = inst.ctx_tokens + sum(r.prompt for r in inst.prefilling) if target else 0
+        batch_ctx = (inst.ctx_tokens + sum(r.prompt for r in inst.prefilling)) if target else 0
         # Admit queued requests into prefill while seats and KV allow (their whole KV is reserved).
         while inst.queue and inst.running + len(inst.prefilling) < self.max_batch:
             r = inst.queue[0][3]
@@ -202,8 +202,8 @@ class Simulator:
                 # SLO-safe seats (DESIGN §1): admit only while a decode step over the batch, this
                 # request included, stays within the instance's TPOT target. Checked against this
                 # instance's own batch: a seat cap sized from a pool-wide mean context is wrong
-                # for per-tier instances and swings with every window's length mix (it cost up
-                # to 18 % of goodput: docs/simulator.md, round 10).
+                # for per-tier instances and swings with every window's length mix (it cost 18 %
+                # of goodput on 8B at 400 req/s: docs/simulator.md, round 10).
                 seats = inst.running + len(inst.prefilling) + 1
                 if self.perf.step_time(inst.a.tp, 0, seats, batch_ctx + r.prompt) > target:
                     break
