@@ -243,10 +243,9 @@ class ControlLoop:
         driver gives one. The replay starts from ``backlog``, what the driver reported in flight,
         and counts what finishes within targets (``PlanReplay`` drains the span first): a plan
         that is falling behind carries its backlog into its own replay and scores what it will
-        really deliver. (Replays that started
-        from an empty pool and ran every request to its end scored such a plan as if it kept up,
-        by up to 2x, and needed a per-family calibration that then stuck to a family after one
-        bad stint: docs/simulator.md, round 8.)
+        really deliver. (Replays that started from an empty pool and ran every request to its end
+        scored such a plan as if it kept up, by up to 2x, and needed a per-family calibration that
+        then stuck to a family after one bad stint: docs/simulator.md, round 8.)
         """
         assert self.replay is not None
         replay = self.replay

@@ -132,9 +132,8 @@ class Scheduler:
                 and self._waiting
                 and (not running or _rank(self._waiting[0][2]) < _rank(running[0]))
             ):
-                admitting = self._admit(plan, scheduled, len(running), budget)
-                if admitting:
-                    budget -= plan[-1].num_new
+                admitted = self._admit(plan, scheduled, len(running), budget)
+                admitting, budget = admitted > 0, budget - admitted
                 continue
             seq = running.pop(0)
             num_new = 1 if _is_decoding(seq) else min(len(seq.token_ids) - seq.num_computed, budget)
@@ -157,23 +156,21 @@ class Scheduler:
         self.running = scheduled
         return plan
 
-    def _admit(
-        self, plan: list[ScheduledSeq], scheduled: list[Sequence], unplanned: int, budget: int
-    ) -> bool:
+    def _admit(self, plan: list[ScheduledSeq], scheduled: list[Sequence], unplanned: int, budget: int) -> int:
         """Admit the best-ranked waiting sequence with a first prompt chunk, if budget, a seat and
-        KV blocks allow; False (stop admitting this step) otherwise."""
+        KV blocks allow: the chunk's tokens, or 0 (stop admitting this step)."""
         if budget <= 0 or len(scheduled) + unplanned >= self.config.max_num_seqs:
-            return False
+            return 0
         _, _, seq = self._waiting[0]
         num_new = min(len(seq.token_ids) - seq.num_computed, budget)
         if not self.blocks.can_reserve(seq.seq_id, seq.num_computed + num_new):
-            return False
+            return 0
         heapq.heappop(self._waiting)
         self.blocks.reserve(seq.seq_id, seq.num_computed + num_new)
         seq.status = SeqStatus.RUNNING
         scheduled.append(seq)
         plan.append(ScheduledSeq(seq, seq.num_computed, num_new))
-        return True
+        return num_new
 
 
 def _rank(seq: Sequence) -> tuple[int, int]:
