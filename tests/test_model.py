@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,27 @@ def test_preemption_under_kv_pressure_gives_the_same_tokens(smol) -> None:
     tight = Engine(model, EngineConfig(kv_cache_mb=8, block_size=16), tok.eos_token_ids)
     assert tight.generate(prompts, RequestParams(max_tokens=24)) == whole
     assert tight.scheduler.num_preempted > 0
+
+
+def test_a_prompt_past_its_ttft_deadline_runs_after_one_still_on_time(smol) -> None:
+    model, tok, _, prompts = smol
+    params = RequestParams(max_tokens=8)
+    alone = Engine(model, EngineConfig(), tok.eos_token_ids).generate(prompts[:2], params)
+    engine = Engine(model, EngineConfig(max_batched_tokens=16, block_size=8), tok.eos_token_ids)
+    now = time.monotonic()
+    engine.add_request("missed", prompts[0], params, priority=0, ttft_deadline=now - 1.0)
+    engine.add_request("on-time", prompts[1], params, priority=1, ttft_deadline=now + 60.0)
+    first_token: dict[str, int] = {}
+    out: dict[str, list[int]] = {"missed": [], "on-time": []}
+    while engine.has_work():
+        for o in engine.step():
+            first_token.setdefault(o.request_id, engine.steps)
+            out[o.request_id].extend(o.token_ids)
+    # The higher-priority, earlier request can no longer meet its target: it goes second, loses
+    # nothing and generates what it would have alone.
+    assert first_token["on-time"] < first_token["missed"]
+    assert [out["missed"], out["on-time"]] == alone
+    assert engine.scheduler.prefill_s_per_token > 0  # measured from its own prefill steps
 
 
 def test_sampling_is_seeded_and_stops_on_eos(smol) -> None:

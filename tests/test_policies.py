@@ -137,9 +137,10 @@ def test_a_plan_family_that_underdelivers_is_discounted_and_left() -> None:
     assert switched is not None and {a.tp for a in switched.assignments} != {2}
 
 
-# Llama-3.1-70B on 8 H200s with the study's 70B tiers, 40 req/s of a fixed length mix: the
+# Llama-3.1-70B on 8 H200s with the study's 70B tiers, 50 req/s of a fixed length mix: the
 # roofline capacity model ranks shared TP 4 above TP 2 (15.0 vs 11.1 req/s predicted), while the
-# simulated plans serve the opposite order (about 29 vs 39 req/s).
+# simulated plans serve the opposite order (about 28 vs 39 req/s; at 40 req/s, since prompts sure
+# to miss their TTFT go last, TP 4 keeps up nearly as well: 34 vs 36).
 TIERS_70B = {
     "interactive": Tier("interactive", 1.0, 0.025, 0),
     "agent": Tier("agent", 3.0, 0.06, 1),
@@ -150,6 +151,7 @@ MIX_70B = (
     + [Arrival("agent", 2000, 30)] * 3
     + [Arrival("background", 1000, 250)] * 2
 )
+RATE_70B = 50  # requests/s
 
 
 def _shared(tp: int) -> Plan:
@@ -159,7 +161,7 @@ def _shared(tp: int) -> Plan:
 def test_replay_scores_plans_by_simulating_them_on_the_recent_requests() -> None:
     perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
     replay = PlanReplay(perf, 8, TIERS_70B)
-    requests = [MIX_70B[i % 10] for i in range(200)]
+    requests = [MIX_70B[i % 10] for i in range(5 * RATE_70B)]
     tp2, tp4 = replay(_shared(2), requests, 5.0), replay(_shared(4), requests, 5.0)
     assert tp2 > 1.2 * tp4 > 0  # the simulated order, against the roofline's
     assert replay(_shared(2), requests, 5.0) == tp2  # seeded: the same requests score the same
@@ -206,10 +208,10 @@ def test_the_loop_follows_the_replay_where_the_roofline_misranks(scorer: str) ->
     loop = ControlLoop(8, perf, TIERS_70B, _shared(4), window_s=1.0, roles=("mixed",), replay=replay)
     switched = []
     for _ in range(8):
-        for i in range(40):
+        for i in range(RATE_70B):
             a = MIX_70B[i % 10]
             loop.arrival(a.tier, a.prompt, a.output)
-            loop.finished(a.tier, good=i < 30)  # about what TP 4 serves within target (replay: 29)
+            loop.finished(a.tier, good=i < 28)  # about what TP 4 serves within target (replay: 28)
         d = loop.window(lambda _: 0.05)
         if d.switch_to is not None:
             switched.append({a.tp for a in d.switch_to.assignments})
@@ -241,10 +243,10 @@ def test_a_forecast_replaces_the_replayed_windows() -> None:
         forecast=lambda: (future, 2.0),
     )  # fmt: skip
     for _ in range(4):
-        for i in range(40):
+        for i in range(RATE_70B):
             a = MIX_70B[i % 10]
             loop.arrival(a.tier, a.prompt, a.output)
-            loop.finished(a.tier, good=i < 30)
+            loop.finished(a.tier, good=i < 28)
         assert loop.window(lambda _: 0.05).switch_to is None
     assert seen and all(requests == future and span == 2.0 for requests, span in seen)
 

@@ -71,6 +71,40 @@ def test_decodes_are_never_starved_and_prompts_share_what_they_leave() -> None:
     assert sum(p.num_new for p in plan) == 8
 
 
+def test_a_prompt_sure_to_miss_its_ttft_goes_after_those_that_can_still_meet_theirs() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=8), BlockManager(64, 4))
+    sched.prefill_s_per_token = 0.01  # as the engine measures it
+    doomed = Sequence("doomed", list(range(1, 21)), 20, priority=0, ttft_deadline=10.1)
+    sched.add(doomed)
+    (first,) = sched.schedule(now=10.0)  # 20 tokens need 0.2 s alone: late, but nothing else waits
+    assert (first.seq.seq_id, first.num_new) == ("doomed", 8)
+    doomed.num_computed = 8
+    sched.add(Sequence("on-time", list(range(1, 13)), 12, priority=2, ttft_deadline=11.0))
+    plan = sched.schedule(now=10.05)
+    # A lower-priority, later request takes the budget: the earlier one can no longer count.
+    assert doomed.late and [(p.seq.seq_id, p.num_new) for p in plan] == [("on-time", 8)]
+    for p in plan:
+        p.seq.num_computed = p.start + p.num_new
+    plan = sched.schedule(now=10.1)
+    assert [(p.seq.seq_id, p.num_new) for p in plan] == [("on-time", 4), ("doomed", 4)]  # still served
+    # Without a clock (or a deadline) the scheduler ranks by priority and arrival alone.
+    plain = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=8), BlockManager(64, 4))
+    plain.add(Sequence("a", [1] * 20, 20, priority=0, ttft_deadline=0.0))
+    plain.add(Sequence("b", [1] * 20, 20, priority=1, ttft_deadline=99.0))
+    assert [p.seq.seq_id for p in plain.schedule()] == ["a"]
+
+
+def test_a_waiting_prompt_turns_late_in_the_queue_and_moves_behind() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_batched_tokens=4), BlockManager(64, 4))
+    sched.add(_seq("busy", 2))
+    sched.schedule(now=0.0)  # takes the only seat
+    sched.add(Sequence("first", [1] * 4, 4, priority=0, ttft_deadline=1.0))
+    sched.add(Sequence("second", [1] * 4, 4, priority=0, ttft_deadline=5.0))
+    assert [s.seq_id for s in sched.waiting_in_order()] == ["first", "second"]
+    sched.schedule(now=2.0)  # "first" is past its deadline while it waits
+    assert [s.seq_id for s in sched.waiting_in_order()] == ["second", "first"]
+
+
 def test_chunked_prefill_respects_token_budget() -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=8), BlockManager(64, 4))
     sched.add(_seq("long", 20))

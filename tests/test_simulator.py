@@ -217,6 +217,27 @@ def test_a_later_urgent_prompt_prefills_ahead_of_a_long_lower_priority_one() -> 
     assert interactive.arrival_s + interactive.ttft_s < background.ttft_s
 
 
+def test_a_prompt_sure_to_miss_its_ttft_prefills_after_one_that_can_still_meet_its_own() -> None:
+    # Two interactive requests (TTFT target 0.5 s): a 30k-token prompt, which needs 0.7 s of
+    # prefill even alone, and 10 ms later a short one. The long one can no longer count, so the
+    # short one prefills first and meets its target; the long one is still served, after it.
+    one = Plan([Assignment(0, 1, "mixed", "*")])
+    wl = [TraceRequest(0.0, 30000, 2, "interactive"), TraceRequest(0.01, 200, 2, "interactive")]
+    slo = Preset("nitsum-static", queue_order="slo")
+    doomed, short = Simulator(_perf(), 1, TIERS, slo, one, chunk_tokens=512).run(wl).records
+    assert doomed.ttft_s is not None and doomed.ttft_s > TIERS["interactive"].ttft_s  # served, late
+    assert short.ttft_s is not None and short.ttft_s <= TIERS["interactive"].ttft_s
+    # Arrival order (the priority baseline, same tier) makes both miss.
+    fifo = Preset("priority", queue_order="priority")
+    _, behind = Simulator(_perf(), 1, TIERS, fifo, one, chunk_tokens=512).run(wl).records
+    assert behind.ttft_s is not None and behind.ttft_s > TIERS["interactive"].ttft_s
+    # A 16k-token prompt (0.31 s alone) can still make it: it keeps its place and meets its target.
+    wl[0] = TraceRequest(0.0, 16000, 2, "interactive")
+    first, second = Simulator(_perf(), 1, TIERS, slo, one, chunk_tokens=512).run(wl).records
+    assert first.ttft_s is not None and first.ttft_s <= TIERS["interactive"].ttft_s
+    assert second.ttft_s is not None and second.arrival_s + second.ttft_s >= first.ttft_s  # not ahead
+
+
 def test_each_instance_sizes_its_seats_from_its_own_batch() -> None:
     # A tight-TPOT tier of short prompts on one instance, a tier of 60k-token prompts on another.
     # Seats sized from the pool's mean context (inflated by the long prompts) would give the

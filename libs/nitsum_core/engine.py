@@ -1,7 +1,8 @@
 """The per-rank engine: scheduler + block manager + model runner + sampling + stop conditions.
 
 Synchronous and thread-confined: the gpu_worker service runs ``step()`` in its own thread so the
-asyncio loop stays free for NATS. Benchmarks and tests call it in-process.
+asyncio loop stays free for NATS. Benchmarks and tests call it in-process. TTFT deadlines are
+``time.monotonic()`` times.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class ExportedRequest(NamedTuple):
     params: RequestParams
     rng_state: bytes | None
     block_table: list[int]
+    ttft_left_s: float | None = (
+        None  # seconds to its TTFT deadline at export; None: none or past its first token
+    )
 
 
 class StepOutput(NamedTuple):
@@ -101,8 +105,15 @@ class Engine:
         return self.blocks.num_blocks * self.blocks.block_size
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: RequestParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: RequestParams,
+        priority: int = 0,
+        ttft_deadline: float | None = None,
     ) -> None:
+        """Queue a request; ``ttft_deadline`` (a ``time.monotonic()`` time) is when its first token
+        is due: once it cannot be met, its prompt runs after those that still can meet theirs."""
         if request_id in self._params:
             raise ValueError(f"duplicate request id {request_id}")
         if not prompt_ids:
@@ -119,7 +130,7 @@ class Engine:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else hash(request_id) & 0x7FFFFFFF)
             self._generators[request_id] = gen
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), priority)
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), priority, ttft_deadline=ttft_deadline)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -144,6 +155,7 @@ class Engine:
         sequence from there (DESIGN §6), so nothing is recomputed.
         """
         out: list[ExportedRequest] = []
+        now = time.monotonic()
         for seq in self.scheduler.running + self.scheduler.waiting_in_order():
             gen = self._generators.get(seq.seq_id)
             out.append(
@@ -156,6 +168,7 @@ class Engine:
                     self._params[seq.seq_id],
                     bytes(gen.get_state().numpy().tobytes()) if gen is not None else None,
                     list(self.blocks.block_table(seq.seq_id)),
+                    None if seq.ttft_deadline is None or seq.num_generated > 0 else seq.ttft_deadline - now,
                 )
             )
         return out
@@ -172,6 +185,8 @@ class Engine:
             self._generators[req.request_id] = gen
         computed = req.num_computed if block_table else 0
         seq = Sequence(req.request_id, list(req.token_ids), req.num_prompt_tokens, req.priority, computed)
+        if req.ttft_left_s is not None:
+            seq.ttft_deadline = time.monotonic() + req.ttft_left_s
         self._seqs[req.request_id] = seq
         if computed:
             self.blocks.adopt(req.request_id, block_table)
@@ -231,15 +246,23 @@ class Engine:
 
     def step(self) -> list[StepOutput]:
         """Run one engine step; return the new tokens and finished requests."""
-        plan = self.scheduler.schedule()
+        t0 = time.monotonic()
+        plan = self.scheduler.schedule(t0)
         if not plan:
             return []
         input_ids, meta = self._build_metadata(plan)
-        self.tokens_prefilled += sum(i.num_new for i in plan if not (i.num_new == 1 and i.start > 0))
+        prefilled = sum(i.num_new for i in plan if not (i.num_new == 1 and i.start > 0))
+        self.tokens_prefilled += prefilled
         if self.before_forward is not None:
             self.before_forward(input_ids, meta)
         logits = self.model.forward(input_ids, meta, self.kv)
         self.steps += 1
+        if 2 * prefilled >= len(input_ids):
+            # The scheduler's TTFT rule needs how fast prompts prefill here, in this engine's
+            # chunks; a mostly-prefill step measures it (decode steps cost far more per token).
+            per_token = (time.monotonic() - t0) / len(input_ids)
+            old = self.scheduler.prefill_s_per_token
+            self.scheduler.prefill_s_per_token = per_token if old == 0 else 0.8 * old + 0.2 * per_token
         outputs: list[StepOutput] = []
         row = 0
         for item in plan:

@@ -96,6 +96,9 @@ class WorkerSubmit(msgspec.Struct, kw_only=True):
     sampling: SamplingParams
     priority: int = 0
     epoch: int = 0
+    # Seconds left to the request's TTFT target when sent (None: no target, or its first token is
+    # already out). The worker turns it into a deadline on its own clock: no clock sync needed.
+    ttft_left_s: float | None = None
 
 
 class SubmitAck(msgspec.Struct, kw_only=True):
@@ -266,6 +269,7 @@ class RequestState(msgspec.Struct, kw_only=True):
     sampling: SamplingParams
     rng_state: bytes | None = None
     block_table: list[int] = msgspec.field(default_factory=list)
+    ttft_left_s: float | None = None  # seconds to its TTFT deadline when paused (WorkerSubmit's)
 
 
 class ReconfigPause(msgspec.Struct, kw_only=True):

@@ -58,6 +58,7 @@ class Lane(IntEnum):
     FEASIBLE = 0  # within its tier's SLO-safe budget this window
     BACKGROUND = 1  # the lowest-priority tier: its loose TTFT survives queueing
     BEST_EFFORT = 2  # over budget: predicted to miss, so it must not delay the others
+    LATE = 3  # sure to miss its TTFT target: it can no longer count, so it goes last
 
 
 class LanePolicy:

@@ -4,6 +4,10 @@ Each ``schedule()`` call plans one engine step: every running sequence past its 
 one token, and prompt chunks (running ones and newly admitted waiting ones) share the rest of a
 token budget in priority, then arrival, order. New requests therefore join the running batch at
 the next step boundary and finished ones leave it as soon as they finish.
+
+A prompt that can no longer meet its TTFT deadline (``misses_ttft``) ranks after every prompt
+that still can: it cannot count toward goodput any more, and ahead of them it would make them
+miss too. It still runs, after them, so nothing is dropped.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class Sequence:
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING
     arrival: int = 0
+    # Clock time (the ``now`` passed to ``schedule``) its first token is due by; None: no target.
+    ttft_deadline: float | None = None
+    late: bool = False  # sure to miss ttft_deadline: ranked after every prompt that can still meet its own
     extra: dict = field(default_factory=dict)
 
     @property
@@ -61,11 +68,20 @@ class SchedulerConfig:
     max_model_len: int = 2048
 
 
+def misses_ttft(now: float, deadline: float, prefill_left_s: float) -> bool:
+    """True when a prompt cannot produce its first token by ``deadline`` even if its remaining
+    prefill (``prefill_left_s``, a lower bound: the prompt alone) started ``now``."""
+    return now + prefill_left_s > deadline
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
         self.config = config
         self.blocks = blocks
-        self._waiting: list[tuple[int, int, Sequence]] = []
+        # Seconds one prompt token takes to prefill, for ``misses_ttft``: the engine keeps it
+        # measured; 0 (unknown) makes the rule a plain deadline check.
+        self.prefill_s_per_token = 0.0
+        self._waiting: list[tuple[tuple[int, int, int], Sequence]] = []
         self.running: list[Sequence] = []
         self._counter = itertools.count()
         self.num_preempted = 0
@@ -80,7 +96,7 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.arrival = next(self._counter)
         seq.status = SeqStatus.WAITING
-        heapq.heappush(self._waiting, (seq.priority, seq.arrival, seq))
+        heapq.heappush(self._waiting, (_rank(seq), seq))
 
     def add_running(self, seq: Sequence) -> None:
         """Join the running batch directly: the sequence arrives with its KV blocks already filled."""
@@ -89,8 +105,8 @@ class Scheduler:
         self.running.append(seq)
 
     def waiting_in_order(self) -> list[Sequence]:
-        """The waiting queue in admission order (priority, then arrival)."""
-        return [seq for _, _, seq in sorted(self._waiting, key=lambda e: e[:2])]
+        """The waiting queue in admission order (rank: late last, then priority, then arrival)."""
+        return [seq for _, seq in sorted(self._waiting, key=lambda e: e[0])]
 
     def remove(self, seq_id: str) -> Sequence | None:
         """Drop a sequence wherever it is (abort or finish) and free its blocks."""
@@ -99,7 +115,7 @@ class Scheduler:
             if seq.seq_id == seq_id:
                 seq.status = SeqStatus.FINISHED
                 return self.running.pop(i)
-        for i, (_, _, seq) in enumerate(self._waiting):
+        for i, (_, seq) in enumerate(self._waiting):
             if seq.seq_id == seq_id:
                 self._waiting.pop(i)
                 heapq.heapify(self._waiting)
@@ -113,25 +129,37 @@ class Scheduler:
         self.blocks.release(seq.seq_id)
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
-        heapq.heappush(self._waiting, (seq.priority, seq.arrival, seq))
+        heapq.heappush(self._waiting, (_rank(seq), seq))
         self.num_preempted += 1
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def _mark_late(self, now: float) -> None:
+        """Flag the prompts that can no longer meet their TTFT deadline (once late, always late)."""
+        changed = False
+        for seq in itertools.chain(self.running, (seq for _, seq in self._waiting)):
+            if seq.late or seq.ttft_deadline is None or seq.num_generated > 0:
+                continue
+            left = (seq.num_prompt_tokens - seq.num_computed) * self.prefill_s_per_token
+            if misses_ttft(now, seq.ttft_deadline, left):
+                seq.late = changed = True
+        if changed:
+            self._waiting = [(_rank(seq), seq) for _, seq in self._waiting]
+            heapq.heapify(self._waiting)
+
+    def schedule(self, now: float | None = None) -> list[ScheduledSeq]:
         """Plan one step: every running sequence past its prompt decodes one token; the rest of the
         token budget goes to prompt chunks in rank order (priority, then arrival) across running
         and waiting sequences, so a high-priority prompt never chunks behind a lower-priority one
-        that happened to be admitted first (it would miss its TTFT behind it)."""
+        that happened to be admitted first (it would miss its TTFT behind it). With ``now`` (the
+        clock the TTFT deadlines are on), prompts sure to miss their deadline rank last."""
+        if now is not None:
+            self._mark_late(now)
         plan: list[ScheduledSeq] = []
         running = sorted(self.running, key=_rank)
         budget = self.config.max_batched_tokens - sum(1 for seq in running if _is_decoding(seq))
         scheduled: list[Sequence] = []
         admitting = True
         while running or (admitting and self._waiting):
-            if (
-                admitting
-                and self._waiting
-                and (not running or _rank(self._waiting[0][2]) < _rank(running[0]))
-            ):
+            if admitting and self._waiting and (not running or self._waiting[0][0] < _rank(running[0])):
                 admitted = self._admit(plan, scheduled, len(running), budget)
                 admitting, budget = admitted > 0, budget - admitted
                 continue
@@ -161,7 +189,7 @@ class Scheduler:
         KV blocks allow: the chunk's tokens, or 0 (stop admitting this step)."""
         if budget <= 0 or len(scheduled) + unplanned >= self.config.max_num_seqs:
             return 0
-        _, _, seq = self._waiting[0]
+        _, seq = self._waiting[0]
         num_new = min(len(seq.token_ids) - seq.num_computed, budget)
         if not self.blocks.can_reserve(seq.seq_id, seq.num_computed + num_new):
             return 0
@@ -173,8 +201,9 @@ class Scheduler:
         return num_new
 
 
-def _rank(seq: Sequence) -> tuple[int, int]:
-    return seq.priority, seq.arrival
+def _rank(seq: Sequence) -> tuple[int, int, int]:
+    # Late prompts keep arrival order among themselves, whatever their priority.
+    return (1, 0, seq.arrival) if seq.late else (0, seq.priority, seq.arrival)
 
 
 def _is_decoding(seq: Sequence) -> bool:

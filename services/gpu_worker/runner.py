@@ -46,6 +46,7 @@ class Submit:
     prompt_ids: list[int]
     params: RequestParams
     priority: int
+    ttft_deadline: float | None = None  # time.monotonic() time its first token is due by
 
 
 @dataclass
@@ -225,7 +226,9 @@ class SlotRunner:
                 )
                 return
             self.routers[cmd.request_id] = cmd.router_id
-            self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority)
+            self.engine.add_request(
+                cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.ttft_deadline
+            )
         elif isinstance(cmd, Abort):
             if self.engine is not None and self.engine.abort(cmd.request_id):
                 self.announced.discard(cmd.request_id)
@@ -380,6 +383,7 @@ class SlotRunner:
                         ),
                         rng_state=req.rng_state,
                         block_table=req.block_table,
+                        ttft_left_s=req.ttft_left_s,
                     )
                 )
         self.paused = True
@@ -472,6 +476,7 @@ class SlotRunner:
                         params,
                         r.rng_state,
                         a.block_table,
+                        r.ttft_left_s,
                     ),
                     a.block_table,
                 )

@@ -251,7 +251,10 @@ class GpuWorker:
             )
             return
         self._owner[req.request_id] = req.router_id
-        self.runner.commands.put(Submit(req.request_id, req.router_id, req.prompt_ids, params, req.priority))
+        deadline = None if req.ttft_left_s is None else time.monotonic() + req.ttft_left_s
+        self.runner.commands.put(
+            Submit(req.request_id, req.router_id, req.prompt_ids, params, req.priority, deadline)
+        )
         await request.respond(m.encode(m.SubmitAck(request_id=req.request_id, accepted=True)))
 
     async def _on_abort(self, msg) -> None:  # noqa: ANN001 - nats Msg

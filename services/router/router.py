@@ -409,6 +409,11 @@ class Router:
             if fallback and f.lane == Lane.FEASIBLE:
                 f.lane = int(Lane.BEST_EFFORT)  # no instance is dedicated to its tier right now
             submit.priority = f.lane
+            # Its TTFT clock keeps running across re-dispatches; once the first token is out the
+            # target is met or missed and the worker need not know it.
+            submit.ttft_left_s = (
+                f.tier.ttft_s - (time.monotonic() - f.arrived) if f.first_token_at is None else None
+            )
             payload = m.encode(submit)
             slot = self.lanes.pick(
                 [
