@@ -74,8 +74,7 @@ def test_decodes_are_never_starved_and_prompts_share_what_they_leave() -> None:
 
 def test_a_prompt_sure_to_miss_its_ttft_goes_after_those_that_can_still_meet_theirs() -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=8), BlockManager(64, 4))
-    for _ in range(10):
-        sched.observe_step(100, 1.0)  # the engine's measured steps: 10 ms a token
+    sched.observe_step(100, 1.0)  # the engine's measured steps: 10 ms a token
     doomed = Sequence("doomed", list(range(1, 21)), 20, priority=0, ttft_deadline=10.1)
     sched.add(doomed)
     (first,) = sched.schedule(now=10.0)  # 20 tokens need 0.2 s alone: late, but nothing else waits
@@ -108,7 +107,7 @@ def test_a_waiting_prompt_turns_late_in_the_queue_and_moves_behind() -> None:
 
 
 def _timed(sched: Scheduler, base_s: float, per_token_s: float) -> Scheduler:
-    for tokens in (1, 10, 100, 50, 5, 200, 20, 80) * 2:  # steps as the engine would measure them
+    for tokens in (1, 10, 100, 50, 5, 200, 20, 80):  # steps as the engine would measure them
         sched.observe_step(tokens, base_s + per_token_s * tokens)
     return sched
 
@@ -214,13 +213,10 @@ def test_remove_frees_blocks_everywhere() -> None:
 
 
 def test_the_step_cost_fit_learns_base_and_per_token_time_from_measured_steps() -> None:
-    fit = StepCostFit(min_steps=4, warmup=1)
-    fit.observe(100, 5.0)  # a fresh worker's first step: not used
-    for _ in range(3):
-        fit.observe(100, 0.2)
-    assert fit.cost() is None  # too few steps measured: the SLO rules stay off
+    fit = StepCostFit(min_steps=4)
+    assert fit.cost() is None  # nothing measured: the SLO rules stay off
     fit.observe(100, 0.2)
-    assert fit.cost() == StepCost(0.0, pytest.approx(0.002))  # one step size, no slope: all per token
+    assert fit.cost() == StepCost(0.0, 0.002)  # too few steps for a slope: all of it per token
     for tokens in (1, 50, 200, 400, 10, 300):
         fit.observe(tokens, 0.02 + 0.0005 * tokens)
     for tokens in (1, 50, 200, 400, 10, 300) * 40:  # older steps fade: it follows the machine now
@@ -230,5 +226,5 @@ def test_the_step_cost_fit_learns_base_and_per_token_time_from_measured_steps() 
     assert cost.base_s == pytest.approx(0.01, rel=0.05) and cost.per_token_s == pytest.approx(
         0.0001, rel=0.05
     )
-    assert abs(cost.tokens_within(0.02) - 100) <= 3 and cost.tokens_within(0.005) == 0
+    assert cost.tokens_within(0.02) in (99, 100) and cost.tokens_within(0.005) == 0
     assert cost.prefill_s(250, chunk=100) == pytest.approx(3 * cost.base_s + 250 * cost.per_token_s)

@@ -35,23 +35,17 @@ class StepCostFit:
     """Exponentially weighted least squares of step seconds on step tokens.
 
     ``decay`` is the weight each older step keeps per new one (0.98: about the last 50 steps
-    count). The first ``warmup`` steps are not used (a fresh worker's first steps pay one-time
-    costs, seconds where later ones take milliseconds); until ``min_steps`` more are seen,
-    ``cost()`` is None and the rules that use it stay off. While every step had the same size
-    (no slope to fit) it is a pure per-token cost.
+    count). Until ``min_steps`` steps are seen, or while every step had the same size (no slope
+    to fit), ``cost()`` falls back to a pure per-token cost, or None before any step.
     """
 
-    def __init__(self, decay: float = 0.98, min_steps: int = 8, warmup: int = 2) -> None:
-        self.decay, self.min_steps, self.warmup = decay, min_steps, warmup
+    def __init__(self, decay: float = 0.98, min_steps: int = 8) -> None:
+        self.decay, self.min_steps = decay, min_steps
         self.steps = 0
-        self._skipped = 0
         self._w = self._x = self._y = self._xx = self._xy = 0.0
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
-            return
-        if self._skipped < self.warmup:
-            self._skipped += 1
             return
         d = self.decay
         self._w = d * self._w + 1.0
@@ -62,11 +56,11 @@ class StepCostFit:
         self.steps += 1
 
     def cost(self) -> StepCost | None:
-        if self.steps < self.min_steps:
+        if not self.steps:
             return None
         mean_x, mean_y = self._x / self._w, self._y / self._w
         var_x = self._xx / self._w - mean_x * mean_x
-        if var_x > 1e-9 * max(1.0, mean_x * mean_x):
+        if self.steps >= self.min_steps and var_x > 1e-9 * max(1.0, mean_x * mean_x):
             slope = (self._xy / self._w - mean_x * mean_y) / var_x
             base = mean_y - slope * mean_x
             if slope > 0 and base >= 0:
