@@ -109,8 +109,7 @@ def test_a_prompt_past_its_ttft_deadline_runs_after_one_still_on_time(smol) -> N
     # nothing and generates what it would have alone.
     assert first_token["on-time"] < first_token["missed"]
     assert [out["missed"], out["on-time"]] == alone
-    cost = engine.scheduler.step_cost.cost()  # fitted from its own steps
-    assert cost is not None and cost.per_token_s > 0 and cost.step_s(16) > cost.step_s(1)
+    assert engine.scheduler.prefill_s_per_token > 0  # measured from its own prefill steps
 
 
 def test_sampling_is_seeded_and_stops_on_eos(smol) -> None:

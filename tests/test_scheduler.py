@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from nitsum_core.kv_cache import BlockManager, blocks_needed
 from nitsum_core.scheduler import Scheduler, SchedulerConfig, Sequence
-from nitsum_core.step_cost import StepCost, StepCostFit
 
 
 def test_block_manager_reserve_grow_release() -> None:
@@ -74,7 +73,7 @@ def test_decodes_are_never_starved_and_prompts_share_what_they_leave() -> None:
 
 def test_a_prompt_sure_to_miss_its_ttft_goes_after_those_that_can_still_meet_theirs() -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=8), BlockManager(64, 4))
-    sched.observe_step(100, 1.0)  # the engine's measured steps: 10 ms a token
+    sched.prefill_s_per_token = 0.01  # as the engine measures it
     doomed = Sequence("doomed", list(range(1, 21)), 20, priority=0, ttft_deadline=10.1)
     sched.add(doomed)
     (first,) = sched.schedule(now=10.0)  # 20 tokens need 0.2 s alone: late, but nothing else waits
@@ -104,70 +103,6 @@ def test_a_waiting_prompt_turns_late_in_the_queue_and_moves_behind() -> None:
     assert [s.seq_id for s in sched.waiting_in_order()] == ["first", "second"]
     sched.schedule(now=2.0)  # "first" is past its deadline while it waits
     assert [s.seq_id for s in sched.waiting_in_order()] == ["second", "first"]
-
-
-def _timed(sched: Scheduler, base_s: float, per_token_s: float) -> Scheduler:
-    for tokens in (1, 10, 100, 50, 5, 200, 20, 80):  # steps as the engine would measure them
-        sched.observe_step(tokens, base_s + per_token_s * tokens)
-    return sched
-
-
-def test_steps_stay_within_the_strictest_tpot_target_of_the_batch() -> None:
-    # 10 ms a step plus 1 ms a token: a 50 ms TPOT target allows 40 tokens a step.
-    sched = _timed(
-        Scheduler(
-            SchedulerConfig(max_num_seqs=8, max_batched_tokens=512, min_prefill_chunk=8), BlockManager(256, 4)
-        ),
-        0.01,
-        0.001,
-    )
-    chat = Sequence("chat", [1] * 4, 4, tpot_target=0.05)
-    sched.add(chat)
-    sched.schedule()
-    chat.num_computed = 4
-    chat.token_ids.append(9)  # decoding from now on
-    sched.add(Sequence("long", [1] * 300, 300, priority=1, tpot_target=1.0))
-    plan = sched.schedule()
-    assert [(p.seq.seq_id, p.num_new) for p in plan] == [("chat", 1), ("long", 39)]
-    # A batch with no TPOT target gets the whole token budget.
-    free = _timed(
-        Scheduler(
-            SchedulerConfig(max_num_seqs=8, max_batched_tokens=512, min_prefill_chunk=8), BlockManager(256, 4)
-        ),
-        0.01,
-        0.001,
-    )
-    free.add(Sequence("long", [1] * 300, 300))
-    assert [p.num_new for p in free.schedule()] == [300]
-
-
-def test_a_tight_tpot_target_caps_the_seats_and_never_stops_prompts() -> None:
-    config = SchedulerConfig(max_num_seqs=16, max_batched_tokens=64, min_prefill_chunk=8)
-    sched = _timed(Scheduler(config, BlockManager(256, 4)), 0.01, 0.001)
-    for i in range(7):
-        sched.add(Sequence(f"r{i}", [1] * 2, 2, tpot_target=0.015))
-    # 10 ms + 1 ms a sequence: a decode step over 5 stays within 15 ms, over 6 it would not.
-    assert [p.seq.seq_id for p in sched.schedule()] == ["r0", "r1", "r2", "r3", "r4"]
-    assert sched.num_waiting == 2
-
-    sched = _timed(Scheduler(config, BlockManager(256, 4)), 0.01, 0.001)
-    for name, n in [("r0", 2), ("r1", 2), ("r2", 2), ("r3", 2), ("prompt", 200)]:
-        sched.add(Sequence(name, [1] * n, n, tpot_target=0.015))
-    plan = sched.schedule()
-    assert [(p.seq.seq_id, p.num_new) for p in plan][-1] == ("prompt", 56)
-    for p in plan:
-        p.seq.num_computed = p.start + p.num_new
-        if p.seq.seq_id != "prompt":
-            p.seq.token_ids.append(9)
-    # Four decodes nearly fill the 15 ms; the prompt still gets min_prefill_chunk.
-    plan = sched.schedule()
-    assert [(p.seq.seq_id, p.num_new) for p in plan] == [
-        ("r0", 1),
-        ("r1", 1),
-        ("r2", 1),
-        ("r3", 1),
-        ("prompt", 8),
-    ]
 
 
 def test_chunked_prefill_respects_token_budget() -> None:
@@ -210,21 +145,3 @@ def test_remove_frees_blocks_everywhere() -> None:
     assert sched.remove("x") is not None and sched.remove("y") is not None
     assert bm.num_free() == 8 and not sched.has_work()
     assert sched.remove("nope") is None
-
-
-def test_the_step_cost_fit_learns_base_and_per_token_time_from_measured_steps() -> None:
-    fit = StepCostFit(min_steps=4)
-    assert fit.cost() is None  # nothing measured: the SLO rules stay off
-    fit.observe(100, 0.2)
-    assert fit.cost() == StepCost(0.0, 0.002)  # too few steps for a slope: all of it per token
-    for tokens in (1, 50, 200, 400, 10, 300):
-        fit.observe(tokens, 0.02 + 0.0005 * tokens)
-    for tokens in (1, 50, 200, 400, 10, 300) * 40:  # older steps fade: it follows the machine now
-        fit.observe(tokens, 0.01 + 0.0001 * tokens)
-    cost = fit.cost()
-    assert cost is not None
-    assert cost.base_s == pytest.approx(0.01, rel=0.05) and cost.per_token_s == pytest.approx(
-        0.0001, rel=0.05
-    )
-    assert cost.tokens_within(0.02) in (99, 100) and cost.tokens_within(0.005) == 0
-    assert cost.prefill_s(250, chunk=100) == pytest.approx(3 * cost.base_s + 250 * cost.per_token_s)

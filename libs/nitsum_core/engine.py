@@ -49,9 +49,9 @@ class ExportedRequest(NamedTuple):
     params: RequestParams
     rng_state: bytes | None
     block_table: list[int]
-    # Seconds to its TTFT deadline at export; None: no deadline, or its first token is out.
-    ttft_left_s: float | None = None
-    tpot_target: float | None = None
+    ttft_left_s: float | None = (
+        None  # seconds to its TTFT deadline at export; None: none or past its first token
+    )
 
 
 class StepOutput(NamedTuple):
@@ -111,11 +111,9 @@ class Engine:
         params: RequestParams,
         priority: int = 0,
         ttft_deadline: float | None = None,
-        tpot_target: float | None = None,
     ) -> None:
         """Queue a request; ``ttft_deadline`` (a ``time.monotonic()`` time) is when its first token
-        is due: once it cannot be met, its prompt runs after those that still can meet theirs.
-        ``tpot_target`` (seconds per output token) bounds the steps of any batch it is in."""
+        is due: once it cannot be met, its prompt runs after those that still can meet theirs."""
         if request_id in self._params:
             raise ValueError(f"duplicate request id {request_id}")
         if not prompt_ids:
@@ -132,8 +130,7 @@ class Engine:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else hash(request_id) & 0x7FFFFFFF)
             self._generators[request_id] = gen
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), priority)
-        seq.ttft_deadline, seq.tpot_target = ttft_deadline, tpot_target
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), priority, ttft_deadline=ttft_deadline)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -172,7 +169,6 @@ class Engine:
                     bytes(gen.get_state().numpy().tobytes()) if gen is not None else None,
                     list(self.blocks.block_table(seq.seq_id)),
                     None if seq.ttft_deadline is None or seq.num_generated > 0 else seq.ttft_deadline - now,
-                    seq.tpot_target,
                 )
             )
         return out
@@ -191,7 +187,6 @@ class Engine:
         seq = Sequence(req.request_id, list(req.token_ids), req.num_prompt_tokens, req.priority, computed)
         if req.ttft_left_s is not None:
             seq.ttft_deadline = time.monotonic() + req.ttft_left_s
-        seq.tpot_target = req.tpot_target
         self._seqs[req.request_id] = seq
         if computed:
             self.blocks.adopt(req.request_id, block_table)
@@ -256,11 +251,18 @@ class Engine:
         if not plan:
             return []
         input_ids, meta = self._build_metadata(plan)
-        self.tokens_prefilled += sum(i.num_new for i in plan if not (i.num_new == 1 and i.start > 0))
+        prefilled = sum(i.num_new for i in plan if not (i.num_new == 1 and i.start > 0))
+        self.tokens_prefilled += prefilled
         if self.before_forward is not None:
             self.before_forward(input_ids, meta)
         logits = self.model.forward(input_ids, meta, self.kv)
         self.steps += 1
+        if 2 * prefilled >= len(input_ids):
+            # The scheduler's TTFT rule needs how fast prompts prefill here, in this engine's
+            # chunks; a mostly-prefill step measures it (decode steps cost far more per token).
+            per_token = (time.monotonic() - t0) / len(input_ids)
+            old = self.scheduler.prefill_s_per_token
+            self.scheduler.prefill_s_per_token = per_token if old == 0 else 0.8 * old + 0.2 * per_token
         outputs: list[StepOutput] = []
         row = 0
         for item in plan:
@@ -283,8 +285,6 @@ class Engine:
             outputs.append(StepOutput(seq.seq_id, [token], reason))
             if reason is not None:
                 self.abort(seq.seq_id)
-        # What this step cost, for the scheduler's TTFT and TPOT rules (``step_cost``).
-        self.scheduler.observe_step(len(input_ids), time.monotonic() - t0)
         return outputs
 
     def generate(self, prompts: list[list[int]], params: RequestParams) -> list[list[int]]:

@@ -99,7 +99,6 @@ class WorkerSubmit(msgspec.Struct, kw_only=True):
     # Seconds left to the request's TTFT target when sent (None: no target, or its first token is
     # already out). The worker turns it into a deadline on its own clock: no clock sync needed.
     ttft_left_s: float | None = None
-    tpot_s: float | None = None  # the tier's TPOT target: the worker keeps the steps of its batch within it
 
 
 class SubmitAck(msgspec.Struct, kw_only=True):
@@ -271,7 +270,6 @@ class RequestState(msgspec.Struct, kw_only=True):
     rng_state: bytes | None = None
     block_table: list[int] = msgspec.field(default_factory=list)
     ttft_left_s: float | None = None  # seconds to its TTFT deadline when paused (WorkerSubmit's)
-    tpot_s: float | None = None  # its TPOT target (WorkerSubmit's)
 
 
 class ReconfigPause(msgspec.Struct, kw_only=True):

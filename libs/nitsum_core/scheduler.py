@@ -8,24 +8,16 @@ the next step boundary and finished ones leave it as soon as they finish.
 A prompt that can no longer meet its TTFT deadline (``misses_ttft``) ranks after every prompt
 that still can: it cannot count toward goodput any more, and ahead of them it would make them
 miss too. It still runs, after them, so nothing is dropped.
-
-SLO-safe steps (DESIGN §1), as the simulator's Nitsum scheduler: with sequences that carry a TPOT
-target, a step carries only as many tokens as fit in the strictest target of its batch (prompts
-always get ``min_prefill_chunk``), and a waiting sequence is admitted only while a decode step
-over the batch, it included, stays within that target. Step times come from ``step_cost``, a fit
-of the steps the engine has measured (``observe_step``).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
 from nitsum_core.kv_cache import BlockManager
-from nitsum_core.step_cost import StepCostFit
 
 
 class SeqStatus(Enum):
@@ -48,7 +40,6 @@ class Sequence:
     # Clock time (the ``now`` passed to ``schedule``) its first token is due by; None: no target.
     ttft_deadline: float | None = None
     late: bool = False  # sure to miss ttft_deadline: ranked after every prompt that can still meet its own
-    tpot_target: float | None = None  # seconds per output token it must decode at; None: no target
     extra: dict = field(default_factory=dict)
 
     @property
@@ -75,7 +66,6 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 512
     max_model_len: int = 2048
-    min_prefill_chunk: int = 64  # prompt tokens a step always carries, whatever the TPOT targets
 
 
 def misses_ttft(now: float, deadline: float, prefill_left_s: float) -> bool:
@@ -88,9 +78,9 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
         self.config = config
         self.blocks = blocks
-        # Step times the SLO rules predict with; until a step is observed the TTFT rule is a
-        # plain deadline check and steps are not cut to TPOT targets.
-        self.step_cost = StepCostFit()
+        # Seconds one prompt token takes to prefill, for ``misses_ttft``: the engine keeps it
+        # measured; 0 (unknown) makes the rule a plain deadline check.
+        self.prefill_s_per_token = 0.0
         self._waiting: list[tuple[tuple[int, int, int], Sequence]] = []
         self.running: list[Sequence] = []
         self._counter = itertools.count()
@@ -142,19 +132,13 @@ class Scheduler:
         heapq.heappush(self._waiting, (_rank(seq), seq))
         self.num_preempted += 1
 
-    def observe_step(self, tokens: int, seconds: float) -> None:
-        """Feed the step-time fit one measured step: ``tokens`` run in ``seconds``."""
-        self.step_cost.observe(tokens, seconds)
-
     def _mark_late(self, now: float) -> None:
         """Flag the prompts that can no longer meet their TTFT deadline (once late, always late)."""
         changed = False
-        cost = self.step_cost.cost()
         for seq in itertools.chain(self.running, (seq for _, seq in self._waiting)):
             if seq.late or seq.ttft_deadline is None or seq.num_generated > 0:
                 continue
-            tokens = seq.num_prompt_tokens - seq.num_computed
-            left = cost.prefill_s(tokens, self.config.max_batched_tokens) if cost else 0.0
+            left = (seq.num_prompt_tokens - seq.num_computed) * self.prefill_s_per_token
             if misses_ttft(now, seq.ttft_deadline, left):
                 seq.late = changed = True
         if changed:
@@ -171,13 +155,7 @@ class Scheduler:
             self._mark_late(now)
         plan: list[ScheduledSeq] = []
         running = sorted(self.running, key=_rank)
-        decodes = sum(1 for seq in running if _is_decoding(seq))
-        cost, tpot = self.step_cost.cost(), _strictest_tpot(running)
-        step_tokens = self.config.max_batched_tokens
-        if cost is not None and tpot is not None:
-            within = cost.tokens_within(tpot)
-            step_tokens = min(step_tokens, max(within, decodes + self.config.min_prefill_chunk))
-        budget = step_tokens - decodes
+        budget = self.config.max_batched_tokens - sum(1 for seq in running if _is_decoding(seq))
         scheduled: list[Sequence] = []
         admitting = True
         while running or (admitting and self._waiting):
@@ -209,17 +187,9 @@ class Scheduler:
     def _admit(self, plan: list[ScheduledSeq], scheduled: list[Sequence], unplanned: int, budget: int) -> int:
         """Admit the best-ranked waiting sequence with a first prompt chunk, if budget, a seat and
         KV blocks allow: the chunk's tokens, or 0 (stop admitting this step)."""
-        seats = len(scheduled) + unplanned + 1
-        if budget <= 0 or seats > self.config.max_num_seqs:
+        if budget <= 0 or len(scheduled) + unplanned >= self.config.max_num_seqs:
             return 0
         _, seq = self._waiting[0]
-        cost = self.step_cost.cost()
-        if cost is not None and seats > 1:
-            # A seat only while a decode step over the batch, this sequence included, stays
-            # within the strictest TPOT target among them (a target nobody has: no limit).
-            tpot = _strictest_tpot(itertools.chain(scheduled, self.running, [seq]))
-            if tpot is not None and cost.step_s(seats) > tpot:
-                return 0
         num_new = min(len(seq.token_ids) - seq.num_computed, budget)
         if not self.blocks.can_reserve(seq.seq_id, seq.num_computed + num_new):
             return 0
@@ -229,10 +199,6 @@ class Scheduler:
         scheduled.append(seq)
         plan.append(ScheduledSeq(seq, seq.num_computed, num_new))
         return num_new
-
-
-def _strictest_tpot(seqs: Iterable[Sequence]) -> float | None:
-    return min((s.tpot_target for s in seqs if s.tpot_target is not None), default=None)
 
 
 def _rank(seq: Sequence) -> tuple[int, int, int]:

@@ -47,7 +47,6 @@ class Submit:
     params: RequestParams
     priority: int
     ttft_deadline: float | None = None  # time.monotonic() time its first token is due by
-    tpot_s: float | None = None  # its TPOT target
 
 
 @dataclass
@@ -228,7 +227,7 @@ class SlotRunner:
                 return
             self.routers[cmd.request_id] = cmd.router_id
             self.engine.add_request(
-                cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.ttft_deadline, cmd.tpot_s
+                cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.ttft_deadline
             )
         elif isinstance(cmd, Abort):
             if self.engine is not None and self.engine.abort(cmd.request_id):
@@ -385,7 +384,6 @@ class SlotRunner:
                         rng_state=req.rng_state,
                         block_table=req.block_table,
                         ttft_left_s=req.ttft_left_s,
-                        tpot_s=req.tpot_target,
                     )
                 )
         self.paused = True
@@ -479,7 +477,6 @@ class SlotRunner:
                         r.rng_state,
                         a.block_table,
                         r.ttft_left_s,
-                        r.tpot_s,
                     ),
                     a.block_table,
                 )

@@ -253,7 +253,7 @@ class GpuWorker:
         self._owner[req.request_id] = req.router_id
         deadline = None if req.ttft_left_s is None else time.monotonic() + req.ttft_left_s
         self.runner.commands.put(
-            Submit(req.request_id, req.router_id, req.prompt_ids, params, req.priority, deadline, req.tpot_s)
+            Submit(req.request_id, req.router_id, req.prompt_ids, params, req.priority, deadline)
         )
         await request.respond(m.encode(m.SubmitAck(request_id=req.request_id, accepted=True)))
 
