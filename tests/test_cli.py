@@ -91,3 +91,43 @@ def test_generate_status_and_bench(up: dict[str, str], tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert len(result["requests"]) == 6 and all(r["error"] is None for r in result["requests"])
     assert sum(t["requests"] for t in result["report"]["tiers"]) == 6
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from /proc")
+def test_bench_stopped_by_sigterm_stops_its_temporary_stack(tmp_path: Path) -> None:
+    env = {**os.environ, "NITSUM_HOME": str(tmp_path), "NITSUM_MODEL_CACHE": str(model_cache_dir())}
+    env.pop("NITSUM_NATS_URL", None)
+    proc = subprocess.Popen(
+        [*NITSUM, "bench", "--workers", "1", "--kv-cache-mb", "128", "--requests", "200", "--rate", "1"],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    lines = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not any("replaying" in line for line in lines):
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            pytest.fail("nitsum bench exited early:\n" + "".join(lines))
+        lines.append(line)
+    stack = _children(proc.pid)  # nats-server and the four services
+    assert len(stack) >= 5, "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    assert "stopping the temporary stack" in err
+    assert [pid for pid in stack if _alive(pid)] == []

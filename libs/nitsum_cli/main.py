@@ -430,13 +430,24 @@ async def _bench(a: argparse.Namespace) -> int:
         )
         await stack.start()
         url = stack.nats_url
+    # SIGTERM (a CI timeout, `kill`) stops the replay as Ctrl-C does, so the temporary stack's
+    # processes are stopped below instead of being left running.
+    import signal
+
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     try:
         span = reqs[-1].arrival_s if reqs else 0.0
         print(f"replaying {len(reqs)} requests from {source} over {span:.0f}s "
               f"(rate {a.rate} req/s, tokens x{a.token_scale})", file=sys.stderr, flush=True)  # fmt: skip
         records, elapsed = await replay(url, reqs, seed=a.seed, progress=stderr_progress)
+    except asyncio.CancelledError:
+        print("interrupted: no report written", file=sys.stderr, flush=True)
+        return 130
     finally:
         if stack:
+            print("stopping the temporary stack", file=sys.stderr, flush=True)
             stack.stop()
     workers = a.workers
     report = summarize(records, tiers, elapsed, workers)
