@@ -49,9 +49,8 @@ class ExportedRequest(NamedTuple):
     params: RequestParams
     rng_state: bytes | None
     block_table: list[int]
-    ttft_left_s: float | None = (
-        None  # seconds to its TTFT deadline at export; None: none or past its first token
-    )
+    # Seconds to its TTFT deadline at export; None: no deadline, or its first token is out.
+    ttft_left_s: float | None = None
 
 
 class StepOutput(NamedTuple):

@@ -65,8 +65,8 @@ class SimRequest:
     done_step: int = 0  # the instance step at which decoding ends
     lane: int = 0  # routing.Lane (SLO order: 3 once sure to miss its TTFT); tier priority otherwise
     late: bool = False  # a warm start's queued request already past its TTFT target
-    # Its remaining prompt's prefill alone on its instance (``_late``): cached, as the check runs
-    # for every prefilling request at every step; None once its prefill or instance changes.
+    # Its remaining prompt's prefill alone on its instance (``_late``), cached: the check runs
+    # every step for the queue's head and the prefilling requests due; None once it changes.
     prefill_alone_s: float | None = None
 
 
