@@ -57,6 +57,7 @@ async def test_configurator_recuts_the_pool_and_requests_survive(
             threads_per_worker=1,
             tiers_file=str(tiers),
             auto=True,
+            replay_workers=1,  # the window's replays in a spawned process, as a deployment runs them
         )
     )
     await s.start()

@@ -3,10 +3,13 @@ control_loop.ControlLoop) and the plan <-> topology mapping the controller uses.
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
 import pytest
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan
-from nitsum_core.control_loop import Arrival, ControlLoop, InFlight
+from nitsum_core.control_loop import Arrival, ControlLoop, InFlight, ReplayMap
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.reconfig import plan_topology, topology_plan
 from nitsum_core.routing import Candidate, Lane, LanePolicy, leaders_for
@@ -223,6 +226,31 @@ def test_the_loop_follows_the_replay_where_the_roofline_misranks(scorer: str) ->
         assert switched == [{2}]
     else:
         assert {2} not in switched  # the roofline never goes to the plan it wrongly ranks low
+
+
+def test_candidate_replays_in_a_process_pool_decide_as_one_after_another() -> None:
+    perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
+
+    def run(replay_map: ReplayMap) -> list[tuple[float, Plan | None]]:
+        loop = ControlLoop(
+            8, perf, TIERS_70B, _shared(4), window_s=1.0, roles=("mixed",),
+            replay=PlanReplay(perf, 8, TIERS_70B), replay_map=replay_map,
+        )  # fmt: skip
+        decisions = []
+        for _ in range(8):
+            for i in range(RATE_70B):
+                a = MIX_70B[i % 10]
+                loop.arrival(a.tier, a.prompt, a.output)
+                loop.finished(a.tier, good=i < 28)
+            d = loop.window(lambda _: 0.05)
+            decisions.append((d.predicted_current_rps, d.switch_to))
+            loop.plan = d.switch_to or loop.plan
+        return decisions
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parallel = run(pool.map)
+    serial = run(map)
+    assert parallel == serial and any(plan is not None for _, plan in serial)
 
 
 def test_a_forecast_replaces_the_replayed_windows() -> None:

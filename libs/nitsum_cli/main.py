@@ -46,6 +46,13 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="perf-model coefficients JSON from `nitsum profile` for --auto (default: unfitted roofline)",
     )
+    p.add_argument(
+        "--replay-workers",
+        type=int,
+        default=0,
+        help="for --auto: processes the controller replays a window's candidate cuts in, side by "
+        "side (default 0: one after another)",
+    )
 
 
 def _add_url_arg(p: argparse.ArgumentParser) -> None:
@@ -167,6 +174,7 @@ def _stack_config(a: argparse.Namespace, nats_url: str | None):  # noqa: ANN202
         max_model_len=a.max_model_len,
         auto=a.auto,
         coefficients=a.coefficients,
+        replay_workers=a.replay_workers,
     )
 
 

@@ -36,6 +36,7 @@ class StackConfig:
     worker_env: dict[int, dict[str, str]] = field(default_factory=dict)  # extra env per slot
     auto: bool = False  # the configurator drives the topology (tp_controller --auto)
     coefficients: str | None = None  # perf-model coefficients for --auto (`nitsum profile`)
+    replay_workers: int = 0  # processes the controller replays candidate cuts in, for --auto
     home: Path = field(default_factory=state_dir)
 
 
@@ -82,6 +83,8 @@ class Stack:
         auto = ["--auto", "--model", cfg.model, *tiers] if cfg.auto else []
         if cfg.auto and cfg.coefficients:
             auto += ["--coefficients", cfg.coefficients]
+        if cfg.auto and cfg.replay_workers:
+            auto += ["--replay-workers", str(cfg.replay_workers)]
         self._spawn(
             "tp_controller", "nitsum_tp_controller", "--worker-timeout", str(cfg.worker_timeout_s), *auto
         )

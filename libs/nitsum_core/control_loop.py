@@ -11,7 +11,8 @@ the requests in flight now and fed the last few windows' arrivals again at the t
 (or, where the driver passes a ``forecast``, the requests it predicts for the next span); its
 score is the requests that finish within both targets, per second of the span, counting those
 that finish while the replay drains the span (so work a cut pushes past the span is charged).
-Without one, by the configurator's roofline prediction, which is cheap enough for any pool size
+The candidates of a window are independent replays: with a ``replay_map`` (a process pool's
+``map``), they run side by side. Without a replay scorer, by the configurator's roofline prediction, which is cheap enough for any pool size
 but ranks plans less well; that score is scaled by how each plan family actually did against it
 while it ran (per-family calibration).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -79,6 +80,21 @@ ReplayScorer = Callable[[Plan, list[Arrival], float, list[InFlight]], float]
 # arrivals: a forecast of the next span. The simulator's ``foresight_s`` passes the real future
 # arrivals, to bound what any forecast could gain (benchmarks/dynamic_headroom.py --foresight).
 Forecast = Callable[[], tuple[list[Arrival], float]]
+# How the candidates' replays are run: ``map`` (one after another) or a process pool's ``map``.
+ReplayMap = Callable[[Callable[[Plan], float], Iterable[Plan]], Iterator[float]]
+
+
+@dataclass(frozen=True)
+class _ReplayOf:
+    """One window's replay with every input but the plan bound: picklable, for a process pool."""
+
+    replay: ReplayScorer
+    requests: list[Arrival]
+    span_s: float
+    backlog: list[InFlight]
+
+    def __call__(self, plan: Plan) -> float:
+        return self.replay(plan, self.requests, self.span_s, self.backlog)
 
 
 @dataclass
@@ -110,10 +126,11 @@ class ControlLoop:
         replay: ReplayScorer | None = None,
         replay_windows: int = REPLAY_WINDOWS,
         forecast: Forecast | None = None,
+        replay_map: ReplayMap = map,
     ) -> None:
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
-        self.replay, self.forecast = replay, forecast
+        self.replay, self.forecast, self.replay_map = replay, forecast, replay_map
         # Demand over the last ``history`` windows: one second of a bursty trace is a noisy
         # estimate, and the controller should follow the load, not its noise. Replay scores a plan
         # on ``replay_windows`` of them (more: a few seconds rank plans by that burst, and every
@@ -210,7 +227,7 @@ class ControlLoop:
         candidates = candidate_plans(self.pool, self.perf, demands, self.roles)
         now = Plan(self.plan.assignments, current)
         if self.replay is not None:
-            expected = self._replay_scores(backlog)
+            expected = self._replay_scores(backlog, [now, *candidates])
         else:
             expected = self._calibrated(family, _roofline_score)
         now_rps = expected(now)
@@ -236,8 +253,9 @@ class ControlLoop:
         arrived, finished, good = (sum(o[i] for o in self._outcomes) for i in range(3))
         return finished > 0 and good == finished and finished >= arrived - 3 * math.sqrt(arrived)
 
-    def _replay_scores(self, backlog: list[InFlight]) -> Callable[[Plan], float]:
-        """Each plan's goodput over the next span, simulated (memoised within the window).
+    def _replay_scores(self, backlog: list[InFlight], plans: list[Plan]) -> Callable[[Plan], float]:
+        """Each of ``plans``' goodput over the next span, simulated (each distinct cut once, all
+        through ``replay_map``).
 
         The span is the last ``replay_windows`` of arrivals replayed, or the ``forecast`` where the
         driver gives one. The replay starts from ``backlog``, what the driver reported in flight,
@@ -261,15 +279,10 @@ class ControlLoop:
                 for r in w
             ]
             span = self.window_s * len(replayed)
-        seen: dict[tuple[Assignment, ...], float] = {}
-
-        def expected(plan: Plan) -> float:
-            key = tuple(plan.assignments)
-            if key not in seen:
-                seen[key] = replay(plan, requests, span, backlog)
-            return seen[key]
-
-        return expected
+        distinct = {tuple(plan.assignments): plan for plan in plans}
+        scores = self.replay_map(_ReplayOf(replay, requests, span, backlog), distinct.values())
+        seen: dict[tuple[Assignment, ...], float] = dict(zip(distinct, scores, strict=True))
+        return lambda plan: seen[tuple(plan.assignments)]
 
     def _calibrated(self, family: str, raw: Callable[[Plan], float]) -> Callable[[Plan], float]:
         """Each plan's roofline score times its family's observed / predicted factor: the roofline

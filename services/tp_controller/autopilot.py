@@ -6,14 +6,17 @@ lane policy, and, when a candidate cut replayed through the simulator on the rec
 the offsets the routers reported, starting from the requests they still had in flight
 (``simulator.PlanReplay``, with this controller's performance model), beats the current one by
 more than the switching cost, a new cut that the controller applies with the switch protocol. The
-replay runs in a thread, off the event loop. The switching cost it weighs is what its own
+replay runs in a thread, off the event loop; with ``replay_workers`` the window's candidate replays
+run side by side in that many processes. The switching cost it weighs is what its own
 switches have measured (EWMA), starting from ``initial_switch_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -39,6 +42,7 @@ class AutoPilotConfig:
     initial_switch_s: float = 1.0
     switch_timeout_s: float = 30.0
     score: Literal["replay", "roofline"] = "replay"  # how candidate cuts are ranked (control_loop)
+    replay_workers: int = 0  # processes that replay a window's candidates side by side; 0: in-thread
 
 
 class AutoPilot:
@@ -53,18 +57,32 @@ class AutoPilot:
         # candidate plans through the simulator takes a while) and must not be fed meanwhile.
         self._stats: list[m.RouterWindowStats] = []
         self._task: asyncio.Task | None = None
+        # Spawned, not forked: this process runs threads (the event loop's, the window's).
+        self._pool = (
+            ProcessPoolExecutor(config.replay_workers, mp_context=multiprocessing.get_context("spawn"))
+            if config.replay_workers > 0 and config.score == "replay"
+            else None
+        )
 
     async def run(self) -> None:
         nc = self.controller.nc
         assert nc is not None
         await nc.subscribe(subjects.ROUTER_STATS, cb=self._on_stats)
-        self.log.info("configurator driving the topology", window_s=self.config.window_s)
-        while True:
-            await asyncio.sleep(self.config.window_s)
-            try:
-                await self._window()
-            except Exception:  # a bad window must not stop the controller; the next one retries
-                self.log.exception("control window failed")
+        self.log.info(
+            "configurator driving the topology",
+            window_s=self.config.window_s,
+            replay_workers=self.config.replay_workers,
+        )
+        try:
+            while True:
+                await asyncio.sleep(self.config.window_s)
+                try:
+                    await self._window()
+                except Exception:  # a bad window must not stop the controller; the next one retries
+                    self.log.exception("control window failed")
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _on_stats(self, msg: Msg) -> None:
         stats = decode_or_drop(self.log, m.RouterWindowStats, msg.data, "router stats")
@@ -115,6 +133,7 @@ class AutoPilot:
                 replay=PlanReplay(self.config.perf, pool, self.config.tiers, self.config.window_s)
                 if self.config.score == "replay"
                 else None,
+                replay_map=self._pool.map if self._pool is not None else map,
             )
         self.loop.plan = plan
         return plan
