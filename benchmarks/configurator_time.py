@@ -2,24 +2,29 @@
 time a control window takes when it scores the candidates by replay.
 
     python benchmarks/configurator_time.py [--gpus 8 32 128] [--repeats 50] [--replay-rates 50 200 400]
+        [--replay-workers 2]
 
 Three tiers with mixed demands, Llama-3.1-8B on H100; min and median of --repeats decisions.
 The replay table times ``ControlLoop.window`` on 8 GPUs with ``simulator.PlanReplay`` scoring
 every candidate (and the current plan) on the last 5 windows of requests at each rate, starting
 from a reported backlog of two seconds' arrivals (half queued, half half-way through decoding).
+With ``--replay-workers N`` the same windows also run with the candidates replayed side by side
+in N processes (``tp_controller --replay-workers``), and the table shows both.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan, TierDemand, greedy
-from nitsum_core.control_loop import REPLAY_WINDOWS, ControlLoop, InFlight
+from nitsum_core.control_loop import REPLAY_WINDOWS, ControlLoop, InFlight, ReplayMap
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.simulator import PlanReplay
 
@@ -35,6 +40,9 @@ def main() -> None:
     p.add_argument("--gpus", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--replay-rates", type=float, nargs="*", default=[50.0, 200.0, 400.0])
+    p.add_argument(
+        "--replay-workers", type=int, default=0, help="also time the replay window with this many processes"
+    )
     p.add_argument("--out", default="bench_results/configurator_time.json")
     a = p.parse_args()
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"], Coefficients(overhead_s=2e-3))
@@ -57,20 +65,37 @@ def main() -> None:
     for r in rows:
         print(f"{r['gpus']:>5} | {r['min_ms']:>7.2f} | {r['median_ms']:>9.2f} | <= 2.5 ms at 128")
     replay_rows = [replay_window_time(perf, rate) for rate in a.replay_rates]
+    if a.replay_workers > 0 and replay_rows:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(a.replay_workers, mp_context=context) as workers:
+            for r in replay_rows:
+                r["parallel_ms"] = replay_window_time(perf, r["rate"], workers.map)["window_ms"]
+                r["replay_workers"] = a.replay_workers
     if replay_rows:
-        print(f"\n{'req/s':>6} | {'window ms (8 GPUs, replay)':>27}")
+        extra = f" | {a.replay_workers} processes ms | speed-up" if a.replay_workers > 0 else ""
+        print(f"\n{'req/s':>6} | {'window ms (8 GPUs, replay)':>27}{extra}")
         for r in replay_rows:
-            print(f"{r['rate']:>6.0f} | {r['window_ms']:>27.1f}")
+            par = (
+                f" | {r['parallel_ms']:>14.1f} | {r['window_ms'] / r['parallel_ms']:>7.2f}x"
+                if "parallel_ms" in r
+                else ""
+            )
+            print(f"{r['rate']:>6.0f} | {r['window_ms']:>27.1f}{par}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"greedy": rows, "replay_window": replay_rows}, indent=2))
 
 
-def replay_window_time(perf: PerfModel, rate: float, pool: int = 8) -> dict[str, float]:
-    """Time one control window that replays every candidate on REPLAY_WINDOWS windows of requests."""
+def replay_window_time(
+    perf: PerfModel, rate: float, replay_map: ReplayMap = map, pool: int = 8
+) -> dict[str, float]:
+    """Time one control window that replays every candidate on REPLAY_WINDOWS windows of requests
+    (the earlier windows also warm a process pool's workers)."""
     tiers = {name: d.tier for name, d in DEMANDS.items()}
     total = sum(d.arrival_rps for d in DEMANDS.values())
     plan = Plan([Assignment(s, 1, "mixed", "*") for s in range(pool)])
-    loop = ControlLoop(pool, perf, tiers, plan, replay=PlanReplay(perf, pool, tiers), roles=("mixed",))
+    loop = ControlLoop(
+        pool, perf, tiers, plan, replay=PlanReplay(perf, pool, tiers), roles=("mixed",), replay_map=replay_map
+    )
     took = 0.0
     for _ in range(REPLAY_WINDOWS):
         for name, d in DEMANDS.items():
