@@ -28,6 +28,13 @@ def test_help_explains_every_command() -> None:
         assert "usage: nitsum " + cmd in sub
 
 
+def test_a_bad_replay_worker_count_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    env = {**os.environ, "NITSUM_HOME": str(tmp_path)}
+    res = run("up", "--auto", "--replay-workers", "-1", env=env)
+    assert res.returncode == 2 and "--replay-workers: expected a whole number, 0 or more" in res.stderr
+    assert not any(tmp_path.iterdir())  # no stack was started
+
+
 def test_generate_without_a_stack_says_what_to_do(tmp_path: Path) -> None:
     env = {**os.environ, "NITSUM_HOME": str(tmp_path)}
     env.pop("NITSUM_NATS_URL", None)

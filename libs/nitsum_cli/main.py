@@ -48,7 +48,7 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--replay-workers",
-        type=int,
+        type=_count,
         default=0,
         help="for --auto: processes the controller replays a window's candidate cuts in, side by "
         "side (default 0: one after another)",
@@ -159,6 +159,17 @@ def _resolve_url(url: str | None) -> str:
     if not found:
         raise NotRunning("no running stack found: start one with `nitsum up` or pass --nats-url")
     return found
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more; got {text!r}")
+    return value
 
 
 def _stack_config(a: argparse.Namespace, nats_url: str | None):  # noqa: ANN202

@@ -45,7 +45,7 @@ def main() -> None:
         default="replay",
         choices=["replay", "roofline"],
         help="how --auto ranks candidate cuts: replay them through the simulator on the recent requests "
-        "(default; ~0.3-0.8 s of CPU per window on 8 GPUs, grows with the pool) or the calibrated "
+        "(default; ~0.2-0.9 s of CPU per window on 8 GPUs, grows with the pool) or the calibrated "
         "roofline capacity model (milliseconds at any pool size, ranks less well)",
     )
     p.add_argument(
