@@ -12,9 +12,9 @@ the requests in flight now and fed the last few windows' arrivals again at the t
 score is the requests that finish within both targets, per second of the span, counting those
 that finish while the replay drains the span (so work a cut pushes past the span is charged).
 The candidates of a window are independent replays: with a ``replay_map`` (a process pool's
-``map``), they run side by side. Without a replay scorer, by the configurator's roofline prediction, which is cheap enough for any pool size
-but ranks plans less well; that score is scaled by how each plan family actually did against it
-while it ran (per-family calibration).
+``map``), they run side by side. Without a replay scorer, by the configurator's roofline
+prediction, which is cheap enough for any pool size but ranks plans less well; that score is
+scaled by how each plan family actually did against it while it ran (per-family calibration).
 """
 
 from __future__ import annotations

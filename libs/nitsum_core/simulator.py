@@ -255,23 +255,24 @@ class Simulator:
         inst.busy = True
         self._push(start + dt, "step", (inst, chunk))
 
+    def _prefill_alone(self, inst: SimInstance, r: SimRequest) -> float:
+        if r.prefill_alone_s is None:
+            r.prefill_alone_s = self.perf.step_time(inst.a.tp, r.prompt - r.prefilled, 0, 0)
+        return r.prefill_alone_s
+
     def _late(self, inst: SimInstance, r: SimRequest) -> bool:
         """Sure to miss its TTFT target: it can no longer count toward goodput (DESIGN §8)."""
         ttft = self.tiers[r.tier].ttft_s
         if r.first_token is not None:  # re-prefilling after a slow switch: its TTFT is settled
             return r.first_token - r.arrival > ttft
-        if r.prefill_alone_s is None:
-            r.prefill_alone_s = self.perf.step_time(inst.a.tp, r.prompt - r.prefilled, 0, 0)
-        return misses_ttft(self.now, r.arrival + ttft, r.prefill_alone_s)
+        return misses_ttft(self.now, r.arrival + ttft, self._prefill_alone(inst, r))
 
     def _late_at(self, inst: SimInstance, r: SimRequest) -> float:
         """When ``_late`` turns true for ``r`` as it is now (its prefill progress only delays it)."""
         ttft = self.tiers[r.tier].ttft_s
         if r.first_token is not None:
             return -math.inf if r.first_token - r.arrival > ttft else math.inf
-        self._late(inst, r)  # fills the cache
-        assert r.prefill_alone_s is not None
-        return r.arrival + ttft - r.prefill_alone_s
+        return r.arrival + ttft - self._prefill_alone(inst, r)
 
     def _demote_late(self, inst: SimInstance) -> None:
         """Move prompts now sure to miss their TTFT behind every prompt that can still meet its own:
