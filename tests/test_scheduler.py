@@ -94,6 +94,27 @@ def test_a_prompt_sure_to_miss_its_ttft_goes_after_those_that_can_still_meet_the
     assert [p.seq.seq_id for p in plain.schedule()] == ["a"]
 
 
+def test_a_prompt_that_would_make_it_alone_but_not_behind_those_ahead_goes_late() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=10), BlockManager(64, 4))
+    sched.prefill_s_per_token = 0.01
+    # Three equal prompts, each 0.1 s of prefill alone, all due at 0.25 s: only two fit in turn.
+    for name in ("a", "b", "c"):
+        sched.add(Sequence(name, [1] * 10, 10, priority=0, ttft_deadline=0.25))
+    sched.add(Sequence("relaxed", [1] * 10, 10, priority=1, ttft_deadline=5.0))
+    plan = sched.schedule(now=0.0)
+    assert [p.seq.seq_id for p in plan] == ["a"]
+    assert [s.seq_id for s in sched.waiting_in_order()] == ["b", "relaxed", "c"]
+    # The one that cannot make it no longer delays the lower-priority prompt that still can.
+    served = []
+    for step in range(1, 5):
+        for p in plan:
+            p.seq.num_computed = p.start + p.num_new
+            p.seq.token_ids.append(7)
+        plan = sched.schedule(now=step * 0.1)
+        served += [p.seq.seq_id for p in plan if p.start == 0]
+    assert served == ["b", "relaxed", "c"]
+
+
 def test_a_waiting_prompt_turns_late_in_the_queue_and_moves_behind() -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_batched_tokens=4), BlockManager(64, 4))
     sched.add(_seq("busy", 2))

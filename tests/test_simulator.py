@@ -238,6 +238,27 @@ def test_a_prompt_sure_to_miss_its_ttft_prefills_after_one_that_can_still_meet_i
     assert second.ttft_s is not None and second.arrival_s + second.ttft_s >= first.ttft_s  # not ahead
 
 
+def test_a_prompt_that_would_miss_behind_the_prompts_ahead_does_not_take_a_seat() -> None:
+    # Two seats, three interactive requests (TTFT target 0.5 s): two 16k-token prompts (0.31 s of
+    # prefill each, alone) and 2 ms later a short one. Alone, the second long prompt could make it;
+    # behind the first it cannot (0.62 s). Seated anyway, it would hold the second seat while the
+    # first decodes its 200 tokens, and the short one would wait for a seat past its own target.
+    one = Plan([Assignment(0, 1, "mixed", "*")])
+    wl = [
+        TraceRequest(0.0, 16000, 200, "interactive"),
+        TraceRequest(0.001, 16000, 2, "interactive"),
+        TraceRequest(0.002, 200, 2, "interactive"),
+    ]
+    slo = Preset("nitsum-static", queue_order="slo")
+    first, second, short = (
+        Simulator(_perf(), 1, TIERS, slo, one, chunk_tokens=512, max_batch=2).run(wl).records
+    )
+    target = TIERS["interactive"].ttft_s
+    assert first.ttft_s is not None and first.ttft_s <= target
+    assert short.ttft_s is not None and short.ttft_s <= target
+    assert second.ttft_s is not None and second.ttft_s > target  # still served, after the others
+
+
 def test_each_instance_sizes_its_seats_from_its_own_batch() -> None:
     # A tight-TPOT tier of short prompts on one instance, a tier of 60k-token prompts on another.
     # Seats sized from the pool's mean context (inflated by the long prompts) would give the

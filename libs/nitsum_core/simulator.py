@@ -83,6 +83,9 @@ class SimInstance:
     # baseline does better on the study (8B, 300 req/s: 31.5 vs 26.2 in lane order).
     prefilling: list[SimRequest] = field(default_factory=list)
     prefilling_prompts: int = 0  # their prompt tokens: summing them every step was a tenth of a replay
+    # Prompt tokens the on-time prefilling requests have left, per lane (FEASIBLE, BACKGROUND,
+    # BEST_EFFORT): what a queued request's first token waits for besides its own (``_late_behind``).
+    on_time_left: list[int] = field(default_factory=lambda: [0, 0, 0])
     finishing: list[tuple[int, int, SimRequest]] = field(default_factory=list)  # heap (done_step, rid)
     # Prefilling requests not yet late, by when they will be (``_late_at``; SLO order only): each
     # step looks at the ones due instead of re-checking every prefilling request.
@@ -205,12 +208,13 @@ class Simulator:
         target = self._tpot_target(inst) if self.preset.queue_order == "slo" else None
         if target:
             self._demote_late(inst)
+        decode = inst.running if inst.a.role != "prefill" else 0
         # KV tokens the batch will decode over once the requests prefilling now join it.
         batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
         # Admit queued requests into prefill while seats and KV allow (their whole KV is reserved).
         while inst.queue and inst.running + len(inst.prefilling) < self.max_batch:
             r = inst.queue[0][3]
-            if target and r.lane != Lane.LATE and self._late(inst, r):
+            if target and r.lane != Lane.LATE and self._late_behind(inst, r, decode, target):
                 heapq.heapreplace(inst.queue, (Lane.LATE, r.arrival, r.rid, r))
                 r.lane = Lane.LATE
                 continue
@@ -233,10 +237,10 @@ class Simulator:
             if target:
                 bisect.insort(inst.prefilling, r, key=_prefill_order)
                 if r.lane != Lane.LATE:
+                    inst.on_time_left[r.lane] += r.prompt - r.prefilled
                     heapq.heappush(inst.late_watch, (self._late_at(inst, r), r.rid, r))
             else:
                 inst.prefilling.append(r)
-        decode = inst.running if inst.a.role != "prefill" else 0
         # SLO-safe steps (DESIGN §1): with sequences decoding, the prefill chunk is cut so the
         # step stays within the strictest TPOT target it serves (always some progress).
         budget = self._chunk_within(inst, decode, target) if target and decode else self.chunk_tokens
@@ -267,6 +271,19 @@ class Simulator:
             return r.first_token - r.arrival > ttft
         return misses_ttft(self.now, r.arrival + ttft, self._prefill_alone(inst, r))
 
+    def _late_behind(self, inst: SimInstance, r: SimRequest, decode: int, target: float) -> bool:
+        """``_late``, counting the on-time prompts that prefill before it: sure to miss its TTFT
+        target once admitted. Prompts prefill in lane order (and by arrival within a lane), at the
+        rate of this instance's steps as they are now."""
+        if self._late(inst, r):
+            return True
+        if r.first_token is not None:
+            return False
+        tokens = sum(inst.on_time_left[: r.lane + 1]) + r.prompt - r.prefilled
+        chunk = self._chunk_within(inst, decode, target) if decode else self.chunk_tokens
+        per_token = self.perf.step_time(inst.a.tp, chunk, decode, inst.ctx_tokens) / chunk
+        return misses_ttft(self.now, r.arrival + self.tiers[r.tier].ttft_s, tokens * per_token)
+
     def _late_at(self, inst: SimInstance, r: SimRequest) -> float:
         """When ``_late`` turns true for ``r`` as it is now (its prefill progress only delays it)."""
         ttft = self.tiers[r.tier].ttft_s
@@ -286,6 +303,7 @@ class Simulator:
             if r.lane == Lane.LATE or r.prefilled >= r.prompt:  # already moved, or done prefilling
                 continue
             if self._late(inst, r):
+                inst.on_time_left[r.lane] -= r.prompt - r.prefilled
                 r.lane = Lane.LATE
                 moved = True
             else:  # it prefilled some since it was queued here: due later now
@@ -326,6 +344,8 @@ class Simulator:
             self._finish(inst, r)
         for r, n in chunk:
             r.prefilled += n
+            if r.lane < Lane.LATE and self.preset.queue_order == "slo":
+                inst.on_time_left[r.lane] -= n
             r.prefill_alone_s = None
             if r.prefilled < r.prompt:
                 continue
