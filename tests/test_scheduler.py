@@ -115,6 +115,37 @@ def test_a_prompt_that_would_make_it_alone_but_not_behind_those_ahead_goes_late(
     assert served == ["b", "relaxed", "c"]
 
 
+def test_prompts_prefill_earliest_deadline_first_within_a_priority() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=10), BlockManager(64, 4))
+    sched.add(Sequence("agent", [1] * 10, 10, priority=0, ttft_deadline=1.0))
+    sched.add(Sequence("interactive", [1] * 10, 10, priority=0, ttft_deadline=0.3))
+    sched.add(Sequence("background", [1] * 10, 10, priority=1, ttft_deadline=0.1))
+    sched.add(Sequence("no-target", [1] * 10, 10, priority=0))
+    assert [s.seq_id for s in sched.waiting_in_order()] == ["interactive", "agent", "no-target", "background"]
+
+
+def test_a_long_prompt_gives_way_to_the_short_ones_it_would_make_miss() -> None:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=10), BlockManager(64, 4))
+    sched.prefill_s_per_token = 0.01
+    # A 0.3 s prompt due at 0.35 s and three 0.1 s ones due at 0.42-0.44 s: behind the long one,
+    # one short one makes it; without it, all three do.
+    long = Sequence("long", [1] * 30, 30, priority=0, ttft_deadline=0.35)
+    sched.add(long)
+    for i in range(3):
+        sched.add(Sequence(f"short{i}", [1] * 10, 10, priority=0, ttft_deadline=0.42 + 0.01 * i))
+    plan = sched.schedule(now=0.0)
+    assert long.late and [p.seq.seq_id for p in plan] == ["short0"]
+    served = ["short0"]
+    for step in range(1, 6):
+        for p in plan:
+            p.seq.num_computed = p.start + p.num_new
+            if p.samples:
+                p.seq.token_ids.append(7)
+        plan = sched.schedule(now=step * 0.1)
+        served += [p.seq.seq_id for p in plan if p.start == 0]
+    assert served == ["short0", "short1", "short2", "long"]  # still served, after them
+
+
 def test_a_waiting_prompt_turns_late_in_the_queue_and_moves_behind() -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_batched_tokens=4), BlockManager(64, 4))
     sched.add(_seq("busy", 2))

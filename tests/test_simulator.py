@@ -259,6 +259,40 @@ def test_a_prompt_that_would_miss_behind_the_prompts_ahead_does_not_take_a_seat(
     assert second.ttft_s is not None and second.ttft_s > target  # still served, after the others
 
 
+def test_prompts_prefill_in_deadline_order_within_a_lane() -> None:
+    # Interactive (TTFT target 0.5 s) and agent (2 s) requests share the feasible lane. A 16k-token
+    # agent prompt arrives 1 ms before a short interactive one, while a long interactive prompt
+    # prefills: the short one is due first and prefills first, and all three meet their targets.
+    # In arrival order the short one waits out the agent prompt's 0.31 s and misses.
+    one = Plan([Assignment(0, 1, "mixed", "*")])
+    wl = [
+        TraceRequest(0.0, 16000, 2, "interactive"),
+        TraceRequest(0.001, 16000, 2, "agent"),
+        TraceRequest(0.002, 200, 2, "interactive"),
+    ]
+    slo = Preset("nitsum-static", queue_order="slo")
+    res = Simulator(_perf(), 1, TIERS, slo, one).run(wl)
+    assert all(r.ttft_s is not None and r.ttft_s <= TIERS[r.tier].ttft_s for r in res.records)
+    agent, short = res.records[1:]
+    assert short.ttft_s is not None and agent.ttft_s is not None
+    assert short.arrival_s + short.ttft_s < agent.arrival_s + agent.ttft_s
+
+
+def test_a_long_prompt_gives_way_to_the_short_ones_it_would_make_miss() -> None:
+    # A 16k-token interactive prompt (0.31 s of prefill) and, just behind it, eight 2k-token ones
+    # (0.03-0.04 s each), all due 0.5 s after they arrive. Behind the long one only four short
+    # ones make it; without it, all eight do. The long one goes late (Moore-Hodgson: the most
+    # requests on time) and is still served, after them.
+    one = Plan([Assignment(0, 1, "mixed", "*")])
+    wl = [TraceRequest(0.0, 16000, 2, "interactive")]
+    wl += [TraceRequest(0.001 * (i + 1), 2000, 2, "interactive") for i in range(8)]
+    slo = Preset("nitsum-static", queue_order="slo")
+    long, *short = Simulator(_perf(), 1, TIERS, slo, one).run(wl).records
+    target = TIERS["interactive"].ttft_s
+    assert all(r.ttft_s is not None and r.ttft_s <= target for r in short)
+    assert long.ttft_s is not None and long.ttft_s > target
+
+
 def test_each_instance_sizes_its_seats_from_its_own_batch() -> None:
     # A tight-TPOT tier of short prompts on one instance, a tier of 60k-token prompts on another.
     # Seats sized from the pool's mean context (inflated by the long prompts) would give the

@@ -2,19 +2,22 @@
 
 Each ``schedule()`` call plans one engine step: every running sequence past its prompt decodes
 one token, and prompt chunks (running ones and newly admitted waiting ones) share the rest of a
-token budget in priority, then arrival, order. New requests therefore join the running batch at
-the next step boundary and finished ones leave it as soon as they finish.
+token budget in rank order: priority (the router's lane), then TTFT deadline, then arrival. New
+requests therefore join the running batch at the next step boundary and finished ones leave it
+as soon as they finish.
 
 A prompt that can no longer meet its TTFT deadline (``misses_ttft``: its own remaining prefill
 and that of the on-time prompts ranked ahead of it do not fit before it) ranks after every prompt
 that still can: it cannot count toward goodput any more, and ahead of them it would make them
-miss too. It still runs, after them, so nothing is dropped.
+miss too. Where a longer prompt ahead of it has to give way for it to fit, that one goes instead.
+Late prompts still run, after the others, so nothing is dropped.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -83,7 +86,7 @@ class Scheduler:
         # Seconds one prompt token takes to prefill, for ``misses_ttft``: the engine keeps it
         # measured; 0 (unknown) makes the rule a plain deadline check.
         self.prefill_s_per_token = 0.0
-        self._waiting: list[tuple[tuple[int, int, int], Sequence]] = []
+        self._waiting: list[tuple[tuple[int, int, float, int], Sequence]] = []
         self.running: list[Sequence] = []
         self._counter = itertools.count()
         self.num_preempted = 0
@@ -107,7 +110,7 @@ class Scheduler:
         self.running.append(seq)
 
     def waiting_in_order(self) -> list[Sequence]:
-        """The waiting queue in admission order (rank: late last, then priority, then arrival)."""
+        """The waiting queue in admission order (rank: late last, then priority, deadline, arrival)."""
         return [seq for _, seq in sorted(self._waiting, key=lambda e: e[0])]
 
     def remove(self, seq_id: str) -> Sequence | None:
@@ -139,30 +142,42 @@ class Scheduler:
 
         A prompt's first token waits for its own remaining prefill and for that of every on-time
         prompt ranked ahead of it: prompts prefill in rank order. Counting only its own (the
-        lower bound) let prompts take seats and prefill chunks they were bound to miss with, late
-        on arrival at the head (8B at 400 req/s in the simulator: 258.5 -> 269.6 req/s,
-        docs/simulator.md round 12). Late prompts go last, so they delay no one and are not counted.
+        lower bound) let prompts take seats and prefill chunks they were bound to miss with
+        (8B at 400 req/s in the simulator: 258.5 -> 269.6 req/s, docs/simulator.md round 12).
+        When a prompt would miss, the longest prompt ahead of it goes late instead if that one has
+        more prefill left and the prompt then fits (Moore-Hodgson's rule for the most jobs meeting
+        their deadlines on one machine): one long prompt gives way to several short ones.
         """
         prompts = [seq for seq in self.running if not _is_decoding(seq)]
         prompts += [seq for _, seq in self._waiting]
         ahead_s = 0.0
         changed = False
+        # The on-time prompts counted so far that could give way, longest first.
+        counted: list[tuple[float, int, Sequence]] = []
+        tiebreak = itertools.count()
         for seq in sorted(prompts, key=_rank):
             if seq.late:
                 continue  # ranked after every on-time prompt: what follows does not wait for it
             left_s = (len(seq.token_ids) - seq.num_computed) * self.prefill_s_per_token
             deadline = seq.ttft_deadline if seq.num_generated == 0 else None  # None: TTFT settled
             if deadline is not None and misses_ttft(now, deadline, ahead_s + left_s):
-                seq.late = changed = True
-                continue
+                changed = True
+                longest_s = -counted[0][0] if counted else 0.0
+                if longest_s <= left_s or misses_ttft(now, deadline, ahead_s - longest_s + left_s):
+                    seq.late = True
+                    continue
+                heapq.heappop(counted)[2].late = True  # the longest prompt ahead gives way
+                ahead_s -= longest_s
             ahead_s += left_s
+            if deadline is not None:
+                heapq.heappush(counted, (-left_s, next(tiebreak), seq))
         if changed:
             self._waiting = [(_rank(seq), seq) for _, seq in self._waiting]
             heapq.heapify(self._waiting)
 
     def schedule(self, now: float | None = None) -> list[ScheduledSeq]:
         """Plan one step: every running sequence past its prompt decodes one token; the rest of the
-        token budget goes to prompt chunks in rank order (priority, then arrival) across running
+        token budget goes to prompt chunks in rank order (priority, deadline, arrival) across running
         and waiting sequences, so a high-priority prompt never chunks behind a lower-priority one
         that happened to be admitted first (it would miss its TTFT behind it). With ``now`` (the
         clock the TTFT deadlines are on), prompts sure to miss their deadline rank last."""
@@ -216,9 +231,14 @@ class Scheduler:
         return num_new
 
 
-def _rank(seq: Sequence) -> tuple[int, int, int]:
-    # Late prompts keep arrival order among themselves, whatever their priority.
-    return (1, 0, seq.arrival) if seq.late else (0, seq.priority, seq.arrival)
+def _rank(seq: Sequence) -> tuple[int, int, float, int]:
+    # Late prompts keep arrival order among themselves, whatever their priority. On-time ones go
+    # by priority (the router's lane), then earliest TTFT deadline: a prompt with 1 s to spare
+    # waits for one with 0.3 s (docs/simulator.md round 12). No deadline: after those with one.
+    if seq.late:
+        return (1, 0, 0.0, seq.arrival)
+    due = math.inf if seq.ttft_deadline is None else seq.ttft_deadline
+    return (0, seq.priority, due, seq.arrival)
 
 
 def _is_decoding(seq: Sequence) -> bool:
