@@ -307,8 +307,8 @@ class Simulator:
         # enough for most admissions.
         if not misses_ttft(self.now, deadline, (sum(inst.on_time_left[: r.lane + 1]) + own) * per_token):
             return None
-        key = _prefill_order(r)
-        ahead = [p for p in inst.prefilling if p.lane < Lane.LATE and _prefill_order(p) < key]
+        # ``prefilling`` is kept in this order, late ones last: the ones ahead are a prefix.
+        ahead = inst.prefilling[: bisect.bisect_left(inst.prefilling, _prefill_order(r), key=_prefill_order)]
         tokens = sum(p.prompt - p.prefilled for p in ahead) + own
         if not misses_ttft(self.now, deadline, tokens * per_token):
             return None
