@@ -14,7 +14,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,9 +64,6 @@ class SimRequest:
     done_step: int = 0  # the instance step at which decoding ends
     lane: int = 0  # routing.Lane (SLO order: 3 once sure to miss its TTFT); tier priority otherwise
     late: bool = False  # a warm start's queued request already past its TTFT target
-    # Its remaining prompt's prefill alone on its instance (``_late``), cached: the check runs
-    # every step for the queue's head and the prefilling requests due; None once it changes.
-    prefill_alone_s: float | None = None
     # Its place within its lane: the TTFT deadline in SLO order (earliest deadline first), the
     # arrival time for the baselines (vLLM's order). Set when it is routed.
     due: float = 0.0
@@ -78,6 +74,10 @@ class SimInstance:
     a: Assignment
     kv_cap: int
     queue: list[tuple[int, float, int, SimRequest]] = field(default_factory=list)  # heap (_prefill_order)
+    # Queued requests in Lane.LATE, by arrival: admitted once ``queue`` is empty. Kept apart so
+    # that each step's late check (``_mark_late``) looks at the on-time requests only; in overload
+    # most of what is queued is late.
+    late_queue: list[tuple[float, int, SimRequest]] = field(default_factory=list)
     # Admitted requests still prefilling; each step's prefill chunk goes to them in this order.
     # The SLO scheduler keeps it in lane order (then deadline), so a feasible request admitted after a
     # best-effort one still prefills first (behind it, it missed its TTFT), and one sure to miss
@@ -86,13 +86,7 @@ class SimInstance:
     # baseline does better on the study (8B, 300 req/s: 31.5 vs 26.2 in lane order).
     prefilling: list[SimRequest] = field(default_factory=list)
     prefilling_prompts: int = 0  # their prompt tokens: summing them every step was a tenth of a replay
-    # Prompt tokens the on-time prefilling requests have left, per lane (FEASIBLE, BACKGROUND,
-    # BEST_EFFORT): what a queued request's first token waits for besides its own (``_make_room``).
-    on_time_left: list[int] = field(default_factory=lambda: [0, 0, 0])
     finishing: list[tuple[int, int, SimRequest]] = field(default_factory=list)  # heap (done_step, rid)
-    # Prefilling requests not yet late, by when they will be (``_late_at``; SLO order only): each
-    # step looks at the ones due instead of re-checking every prefilling request.
-    late_watch: list[tuple[float, int, SimRequest]] = field(default_factory=list)
     running: int = 0
     ctx_tokens: int = 0  # KV tokens of the running sequences (grows by `running` per step)
     kv_used: int = 0
@@ -103,7 +97,7 @@ class SimInstance:
 
     @property
     def load(self) -> int:
-        return len(self.queue) + len(self.prefilling) + self.running
+        return len(self.queue) + len(self.late_queue) + len(self.prefilling) + self.running
 
 
 @dataclass
@@ -113,6 +107,13 @@ class SimResult:
     switches: int
     timeline: list[tuple[float, str, float]]  # (time, plan description, arrivals in the window)
     rejected: int
+
+
+def _enqueue(inst: SimInstance, r: SimRequest) -> None:
+    if r.lane == Lane.LATE:
+        heapq.heappush(inst.late_queue, (r.arrival, r.rid, r))
+    else:
+        heapq.heappush(inst.queue, (*_prefill_order(r), r))
 
 
 def _prefill_order(r: SimRequest) -> tuple[int, float, int]:
@@ -201,7 +202,7 @@ class Simulator:
         if r.prompt + r.output > inst.kv_cap:
             self._reject(r, "prompt + output exceed the instance's KV capacity")
             return
-        heapq.heappush(inst.queue, (*_prefill_order(r), r))
+        _enqueue(inst, r)
         self._kick(inst)
 
     def _reject(self, r: SimRequest, why: str) -> None:
@@ -210,28 +211,20 @@ class Simulator:
 
     # ---- instance steps --------------------------------------------------------------------------
     def _kick(self, inst: SimInstance) -> None:
-        if inst.busy or not (inst.queue or inst.prefilling or inst.running):
+        if inst.busy or not (inst.queue or inst.late_queue or inst.prefilling or inst.running):
             return
         start = max(self.now, inst.paused_until)
         target = self._tpot_target(inst) if self.preset.queue_order == "slo" else None
-        if target:
-            self._demote_late(inst)
         decode = inst.running if inst.a.role != "prefill" else 0
+        if target:
+            self._mark_late(inst, decode, target)
         # KV tokens the batch will decode over once the requests prefilling now join it.
         batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
-        # Admit queued requests into prefill while seats and KV allow (their whole KV is reserved).
-        while inst.queue and inst.running + len(inst.prefilling) < self.max_batch:
-            r = inst.queue[0][3]
-            if target and r.lane != Lane.LATE:
-                late = self._make_room(inst, r, decode, target)
-                if late is r:
-                    r.lane = Lane.LATE
-                    heapq.heapreplace(inst.queue, (*_prefill_order(r), r))
-                    continue
-                if late is not None:  # a longer prompt ahead of it goes late instead
-                    inst.on_time_left[late.lane] -= late.prompt - late.prefilled
-                    late.lane = Lane.LATE
-                    inst.prefilling.sort(key=_prefill_order)
+        # Admit queued requests into prefill while seats and KV allow (their whole KV is reserved);
+        # late ones only when no on-time one waits.
+        while (inst.queue or inst.late_queue) and inst.running + len(inst.prefilling) < self.max_batch:
+            queue: list = inst.queue or inst.late_queue
+            r = queue[0][-1]
             if target:
                 # SLO-safe seats (DESIGN §1): admit only while a decode step over the batch, this
                 # request included, stays within the instance's TPOT target. Checked against this
@@ -245,14 +238,11 @@ class Simulator:
             need = r.prompt + r.output
             if inst.kv_used + need > inst.kv_cap:
                 break
-            heapq.heappop(inst.queue)
+            heapq.heappop(queue)
             inst.kv_used += need
             inst.prefilling_prompts += r.prompt
             if target:
                 bisect.insort(inst.prefilling, r, key=_prefill_order)
-                if r.lane != Lane.LATE:
-                    inst.on_time_left[r.lane] += r.prompt - r.prefilled
-                    heapq.heappush(inst.late_watch, (self._late_at(inst, r), r.rid, r))
             else:
                 inst.prefilling.append(r)
         # SLO-safe steps (DESIGN §1): with sequences decoding, the prefill chunk is cut so the
@@ -273,78 +263,53 @@ class Simulator:
         inst.busy = True
         self._push(start + dt, "step", (inst, chunk))
 
-    def _prefill_alone(self, inst: SimInstance, r: SimRequest) -> float:
-        if r.prefill_alone_s is None:
-            r.prefill_alone_s = self.perf.step_time(inst.a.tp, r.prompt - r.prefilled, 0, 0)
-        return r.prefill_alone_s
+    def _mark_late(self, inst: SimInstance, decode: int, target: float) -> None:
+        """Move the prompts that would miss their TTFT target to ``Lane.LATE``, as the engine's
+        ``Scheduler`` does each step (``scheduler.misses_ttft``; docs/simulator.md rounds 11-12).
 
-    def _late(self, inst: SimInstance, r: SimRequest) -> bool:
-        """Sure to miss its TTFT target: it can no longer count toward goodput (DESIGN §8)."""
-        ttft = self.tiers[r.tier].ttft_s
-        if r.first_token is not None:  # re-prefilling after a slow switch: its TTFT is settled
-            return r.first_token - r.arrival > ttft
-        return misses_ttft(self.now, r.arrival + ttft, self._prefill_alone(inst, r))
-
-    def _make_room(self, inst: SimInstance, r: SimRequest, decode: int, target: float) -> SimRequest | None:
-        """Whether queued ``r`` can still meet its TTFT target once admitted, behind the on-time
-        prompts that prefill before it (lane order, then deadline), at this instance's step rate
-        as it is now: None when it can; else the prompt to move to ``Lane.LATE``.
-
-        That is ``r`` itself, unless the longest of the prompts ahead has more prefill left than
-        ``r`` and ``r`` fits without it: then that one (Moore-Hodgson's rule for the most jobs
-        meeting their deadlines on one machine). One long prompt gives way to several short
-        ones (8B at 400 req/s: 279.5 -> 282.5 req/s, docs/simulator.md round 12).
+        The on-time prompts, prefilling and queued, are taken in prefill order (lane, then TTFT
+        deadline). Each one's first token waits for its own remaining prefill and that of the
+        on-time prompts before it, at this instance's prefill rate as its steps are now (a full
+        chunk next to its decodes). When one would miss, the longest prompt before it gives way
+        if that one has more prefill left and it then fits (Moore-Hodgson: the most prompts on
+        time), else it goes late itself. Late prompts are still served, after every on-time one;
+        nothing is dropped.
         """
-        if self._late(inst, r):
-            return r
-        if r.first_token is not None:  # re-prefilling after a slow switch: its TTFT is settled
-            return None
-        own = r.prompt - r.prefilled
-        deadline = r.arrival + self.tiers[r.tier].ttft_s
+        queued = sorted(inst.queue)
+        on_time = heapq.merge(
+            (r for r in inst.prefilling if r.lane != Lane.LATE), (q[3] for q in queued), key=_prefill_order
+        )
         chunk = self._chunk_within(inst, decode, target) if decode else self.chunk_tokens
         per_token = self.perf.step_time(inst.a.tp, chunk, decode, inst.ctx_tokens) / chunk
-        # Every on-time prompt of its lane or a lower one, an upper bound of those ahead: cheap, and
-        # enough for most admissions.
-        if not misses_ttft(self.now, deadline, (sum(inst.on_time_left[: r.lane + 1]) + own) * per_token):
-            return None
-        # ``prefilling`` is kept in this order, late ones last: the ones ahead are a prefix.
-        ahead = inst.prefilling[: bisect.bisect_left(inst.prefilling, _prefill_order(r), key=_prefill_order)]
-        tokens = sum(p.prompt - p.prefilled for p in ahead) + own
-        if not misses_ttft(self.now, deadline, tokens * per_token):
-            return None
-        droppable = [p for p in ahead if p.first_token is None]
-        longest = max(droppable, key=lambda p: p.prompt - p.prefilled, default=None)
-        if longest is None or longest.prompt - longest.prefilled <= own:
-            return r
-        tokens -= longest.prompt - longest.prefilled
-        return r if misses_ttft(self.now, deadline, tokens * per_token) else longest
-
-    def _late_at(self, inst: SimInstance, r: SimRequest) -> float:
-        """When ``_late`` turns true for ``r`` as it is now (its prefill progress only delays it)."""
-        ttft = self.tiers[r.tier].ttft_s
-        if r.first_token is not None:
-            return -math.inf if r.first_token - r.arrival > ttft else math.inf
-        return r.arrival + ttft - self._prefill_alone(inst, r)
-
-    def _demote_late(self, inst: SimInstance) -> None:
-        """Move prompts now sure to miss their TTFT behind every prompt that can still meet its own:
-        ahead of them they would only make those miss too (8B at 300 req/s, shared TP 1: 171.8 ->
-        240.4 req/s, docs/simulator.md round 11). They still prefill, after the others; nothing is
-        dropped. Queued ones are checked as they reach the head of the queue (in ``_kick``)."""
+        ahead = 0  # prompt tokens of the on-time prompts before this one
+        counted: list[tuple[int, int, SimRequest]] = []  # those that could give way, longest first
         moved = False
-        watch = inst.late_watch
-        while watch and watch[0][0] < self.now:
-            _, _, r = heapq.heappop(watch)
-            if r.lane == Lane.LATE or r.prefilled >= r.prompt:  # already moved, or done prefilling
-                continue
-            if self._late(inst, r):
-                inst.on_time_left[r.lane] -= r.prompt - r.prefilled
-                r.lane = Lane.LATE
+        for r in on_time:
+            left = r.prompt - r.prefilled
+            ttft = self.tiers[r.tier].ttft_s
+            if r.first_token is not None:  # re-prefilling after a slow switch: its TTFT is settled
+                if r.first_token - r.arrival > ttft:
+                    r.lane, moved = Lane.LATE, True
+                    continue
+            elif misses_ttft(self.now, r.arrival + ttft, (ahead + left) * per_token):
                 moved = True
-            else:  # it prefilled some since it was queued here: due later now
-                heapq.heappush(watch, (self._late_at(inst, r), r.rid, r))
+                longest = -counted[0][0] if counted else 0
+                if longest <= left or misses_ttft(
+                    self.now, r.arrival + ttft, (ahead - longest + left) * per_token
+                ):
+                    r.lane = Lane.LATE
+                    continue
+                heapq.heappop(counted)[2].lane = Lane.LATE  # the longest before it gives way
+                ahead -= longest
+            ahead += left
+            if r.first_token is None:
+                heapq.heappush(counted, (-left, r.rid, r))
         if moved:
             inst.prefilling.sort(key=_prefill_order)
+            inst.queue = [q for q in queued if q[3].lane != Lane.LATE]  # sorted: a valid heap
+            for _, _, _, r in queued:
+                if r.lane == Lane.LATE:
+                    heapq.heappush(inst.late_queue, (r.arrival, r.rid, r))
 
     def _tpot_target(self, inst: SimInstance) -> float:
         if inst.a.tier == "*":
@@ -379,9 +344,6 @@ class Simulator:
             self._finish(inst, r)
         for r, n in chunk:
             r.prefilled += n
-            if r.lane < Lane.LATE and self.preset.queue_order == "slo":
-                inst.on_time_left[r.lane] -= n
-            r.prefill_alone_s = None
             if r.prefilled < r.prompt:
                 continue
             inst.prefilling.remove(r)
@@ -485,7 +447,8 @@ class Simulator:
         for inst in fresh:
             inst.paused_until = resume
         for inst in removed:
-            moved = [q[3] for q in inst.queue] + list(inst.prefilling) + [f[2] for f in inst.finishing]
+            queued = [q[-1] for q in inst.queue + inst.late_queue]
+            moved = queued + list(inst.prefilling) + [f[2] for f in inst.finishing]
             for r in moved:
                 if self.preset.switch == "slow" or r.first_token is None or inst.a.role == "prefill":
                     # Re-run from the prompt (the slow path loses KV; unstarted ones just move).
@@ -515,7 +478,7 @@ class Simulator:
         """Every request queued, prefilling or decoding now: what the control loop's replay starts from."""
         out = []
         for inst in self.instances:
-            waiting = [q[3] for q in inst.queue] + list(inst.prefilling)
+            waiting = [q[-1] for q in inst.queue + inst.late_queue] + list(inst.prefilling)
             for r in waiting:
                 ttft = None if r.first_token is None else r.first_token - r.arrival
                 out.append(InFlight(r.tier, r.prompt, r.output, self.now - r.arrival, ttft))
@@ -532,8 +495,7 @@ class Simulator:
     def _route_requeue(self, r: SimRequest) -> None:
         cands = self._serving(r.tier, ("mixed", "prefill")) or self.instances
         inst = min(cands, key=lambda i: i.load)
-        r.prefill_alone_s = None  # its prompt restarts, maybe at another TP
-        heapq.heappush(inst.queue, (*_prefill_order(r), r))
+        _enqueue(inst, r)
 
     def _plan_replay(self) -> PlanReplay:
         """The replay scorer for this run's control loop, stepping instances as this simulator does."""
