@@ -8,7 +8,7 @@ import pytest
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan
 from nitsum_core.control_loop import InFlight
-from nitsum_core.goodput import summarize
+from nitsum_core.goodput import RequestRecord, summarize
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.simulator import Preset, Simulator
 from nitsum_core.workload import TraceRequest, assign_tiers, synthetic_azure_conv
@@ -34,6 +34,13 @@ def _workload(n: int, rate: float, seed: int = 0) -> list[TraceRequest]:
 
 
 STATIC4 = Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 2, "mixed", "*")])
+ONE_GPU = Plan([Assignment(0, 1, "mixed", "*")])
+SLO = Preset("nitsum-static", queue_order="slo")
+
+
+def _on_one_gpu(wl: list[TraceRequest], preset: Preset = SLO, **sim_kwargs: int) -> list[RequestRecord]:
+    """Each request's record after ``wl`` ran on one TP-1 instance with ``preset``'s scheduler."""
+    return Simulator(_perf(), 1, TIERS, preset, ONE_GPU, **sim_kwargs).run(wl).records
 
 
 @pytest.mark.parametrize("preset", [Preset("vanilla"), Preset("nitsum", queue_order="slo", dynamic=True)])
@@ -206,12 +213,8 @@ def test_a_later_urgent_prompt_prefills_ahead_of_a_long_lower_priority_one() -> 
     # A background prompt of 16k tokens is admitted first; an interactive one arrives 10 ms later.
     # Prefill chunks go by queue order, not admission order: the interactive request gets its
     # first token within its TTFT target instead of waiting out the whole long prompt.
-    one = Plan([Assignment(0, 1, "mixed", "*")])
     wl = [TraceRequest(0.0, 16000, 2, "background"), TraceRequest(0.01, 200, 2, "interactive")]
-    res = Simulator(_perf(), 1, TIERS, Preset("nitsum-static", queue_order="slo"), one, chunk_tokens=512).run(
-        wl
-    )
-    background, interactive = res.records
+    background, interactive = _on_one_gpu(wl, chunk_tokens=512)
     assert interactive.ttft_s is not None and background.ttft_s is not None
     assert interactive.ttft_s <= TIERS["interactive"].ttft_s
     assert interactive.arrival_s + interactive.ttft_s < background.ttft_s
@@ -221,19 +224,17 @@ def test_a_prompt_sure_to_miss_its_ttft_prefills_after_one_that_can_still_meet_i
     # Two interactive requests (TTFT target 0.5 s): a 30k-token prompt, which needs 0.7 s of
     # prefill even alone, and 10 ms later a short one. The long one can no longer count, so the
     # short one prefills first and meets its target; the long one is still served, after it.
-    one = Plan([Assignment(0, 1, "mixed", "*")])
     wl = [TraceRequest(0.0, 30000, 2, "interactive"), TraceRequest(0.01, 200, 2, "interactive")]
-    slo = Preset("nitsum-static", queue_order="slo")
-    doomed, short = Simulator(_perf(), 1, TIERS, slo, one, chunk_tokens=512).run(wl).records
+    doomed, short = _on_one_gpu(wl, chunk_tokens=512)
     assert doomed.ttft_s is not None and doomed.ttft_s > TIERS["interactive"].ttft_s  # served, late
     assert short.ttft_s is not None and short.ttft_s <= TIERS["interactive"].ttft_s
     # Arrival order (the priority baseline, same tier) makes both miss.
     fifo = Preset("priority", queue_order="priority")
-    _, behind = Simulator(_perf(), 1, TIERS, fifo, one, chunk_tokens=512).run(wl).records
+    _, behind = _on_one_gpu(wl, fifo, chunk_tokens=512)
     assert behind.ttft_s is not None and behind.ttft_s > TIERS["interactive"].ttft_s
     # A 16k-token prompt (0.31 s alone) can still make it: it keeps its place and meets its target.
     wl[0] = TraceRequest(0.0, 16000, 2, "interactive")
-    first, second = Simulator(_perf(), 1, TIERS, slo, one, chunk_tokens=512).run(wl).records
+    first, second = _on_one_gpu(wl, chunk_tokens=512)
     assert first.ttft_s is not None and first.ttft_s <= TIERS["interactive"].ttft_s
     assert second.ttft_s is not None and second.arrival_s + second.ttft_s >= first.ttft_s  # not ahead
 
@@ -243,16 +244,12 @@ def test_a_prompt_that_would_miss_behind_the_prompts_ahead_does_not_take_a_seat(
     # prefill each, alone) and 2 ms later a short one. Alone, the second long prompt could make it;
     # behind the first it cannot (0.62 s). Seated anyway, it would hold the second seat while the
     # first decodes its 200 tokens, and the short one would wait for a seat past its own target.
-    one = Plan([Assignment(0, 1, "mixed", "*")])
     wl = [
         TraceRequest(0.0, 16000, 200, "interactive"),
         TraceRequest(0.001, 16000, 2, "interactive"),
         TraceRequest(0.002, 200, 2, "interactive"),
     ]
-    slo = Preset("nitsum-static", queue_order="slo")
-    first, second, short = (
-        Simulator(_perf(), 1, TIERS, slo, one, chunk_tokens=512, max_batch=2).run(wl).records
-    )
+    first, second, short = _on_one_gpu(wl, chunk_tokens=512, max_batch=2)
     target = TIERS["interactive"].ttft_s
     assert first.ttft_s is not None and first.ttft_s <= target
     assert short.ttft_s is not None and short.ttft_s <= target
@@ -264,16 +261,14 @@ def test_prompts_prefill_in_deadline_order_within_a_lane() -> None:
     # agent prompt arrives 1 ms before a short interactive one, while a long interactive prompt
     # prefills: the short one is due first and prefills first, and all three meet their targets.
     # In arrival order the short one waits out the agent prompt's 0.31 s and misses.
-    one = Plan([Assignment(0, 1, "mixed", "*")])
     wl = [
         TraceRequest(0.0, 16000, 2, "interactive"),
         TraceRequest(0.001, 16000, 2, "agent"),
         TraceRequest(0.002, 200, 2, "interactive"),
     ]
-    slo = Preset("nitsum-static", queue_order="slo")
-    res = Simulator(_perf(), 1, TIERS, slo, one).run(wl)
-    assert all(r.ttft_s is not None and r.ttft_s <= TIERS[r.tier].ttft_s for r in res.records)
-    agent, short = res.records[1:]
+    records = _on_one_gpu(wl)
+    assert all(r.ttft_s is not None and r.ttft_s <= TIERS[r.tier].ttft_s for r in records)
+    agent, short = records[1:]
     assert short.ttft_s is not None and agent.ttft_s is not None
     assert short.arrival_s + short.ttft_s < agent.arrival_s + agent.ttft_s
 
@@ -283,11 +278,9 @@ def test_a_long_prompt_gives_way_to_the_short_ones_it_would_make_miss() -> None:
     # (0.03-0.04 s each), all due 0.5 s after they arrive. Behind the long one only four short
     # ones make it; without it, all eight do. The long one goes late (Moore-Hodgson: the most
     # requests on time) and is still served, after them.
-    one = Plan([Assignment(0, 1, "mixed", "*")])
     wl = [TraceRequest(0.0, 16000, 2, "interactive")]
     wl += [TraceRequest(0.001 * (i + 1), 2000, 2, "interactive") for i in range(8)]
-    slo = Preset("nitsum-static", queue_order="slo")
-    long, *short = Simulator(_perf(), 1, TIERS, slo, one).run(wl).records
+    long, *short = _on_one_gpu(wl)
     target = TIERS["interactive"].ttft_s
     assert all(r.ttft_s is not None and r.ttft_s <= target for r in short)
     assert long.ttft_s is not None and long.ttft_s > target
