@@ -4,6 +4,7 @@ the same trace and pool, across a sweep of arrival rates. Writes JSON, markdown 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -13,6 +14,7 @@ from nitsum_core import workload as wl
 from nitsum_core.baselines import PRESETS, best_static
 from nitsum_core.config import load_tiers
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.saturation import rate_for_load, saturation
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,11 +45,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start", type=float, default=0.0, help="seconds into the traces to start")
     p.add_argument("--duration", type=float, default=120.0, help="seconds of trace to simulate per run")
     p.add_argument(
-        "--rates", default="10,20,40,80", help="comma-separated total arrival rates (req/s) to sweep"
+        "--rates",
+        default="10,20,40,80",
+        help="comma-separated total arrival rates to sweep: req/s (40), or multiples of the pool's "
+        "saturation (2x: the rate at which the simulated window offers twice what the pool can "
+        "complete with every step full)",
     )
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results", help="directory for results JSON, markdown and plots")
+
+
+@functools.lru_cache(maxsize=16)
+def _tiered_trace(spec: str, seed: int) -> list[wl.TraceRequest]:
+    """One ``PATH[:tier=frac,...]`` trace, read and tier-assigned once (a sweep rescales it per rate)."""
+    path, _, mix = spec.partition(":")
+    return wl.assign_tiers(
+        wl.read_trace(path), wl.parse_tier_mix(mix) if mix else {"interactive": 1.0}, seed=seed
+    )
 
 
 def _workload(a: argparse.Namespace, rate: float) -> list[wl.TraceRequest]:
@@ -58,9 +73,7 @@ def _workload(a: argparse.Namespace, rate: float) -> list[wl.TraceRequest]:
         return wl.window(wl.scale_rate(base, rate), 0.0, a.duration)
     total_native = 0.0
     for spec in a.trace:
-        path, _, mix = spec.partition(":")
-        reqs = wl.read_trace(path)
-        reqs = wl.assign_tiers(reqs, wl.parse_tier_mix(mix) if mix else {"interactive": 1.0}, seed=a.seed)
+        reqs = _tiered_trace(spec, a.seed)
         streams.append(reqs)
         total_native += (len(reqs) - 1) / max(1e-9, reqs[-1].arrival_s)
     # Scale every trace by the same factor so the merged stream has the requested mean rate.
@@ -81,12 +94,21 @@ def run(a: argparse.Namespace) -> int:
     unknown = set(presets) - set(PRESETS)
     if unknown:
         raise ValueError(f"unknown presets {sorted(unknown)}; choose from {list(PRESETS)}")
-    rates = [float(r) for r in a.rates.split(",")]
+    rates = _rates(a, perf)
     rows = []
     timelines = {}
+    loads = {}
     t_start = time.perf_counter()
     for rate in rates:
         workload = _workload(a, rate)
+        if not workload:
+            raise ValueError(
+                f"no request arrives in the {a.duration:g} s window at {rate:g} req/s; raise the rate or --duration"
+            )
+        sat = saturation(perf, a.gpus, workload)
+        loads[rate] = len(workload) / a.duration / sat.rps
+        print(f"rate {rate:g} req/s: {len(workload)} requests, {len(workload) / a.duration:.1f} req/s offered = "
+              f"{loads[rate]:.2f}x saturation ({sat.rps:.1f} req/s, TP {sat.tp} shared cut)", file=sys.stderr, flush=True)  # fmt: skip
         for name in presets:
             t0 = time.perf_counter()
             run_ = best_static(name, a.gpus, perf, tiers, workload)
@@ -102,6 +124,8 @@ def run(a: argparse.Namespace) -> int:
                     "attainment": {t.tier: t.attainment for t in rep.tiers},
                     "switches": run_.result.switches,
                     "requests": rep.requests,
+                    "offered_rps": len(workload) / a.duration,
+                    "saturation_rps": sat.rps,
                     "sim_seconds": time.perf_counter() - t0,
                 }
             )
@@ -118,7 +142,7 @@ def run(a: argparse.Namespace) -> int:
             {"args": vars(a), "rows": rows, "timelines": {str(k): v for k, v in timelines.items()}}, indent=2
         )
     )
-    table = _markdown(a, rows, presets, rates, time.perf_counter() - t_start)
+    table = _markdown(a, rows, presets, rates, loads, time.perf_counter() - t_start)
     (out / f"{stem}.md").write_text(table)
     print(table)
     _plots(out / stem, rows, presets, rates, timelines)
@@ -126,8 +150,36 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _rates(a: argparse.Namespace, perf: PerfModel) -> list[float]:
+    """``--rates`` as req/s; an entry ``<m>x`` is the rate whose window offers m x saturation."""
+    rates = []
+    for spec in (s.strip() for s in a.rates.split(",") if s.strip()):
+        try:
+            if spec.lower().endswith("x"):
+                multiple = float(spec[:-1])
+                rate = rate_for_load(lambda r: _workload(a, r), perf, a.gpus, multiple, a.duration)
+                rates.append(round(rate, 1))
+                print(f"{spec} saturation: --rate {rates[-1]:g}", file=sys.stderr, flush=True)
+            else:
+                rates.append(float(spec))
+        except ValueError as e:
+            raise ValueError(
+                f"--rates entry {spec!r}: {e} (give req/s like 40, or a multiple of saturation like 2x)"
+            ) from e
+    if not rates or any(r <= 0 for r in rates):
+        raise ValueError(
+            f"--rates {a.rates!r}: give positive rates in req/s (e.g. 40,100) or multiples of saturation (e.g. 0.5x,1x,2x)"
+        )
+    return sorted(set(rates))
+
+
 def _markdown(
-    a: argparse.Namespace, rows: list[dict], presets: list[str], rates: list[float], seconds: float
+    a: argparse.Namespace,
+    rows: list[dict],
+    presets: list[str],
+    rates: list[float],
+    loads: dict[float, float],
+    seconds: float,
 ) -> str:
     lines = [
         f"# Goodput study: {a.model} on {a.gpus}x {a.hardware}",
@@ -135,14 +187,17 @@ def _markdown(
         f"Workload: {', '.join(a.trace) or 'synthetic Azure conversation'}; {a.duration:.0f} s per run from t={a.start:.0f} s; "
         f"simulated in {seconds:.0f} s. Goodput in req/s (requests meeting both TTFT and TPOT targets).",
         "",
-        "| rate (req/s) | " + " | ".join(presets) + " |",
-        "|---:|" + "---:|" * len(presets),
+        "Load is the window's offered rate as a multiple of saturation: the most the pool completes "
+        "with every step a full chunk, on its highest-throughput TP cut (`nitsum_core.saturation`).",
+        "",
+        "| rate (req/s) | load | " + " | ".join(presets) + " |",
+        "|---:|---:|" + "---:|" * len(presets),
     ]
     for rate in rates:
         cells = [
             next(r for r in rows if r["rate"] == rate and r["preset"] == p)["goodput_rps"] for p in presets
         ]
-        lines.append(f"| {rate:g} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        lines.append(f"| {rate:g} | {loads[rate]:.2f}x | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     lines += ["", "Best static configuration of each preset at the highest load:", ""]
     for p in presets:
         r = next(r for r in rows if r["rate"] == rates[-1] and r["preset"] == p)
