@@ -184,20 +184,36 @@ def test_nitsum_sim_cli_writes_results(tmp_path) -> None:
     import sys
 
     res = subprocess.run(
-        [sys.executable, "-m", "nitsum_cli.main", "sim", "--gpus", "4", "--duration", "8", "--rates", "10,40",
+        [sys.executable, "-m", "nitsum_cli.main", "sim", "--gpus", "4", "--duration", "8", "--rates", "10,0.3x",
          "--presets", "vanilla,nitsum", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     data = json.loads((tmp_path / "sim-llama-3.1-8b-4xh100-sxm.json").read_text())
+    rates = sorted({r["rate"] for r in data["rows"]})
+    assert rates[0] == 10.0 and len(rates) == 2
     assert {(r["rate"], r["preset"]) for r in data["rows"]} == {
-        (10.0, "vanilla"),
-        (10.0, "nitsum"),
-        (40.0, "vanilla"),
-        (40.0, "nitsum"),
+        (rate, preset) for rate in rates for preset in ("vanilla", "nitsum")
     }
-    assert (tmp_path / "sim-llama-3.1-8b-4xh100-sxm.md").read_text().startswith("# Goodput study")
+    # "0.3x" is the rate whose window offers 0.3 x the pool's saturation, and the report says so.
+    top = next(r for r in data["rows"] if r["rate"] == rates[1])
+    assert top["offered_rps"] / top["saturation_rps"] == pytest.approx(0.3, rel=0.02)
+    table = (tmp_path / "sim-llama-3.1-8b-4xh100-sxm.md").read_text()
+    assert table.startswith("# Goodput study") and f"| {rates[1]:g} | 0.30x |" in table
     assert (tmp_path / "sim-llama-3.1-8b-4xh100-sxm.png").exists()
+
+
+def test_nitsum_sim_cli_says_what_is_wrong_with_a_rate(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    for bad, says in [("fast", "could not convert"), ("-2x", "multiple > 0"), ("0", "positive rates")]:
+        res = subprocess.run(
+            [sys.executable, "-m", "nitsum_cli.main", "sim", f"--rates={bad}", "--out", str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert res.returncode != 0 and says in res.stderr and "--rates" in res.stderr
+        assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_a_tier_the_plan_does_not_serve_is_queued_best_effort_not_rejected() -> None:

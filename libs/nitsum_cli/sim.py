@@ -48,8 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--rates",
         default="10,20,40,80",
         help="comma-separated total arrival rates to sweep: req/s (40), or multiples of the pool's "
-        "saturation (2x: the rate at which the simulated window offers twice what the pool can "
-        "complete with every step full)",
+        "saturation (2x: the rate at which the simulated window offers twice the work the pool "
+        "computes with every step a full chunk)",
     )
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
     p.add_argument("--seed", type=int, default=0)
@@ -187,8 +187,9 @@ def _markdown(
         f"Workload: {', '.join(a.trace) or 'synthetic Azure conversation'}; {a.duration:.0f} s per run from t={a.start:.0f} s; "
         f"simulated in {seconds:.0f} s. Goodput in req/s (requests meeting both TTFT and TPOT targets).",
         "",
-        "Load is the window's offered rate as a multiple of saturation: the most the pool completes "
-        "with every step a full chunk, on its highest-throughput TP cut (`nitsum_core.saturation`).",
+        "Load is the window's offered rate as a multiple of saturation: the rate at which the mix's "
+        "prompt and output tokens fill every step of the pool's highest-throughput TP cut with a "
+        "full chunk (`nitsum_core.saturation`).",
         "",
         "| rate (req/s) | load | " + " | ".join(presets) + " |",
         "|---:|---:|" + "---:|" * len(presets),
