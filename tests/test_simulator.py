@@ -320,3 +320,34 @@ def test_each_instance_sizes_its_seats_from_its_own_batch() -> None:
         t for t in summarize(res.records, tiers, res.duration_s, 2).tiers if t.tier == "interactive"
     )
     assert interactive.completed == 600 and interactive.attainment >= 0.99
+
+
+def test_a_tier_only_recut_pauses_nothing_and_keeps_what_runs_where_it_runs() -> None:
+    # As the controller does it (tp_controller.controller: a switch that moves no slot only
+    # rewrites which tiers instances serve): no pause, no KV moves; queued requests of tiers an
+    # instance no longer serves go where they are served, and what it decodes stays, its steps
+    # still within those requests' TPOT targets until they finish.
+    shared = Plan([Assignment(s, 1, "mixed", "*") for s in range(4)])
+    sim = Simulator(_perf(), 4, TIERS, SLO, shared)
+    sim.run(_workload(2000, rate=200.0), until_s=5.0)
+    before = list(sim.instances)
+    decoding = [sorted(r.rid for *_, r in inst.finishing) for inst in before]
+    assert all(decoding) and any(inst.queue for inst in before)  # mid-overload: work everywhere
+    per_tier = Plan(
+        [
+            Assignment(s, 1, "mixed", t)
+            for s, t in enumerate(["interactive", "interactive", "agent", "background"])
+        ]
+    )
+    assert sim._switch_cost(per_tier) == 0.0
+    sim._reconfigure(per_tier, 0.0)
+    assert all(new is old for new, old in zip(sim.instances, before, strict=True))
+    assert [sorted(r.rid for *_, r in inst.finishing) for inst in sim.instances] == decoding
+    assert all(inst.paused_until <= sim.now for inst in sim.instances)
+    for inst in sim.instances:
+        assert {q[-1].tier for q in inst.queue + inst.late_queue} <= {inst.a.tier}
+    background = sim.instances[3]
+    assert "interactive" in {r.tier for *_, r in background.finishing}
+    assert sim._tpot_target(background) == TIERS["interactive"].tpot_s
+    # A re-cut that moves slots still pauses for the switch.
+    assert sim._switch_cost(Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 2, "mixed", "*")])) > 0

@@ -94,6 +94,9 @@ class SimInstance:
     busy: bool = False
     paused_until: float = 0.0
     retired: bool = False  # replaced by a reconfiguration: its in-flight events are ignored
+    # Requests it prefills or decodes of tiers it no longer serves (relabelled while they ran),
+    # by tier: its steps keep within their TPOT targets too until they finish.
+    guests: dict[str, int] = field(default_factory=dict)
 
     @property
     def load(self) -> int:
@@ -107,6 +110,13 @@ class SimResult:
     switches: int
     timeline: list[tuple[float, str, float]]  # (time, plan description, arrivals in the window)
     rejected: int
+
+
+def _leave(inst: SimInstance, tier: str) -> None:
+    """One of ``inst``'s guests of ``tier`` finished there."""
+    inst.guests[tier] -= 1
+    if not inst.guests[tier]:
+        del inst.guests[tier]
 
 
 def _enqueue(inst: SimInstance, r: SimRequest) -> None:
@@ -316,7 +326,8 @@ class Simulator:
     def _tpot_target(self, inst: SimInstance) -> float:
         if inst.a.tier == "*":
             return self._strictest_tpot
-        return self.tiers[inst.a.tier].tpot_s
+        tpot = self.tiers[inst.a.tier].tpot_s
+        return min(tpot, *(self.tiers[t].tpot_s for t in inst.guests)) if inst.guests else tpot
 
     def _chunk_within(self, inst: SimInstance, decode: int, tpot: float) -> int:
         # Memoised on the context rounded *up* to 256 tokens (a slightly conservative chunk):
@@ -353,12 +364,14 @@ class Simulator:
             if r.first_token is None:
                 r.first_token = self.now
                 self.lanes.first_token(r.lane, self.now - r.arrival <= self.tiers[r.tier].ttft_s)
-            if r.output <= 1:
+            if r.output <= 1 or inst.a.role == "prefill":
                 inst.kv_used -= r.prompt + r.output
+                if inst.guests and r.tier in inst.guests:
+                    _leave(inst, r.tier)
+            if r.output <= 1:
                 r.finish = self.now
                 self._done(r)
             elif inst.a.role == "prefill":
-                inst.kv_used -= r.prompt + r.output
                 self._handoff(r)
             else:
                 self._start_decode(inst, r)
@@ -371,6 +384,8 @@ class Simulator:
         heapq.heappush(inst.finishing, (r.done_step, r.rid, r))
 
     def _finish(self, inst: SimInstance, r: SimRequest) -> None:
+        if inst.guests and r.tier in inst.guests:
+            _leave(inst, r.tier)
         inst.running -= 1
         inst.ctx_tokens -= r.prompt + r.output - 1
         inst.kv_used -= r.prompt + r.output
@@ -424,6 +439,8 @@ class Simulator:
             self._push(self.now + self.preset.window_s, "window", None)
 
     def _switch_cost(self, plan: Plan) -> float:
+        if not self._reshaped(plan):
+            return 0.0  # only which tiers instances serve changes: nothing pauses (see _reconfigure)
         if self.preset.switch == "fast":
             kv = sum(i.ctx_tokens for i in self.instances) * self.perf.kv_bytes_per_token
             return self.fast_switch_s + kv / self.perf.hw.link_bw / max(1, self.pool)
@@ -431,12 +448,29 @@ class Simulator:
         smallest = min(a.tp for a in plan.assignments)
         return self.perf.weight_bytes / smallest / 2e9
 
+    def _reshaped(self, plan: Plan) -> bool:
+        """Whether ``plan`` changes any instance's slots, degree or role (not just its tiers)."""
+        shape = {(a.start, a.tp, a.role) for a in plan.assignments}
+        return shape != {(i.a.start, i.a.tp, i.a.role) for i in self.instances}
+
     def _reconfigure(self, plan: Plan, pause: float) -> None:
         # Instances whose assignment is unchanged keep running untouched; only the slots that
         # change hands pause, and only the requests on removed instances move.
         wanted = set(plan.assignments)
         kept = {inst.a: inst for inst in self.instances if inst.a in wanted}
-        removed = [inst for inst in self.instances if inst.a not in kept]
+        # An instance that keeps its slots, degree and role but serves other tiers is relabelled,
+        # as the controller does it: nothing pauses, routers send it the new tiers from now on,
+        # and what it already runs stays there (tp_controller.controller, a tier-only switch).
+        # Its queued requests of tiers it no longer serves go where they are served.
+        reshaped = {(a.start, a.tp, a.role): a for a in plan.assignments if a not in kept}
+        relabelled = []
+        for inst in self.instances:
+            new = reshaped.pop((inst.a.start, inst.a.tp, inst.a.role), None) if inst.a not in kept else None
+            if new is not None:
+                inst.a = new
+                kept[new] = inst
+                relabelled.append(inst)
+        removed = [inst for inst in self.instances if kept.get(inst.a) is not inst]
         for inst in removed:
             inst.retired = True
         self.switches += 1
@@ -460,6 +494,22 @@ class Simulator:
                 else:
                     # Fast path: the KV migrates; decoding continues on the new instance.
                     self._resume_decode(r, max(1, r.done_step - inst.steps + 1))
+        for inst in relabelled:
+            inst.guests = {}
+            if inst.a.tier == "*":
+                continue
+            for r in [*inst.prefilling, *(f[2] for f in inst.finishing)]:
+                if r.tier != inst.a.tier:
+                    inst.guests[r.tier] = inst.guests.get(r.tier, 0) + 1
+            stay = [q for q in inst.queue if q[-1].tier == inst.a.tier]
+            stay_late = [q for q in inst.late_queue if q[-1].tier == inst.a.tier]
+            leave = [q[-1] for q in inst.queue + inst.late_queue if q[-1].tier != inst.a.tier]
+            if leave:
+                heapq.heapify(stay)
+                heapq.heapify(stay_late)
+                inst.queue, inst.late_queue = stay, stay_late
+                for r in leave:
+                    self._route_requeue(r)
         for inst in fresh:
             self._push(resume, "kick", inst)
         for inst in kept.values():
