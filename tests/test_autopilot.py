@@ -26,7 +26,7 @@ from nitsum_core.configurator import Assignment, Plan
 from nitsum_core.control_loop import ControlLoop
 from nitsum_core.perf_model import HARDWARE, PerfModel, model_spec
 from nitsum_core.tokenizer import Tokenizer
-from nitsum_tp_controller.autopilot import AutoPilot, AutoPilotConfig
+from nitsum_tp_controller.autopilot import AutoPilot, AutoPilotConfig, switch_cost
 
 TIERS = """
 [tiers.interactive]
@@ -131,6 +131,16 @@ def test_controller_refuses_a_bad_tier_file(tmp_path: Path, bad: str) -> None:
     )
     assert out.returncode != 0
     assert str(path) in out.stderr  # the error names the file
+
+
+def test_a_switch_that_only_changes_tiers_is_weighed_as_free() -> None:
+    # The controller applies a tier-only switch by rewriting the topology (nothing pauses), so
+    # the loop must not hold such a re-cut to the cost of one that moves slots.
+    shared = Plan([Assignment(0, 1, "mixed", "*"), Assignment(1, 1, "mixed", "*")])
+    cost = switch_cost(shared, measured_s=2.5)
+    assert cost(Plan([Assignment(0, 1, "mixed", "interactive"), Assignment(1, 1, "mixed", "agent")])) == 0.0
+    assert cost(Plan([Assignment(0, 2, "mixed", "*")])) == 2.5
+    assert cost(Plan([Assignment(0, 1, "prefill", "*"), Assignment(1, 1, "decode", "*")])) == 2.5
 
 
 def test_in_flight_reports_are_snapshots_and_arrivals_add_up() -> None:

@@ -8,7 +8,8 @@ the offsets the routers reported, starting from the requests they still had in f
 more than the switching cost, a new cut that the controller applies with the switch protocol. The
 replay runs in a thread, off the event loop; with ``replay_workers`` the window's candidate replays
 run side by side in that many processes. The switching cost it weighs is what its own
-switches have measured (EWMA), starting from ``initial_switch_s``.
+switches that moved slots have measured (EWMA), starting from ``initial_switch_s``; a switch that
+only changes which tiers instances serve costs nothing (``switch_cost``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -145,8 +147,7 @@ class AutoPilot:
         if self._task is not None and not self._task.done():
             return  # a switch is still running: its window's decision waits
         self._feed(self.loop)
-        switch_s = self.switch_s
-        decision = await asyncio.to_thread(self.loop.window, lambda _: switch_s)
+        decision = await asyncio.to_thread(self.loop.window, switch_cost(self.loop.plan, self.switch_s))
         routers, self._routers = max(1, len(self._routers)), set()
         nc, current = self.controller.nc, self.controller.current
         assert nc is not None and current is not None
@@ -166,12 +167,27 @@ class AutoPilot:
         self._task = asyncio.create_task(self._apply(target))
 
     async def _apply(self, target: m.Topology) -> None:
+        assert self.controller.current is not None
+        moves = bool(reconfig.changed_slots(self.controller.current, target))
         t0 = time.perf_counter()
         result = await self.controller.switch_to(target, self.config.switch_timeout_s)
         took = time.perf_counter() - t0
         if result.ok:
             self.switches += 1
-            self.switch_s = 0.7 * self.switch_s + 0.3 * took
+            if moves:  # a tier-only switch takes no time and says nothing about the next move
+                self.switch_s = 0.7 * self.switch_s + 0.3 * took
             self.log.info("switched", epoch=result.epoch, seconds=round(took, 3))
         else:
             self.log.warning("switch not applied", error=result.error.message if result.error else None)
+
+
+def switch_cost(current: Plan, measured_s: float) -> Callable[[Plan], float]:
+    """Seconds a switch from ``current`` pauses: none when it only changes which tiers instances
+    serve (the controller just rewrites the topology), else ``measured_s``, what this
+    controller's switches have taken."""
+
+    def shape(plan: Plan) -> set[tuple[int, int, str]]:
+        return {(a.start, a.tp, a.role) for a in plan.assignments}
+
+    now = shape(current)
+    return lambda plan: 0.0 if shape(plan) == now else measured_s
