@@ -19,13 +19,13 @@ from pathlib import Path
 from nitsum_core.baselines import PRESETS, best_static
 from nitsum_core.goodput import summarize
 from nitsum_core.simulator import Simulator
-from study_setup import add_study_args, load_study
+from study_setup import add_study_args, load_study, parse_rate
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p, rate=400.0, out="bench_results/dynamic_vs_static.json")
-    p.add_argument("--rates", type=float, nargs="+", default=None, help="load points (default: --rate)")
+    p.add_argument("--rates", type=parse_rate, nargs="+", default=None, help="load points (default: --rate)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="tier-assignment seeds")
     a = p.parse_args()
     rows = []
@@ -38,7 +38,7 @@ def main() -> None:
             dynamic = summarize(res.records, tiers, res.duration_s, a.gpus).goodput_rps
             row = {
                 "seed": seed,
-                "rate": rate,
+                "rate": a.rate,  # in req/s, a multiple of saturation resolved by load_study
                 "static_rps": static.report.goodput_rps,
                 "static_config": static.config,
                 "nitsum_rps": dynamic,
@@ -47,7 +47,7 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"seed {seed} rate {rate:>6.0f}: nitsum {dynamic:7.2f}  static {row['static_rps']:7.2f}"
+                f"seed {seed} rate {a.rate:>6.1f}: nitsum {dynamic:7.2f}  static {row['static_rps']:7.2f}"
                 f"  ratio {row['ratio']:.3f}  ({res.switches} switches)",
                 flush=True,
             )
