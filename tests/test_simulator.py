@@ -351,3 +351,21 @@ def test_a_tier_only_recut_pauses_nothing_and_keeps_what_runs_where_it_runs() ->
     assert sim._tpot_target(background) == TIERS["interactive"].tpot_s
     # A re-cut that moves slots still pauses for the switch.
     assert sim._switch_cost(Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 2, "mixed", "*")])) > 0
+
+
+def test_an_on_time_prompt_takes_the_seat_of_a_late_one_that_has_not_started() -> None:
+    # One seat-limited instance (two seats). A 6k-token interactive prompt and a 40k-token one
+    # that cannot make its 0.5 s TTFT target (about 0.7 s of prefill) both take a seat at t=0;
+    # the long one waits behind the first for its chunks. A short prompt 10 ms later finds the
+    # seats full. Seated but not started, the late prompt gives its seat back (as in the
+    # engine, which seats a prompt only with its first chunk): the short one meets its target
+    # instead of waiting out the long one's whole prefill, and the late one is still served.
+    wl = [
+        TraceRequest(0.0, 6000, 200, "interactive"),
+        TraceRequest(0.0, 40000, 2, "interactive"),
+        TraceRequest(0.01, 200, 2, "interactive"),
+    ]
+    first, late, short = _on_one_gpu(wl, chunk_tokens=512, max_batch=2)
+    assert first.ttft_s is not None and first.ttft_s <= TIERS["interactive"].ttft_s
+    assert short.ttft_s is not None and short.ttft_s <= TIERS["interactive"].ttft_s
+    assert late.ttft_s is not None and late.ttft_s > TIERS["interactive"].ttft_s  # served, late

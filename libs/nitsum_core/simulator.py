@@ -231,10 +231,16 @@ class Simulator:
         # KV tokens the batch will decode over once the requests prefilling now join it.
         batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
         # Admit queued requests into prefill while seats and KV allow (their whole KV is reserved);
-        # late ones only when no on-time one waits.
-        while (inst.queue or inst.late_queue) and inst.running + len(inst.prefilling) < self.max_batch:
+        # late ones only when no on-time one waits, and an on-time one held back takes the seat
+        # of a late one that has not started (``_unseat_late``).
+        while inst.queue or inst.late_queue:
             queue: list = inst.queue or inst.late_queue
             r = queue[0][-1]
+            if inst.running + len(inst.prefilling) >= self.max_batch:
+                if target and queue is inst.queue and self._unseat_late(inst):
+                    batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
+                    continue
+                break
             if target:
                 # SLO-safe seats (DESIGN §1): admit only while a decode step over the batch, this
                 # request included, stays within the instance's TPOT target. Checked against this
@@ -243,11 +249,18 @@ class Simulator:
                 # of goodput on 8B at 400 req/s: docs/simulator.md, round 10).
                 seats = inst.running + len(inst.prefilling) + 1
                 if self.perf.step_time(inst.a.tp, 0, seats, batch_ctx + r.prompt) > target:
+                    if queue is inst.queue and self._unseat_late(inst):
+                        batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
+                        continue
                     break
-                batch_ctx += r.prompt
             need = r.prompt + r.output
             if inst.kv_used + need > inst.kv_cap:
+                if target and queue is inst.queue and self._unseat_late(inst):
+                    batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
+                    continue
                 break
+            if target:
+                batch_ctx += r.prompt
             heapq.heappop(queue)
             inst.kv_used += need
             inst.prefilling_prompts += r.prompt
@@ -272,6 +285,26 @@ class Simulator:
         dt = self.perf.step_time(inst.a.tp, prefill_tokens, decode, inst.ctx_tokens)
         inst.busy = True
         self._push(start + dt, "step", (inst, chunk))
+
+    def _unseat_late(self, inst: SimInstance) -> bool:
+        """Give back the seat and KV of a late prompt that has not started prefilling, for an
+        on-time one the seat check or the KV holds back; False if there is none.
+
+        A seated prompt waits for its first chunk behind every on-time one (prefill order), so
+        a late one can hold its seat for long. The engine's scheduler seats a prompt only with
+        its first chunk, and never kept a seat idle like this (docs/simulator.md round 13).
+        """
+        for i in range(len(inst.prefilling) - 1, -1, -1):  # prefill order: the late ones last
+            r = inst.prefilling[i]
+            if r.lane != Lane.LATE:
+                return False
+            if r.prefilled == 0:
+                del inst.prefilling[i]
+                inst.prefilling_prompts -= r.prompt
+                inst.kv_used -= r.prompt + r.output
+                heapq.heappush(inst.late_queue, (r.arrival, r.rid, r))
+                return True
+        return False
 
     def _mark_late(self, inst: SimInstance, decode: int, target: float) -> None:
         """Move the prompts that would miss their TTFT target to ``Lane.LATE``, as the engine's
