@@ -236,29 +236,12 @@ class Simulator:
         while inst.queue or inst.late_queue:
             queue: list = inst.queue or inst.late_queue
             r = queue[0][-1]
-            if inst.running + len(inst.prefilling) >= self.max_batch:
+            if not self._seat_free(inst, r, target, batch_ctx):
                 if target and queue is inst.queue and self._unseat_late(inst):
                     batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
                     continue
                 break
-            if target:
-                # SLO-safe seats (DESIGN §1): admit only while a decode step over the batch, this
-                # request included, stays within the instance's TPOT target. Checked against this
-                # instance's own batch: a seat cap sized from a pool-wide mean context is wrong
-                # for per-tier instances and swings with every window's length mix (it cost 18 %
-                # of goodput on 8B at 400 req/s: docs/simulator.md, round 10).
-                seats = inst.running + len(inst.prefilling) + 1
-                if self.perf.step_time(inst.a.tp, 0, seats, batch_ctx + r.prompt) > target:
-                    if queue is inst.queue and self._unseat_late(inst):
-                        batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
-                        continue
-                    break
             need = r.prompt + r.output
-            if inst.kv_used + need > inst.kv_cap:
-                if target and queue is inst.queue and self._unseat_late(inst):
-                    batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
-                    continue
-                break
             if target:
                 batch_ctx += r.prompt
             heapq.heappop(queue)
@@ -286,6 +269,18 @@ class Simulator:
         inst.busy = True
         self._push(start + dt, "step", (inst, chunk))
 
+    def _seat_free(self, inst: SimInstance, r: SimRequest, target: float | None, batch_ctx: int) -> bool:
+        """Whether ``r`` can take a seat now: under ``max_batch``, within the KV, and (SLO order)
+        with a decode step over the batch, ``r`` included, still within the TPOT ``target``."""
+        seats = inst.running + len(inst.prefilling) + 1
+        if seats > self.max_batch or inst.kv_used + r.prompt + r.output > inst.kv_cap:
+            return False
+        # SLO-safe seats (DESIGN §1), checked against this instance's own batch: a seat cap sized
+        # from a pool-wide mean context is wrong for per-tier instances and swings with every
+        # window's length mix (it cost 18 % of goodput on 8B at 400 req/s: docs/simulator.md,
+        # round 10).
+        return not target or self.perf.step_time(inst.a.tp, 0, seats, batch_ctx + r.prompt) <= target
+
     def _unseat_late(self, inst: SimInstance) -> bool:
         """Give back the seat and KV of a late prompt that has not started prefilling, for an
         on-time one the seat check or the KV holds back; False if there is none.
@@ -299,6 +294,8 @@ class Simulator:
             if r.lane != Lane.LATE:
                 return False
             if r.prefilled == 0:
+                if inst.guests and r.tier in inst.guests:
+                    _leave(inst, r.tier)
                 del inst.prefilling[i]
                 inst.prefilling_prompts -= r.prompt
                 inst.kv_used -= r.prompt + r.output
