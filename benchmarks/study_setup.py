@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nitsum_cli.sim import _workload
+from nitsum_cli.sim import _workload, resolve_rate
 from nitsum_core.config import Tier, load_tiers
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
-from nitsum_core.saturation import rate_for_load
 from nitsum_core.workload import TraceRequest
 
 GPU_TIERS = Path(__file__).resolve().parents[1] / "libs" / "nitsum_core" / "gpu_tiers.toml"
@@ -47,6 +46,5 @@ def load_study(a: argparse.Namespace) -> tuple[list[TraceRequest], dict[str, Tie
     tiers = load_tiers(a.tiers or GPU_TIERS)
     perf = PerfModel(model_spec(a.model), HARDWARE[a.hardware], Coefficients(overhead_s=2e-3))
     if isinstance(a.rate, str):
-        multiple = float(a.rate.strip()[:-1])
-        a.rate = round(rate_for_load(lambda r: _workload(a, r), perf, a.gpus, multiple, a.duration), 1)
+        a.rate = resolve_rate(a, perf, a.rate)
     return _workload(a, a.rate), tiers, perf

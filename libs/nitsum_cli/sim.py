@@ -150,18 +150,24 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_rate(a: argparse.Namespace, perf: PerfModel, spec: str) -> float:
+    """One rate as req/s: ``40``, or ``<m>x``, the rate (to 0.1 req/s) whose window of ``a``'s
+    workload offers m x the pool's saturation."""
+    spec = spec.strip()
+    if not spec.lower().endswith("x"):
+        return float(spec)
+    rate = rate_for_load(lambda r: _workload(a, r), perf, a.gpus, float(spec[:-1]), a.duration)
+    return round(rate, 1)
+
+
 def _rates(a: argparse.Namespace, perf: PerfModel) -> list[float]:
     """``--rates`` as req/s; an entry ``<m>x`` is the rate whose window offers m x saturation."""
     rates = []
     for spec in (s.strip() for s in a.rates.split(",") if s.strip()):
         try:
+            rates.append(resolve_rate(a, perf, spec))
             if spec.lower().endswith("x"):
-                multiple = float(spec[:-1])
-                rate = rate_for_load(lambda r: _workload(a, r), perf, a.gpus, multiple, a.duration)
-                rates.append(round(rate, 1))
                 print(f"{spec} saturation: --rate {rates[-1]:g}", file=sys.stderr, flush=True)
-            else:
-                rates.append(float(spec))
         except ValueError as e:
             raise ValueError(
                 f"--rates entry {spec!r}: {e} (give req/s like 40, or a multiple of saturation like 2x)"

@@ -241,6 +241,12 @@ def admission_caps(
     return caps
 
 
+def plan_shape(assignments: Iterable[Assignment]) -> set[tuple[int, int, str]]:
+    """The instances' slots, degrees and roles: what a switch must move to change. Two plans of
+    one shape differ only in which tiers instances serve, a switch that pauses nothing."""
+    return {(a.start, a.tp, a.role) for a in assignments}
+
+
 def plan_family(assignments: Sequence[Assignment]) -> str:
     """A coarse name for what kind of plan this is, for learning from how such plans did.
 

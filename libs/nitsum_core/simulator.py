@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan, Role, valid_tp_choices
+from nitsum_core.configurator import Assignment, Plan, Role, plan_shape, valid_tp_choices
 from nitsum_core.control_loop import Arrival, ControlLoop, Forecast, InFlight
 from nitsum_core.goodput import RequestRecord, meets_slo
 from nitsum_core.perf_model import PerfModel
@@ -480,8 +480,7 @@ class Simulator:
 
     def _reshaped(self, plan: Plan) -> bool:
         """Whether ``plan`` changes any instance's slots, degree or role (not just its tiers)."""
-        shape = {(a.start, a.tp, a.role) for a in plan.assignments}
-        return shape != {(i.a.start, i.a.tp, i.a.role) for i in self.instances}
+        return plan_shape(plan.assignments) != plan_shape(i.a for i in self.instances)
 
     def _reconfigure(self, plan: Plan, pause: float) -> None:
         # Instances whose assignment is unchanged keep running untouched; only the slots that

@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nitsum_core import messages as m
 from nitsum_core import reconfig, subjects
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Plan
+from nitsum_core.configurator import Plan, plan_shape
 from nitsum_core.control_loop import ControlLoop, InFlight
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.service import decode_or_drop
@@ -185,9 +185,5 @@ def switch_cost(current: Plan, measured_s: float) -> Callable[[Plan], float]:
     """Seconds a switch from ``current`` pauses: none when it only changes which tiers instances
     serve (the controller just rewrites the topology), else ``measured_s``, what this
     controller's switches have taken."""
-
-    def shape(plan: Plan) -> set[tuple[int, int, str]]:
-        return {(a.start, a.tp, a.role) for a in plan.assignments}
-
-    now = shape(current)
-    return lambda plan: 0.0 if shape(plan) == now else measured_s
+    now = plan_shape(current.assignments)
+    return lambda plan: 0.0 if plan_shape(plan.assignments) == now else measured_s
