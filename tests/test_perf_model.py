@@ -6,6 +6,8 @@ import random
 import time
 
 import pytest
+import torch
+from nitsum_core import profiling
 from nitsum_core.config import Tier
 from nitsum_core.configurator import (
     TierDemand,
@@ -161,7 +163,6 @@ def test_greedy_decision_time_at_128_gpus() -> None:
 
 
 def test_fit_recovers_known_coefficients_from_synthetic_timings() -> None:
-    from nitsum_core import profiling
 
     spec = model_spec("smollm2-135m")
     truth = Coefficients(c_weight=3.0, c_kv=1.0, c_flops=5.0, overhead_s=2e-3)
@@ -190,6 +191,41 @@ def test_nitsum_profile_on_the_real_engine_writes_coefficients(tiny_llama_dir, t
     # The fit is never worse than the unit coefficients it starts from.
     assert report["median_abs_error"] <= report["median_abs_error_unfitted"]
     assert coef.overhead_s > 0
+
+
+def test_a_decode_probe_times_the_whole_batch_or_says_it_does_not_fit(tiny_llama_dir) -> None:  # noqa: ANN001
+    from nitsum_core.engine import Engine, EngineConfig
+    from nitsum_core.model import load_model
+
+    model = load_model(tiny_llama_dir)
+    probe = profiling.Probe(decode=16, context=100)
+    # An engine sized for the probe runs all 16 sequences in each timed step.
+    cfg = profiling.engine_config([probe, profiling.Probe(prefill=128)], model.kv_bytes_per_token)
+    assert cfg.max_num_seqs >= 16 and cfg.max_batched_tokens >= 128
+    assert profiling.time_probe(lambda: Engine(model, cfg, set()), probe, repeats=1) > 0
+    # Too little KV for them all: the probe says so instead of timing a smaller batch as this one
+    # (`nitsum profile` once timed 5 sequences as "decode 32x512").
+    small = EngineConfig(kv_cache_mb=1, max_batched_tokens=128)
+    with pytest.raises(ValueError, match="only .* sequences fit"):
+        profiling.time_probe(lambda: Engine(model, small, set()), probe, repeats=1)
+    with pytest.raises(ValueError, match="prefilled 64 tokens"):
+        chunked = EngineConfig(max_batched_tokens=64)
+        profiling.time_probe(lambda: Engine(model, chunked, set()), profiling.Probe(prefill=128), 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the error a machine without CUDA gives")
+def test_nitsum_profile_says_why_it_cannot_run_a_backend(tiny_llama_dir, capsys) -> None:  # noqa: ANN001
+    from nitsum_cli.main import main
+
+    for args, why in (
+        (["--device", "cuda", "--hardware", "h100-sxm"], "torch sees no CUDA device"),
+        (["--hardware", "h100-sxm"], "does not describe --device cpu"),
+        (["--dtype", "bfloat16"], "the cpu spec assumes 4"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(["profile", "--model", str(tiny_llama_dir), "--quick", *args])
+        assert done.value.code == 2
+        assert why in capsys.readouterr().err
 
 
 def test_greedy_never_proposes_a_degree_the_model_does_not_fit() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from nitsum_core import profiling
 from nitsum_core.checkpoints import DEFAULT_MODEL, resolve_checkpoint
 from nitsum_core.config import state_dir
-from nitsum_core.engine import Engine, EngineConfig
+from nitsum_core.engine import Engine
 from nitsum_core.model import load_model
 from nitsum_core.perf_model import HARDWARE, PerfModel
 
@@ -20,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "profile",
         help="time the real engine on this backend and fit the performance model's coefficients",
-        description="Runs prefill and decode steps of known shapes on the real model (CPU backend here), "
+        description="Runs prefill and decode steps of known shapes on the real model, on the CPU (float32, "
+        "what the serving path runs) or on one CUDA GPU (--device cuda --hardware h100-sxm, bfloat16), "
         "fits the roofline coefficients the simulator uses, saves them as JSON and prints predicted vs "
         "measured step time. Pass the JSON to `nitsum sim --coefficients`.",
     )
@@ -30,21 +32,67 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--hardware", default="cpu", choices=sorted(HARDWARE), help="hardware spec the fit is relative to"
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the model runs (cuda: the current GPU)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="weights, activations and KV (default: float32 on cpu, bfloat16 on cuda); must match the "
+        "hardware spec's bytes per value",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3, help="timings per probe (median)")
-    p.add_argument("--quick", action="store_true", help="4 probes instead of 13 (smoke test)")
+    p.add_argument(
+        "--quick", action="store_true", help="4 small probes instead of the backend's full set (smoke test)"
+    )
     p.add_argument(
         "--out", default=None, help="coefficients JSON (default $NITSUM_HOME/profiles/<model>-<hw>.json)"
     )
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_backend(a: argparse.Namespace) -> str | None:
+    """Why this device / hardware / dtype combination cannot be profiled, or None."""
+    hw = HARDWARE[a.hardware]
+    if a.device == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return f"--device cuda: torch sees no CUDA device (torch {torch.__version__}, {build})"
+    if (a.device == "cuda") != (a.hardware != "cpu"):
+        return (
+            f"--hardware {a.hardware} does not describe --device {a.device}: profile a GPU spec "
+            "(h100-sxm, h200, a100-sxm) with --device cuda, and 'cpu' with --device cpu"
+        )
+    if DTYPES[a.dtype].itemsize != hw.dtype_bytes:
+        return (
+            f"--dtype {a.dtype} takes {DTYPES[a.dtype].itemsize} bytes a value but the {a.hardware} spec "
+            f"assumes {hw.dtype_bytes}: the fitted coefficients would absorb the difference"
+        )
+    return None
+
+
 def run(a: argparse.Namespace) -> int:
+    a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+    problem = _check_backend(a)
+    if problem:
+        print(f"nitsum profile: {problem}", file=sys.stderr)
+        return 2
     if a.threads:
         torch.set_num_threads(a.threads)
     ckpt = resolve_checkpoint(a.model)
-    model = load_model(ckpt)
-    cfg = EngineConfig(kv_cache_mb=256, max_batched_tokens=1024)
-    probes = profiling.QUICK_PROBES if a.quick else profiling.DEFAULT_PROBES
+    model = load_model(ckpt, device=a.device, dtype=DTYPES[a.dtype])
+    if a.quick:
+        probes = profiling.QUICK_PROBES
+    else:
+        probes = profiling.GPU_PROBES if a.device == "cuda" else profiling.DEFAULT_PROBES
+    cfg = profiling.engine_config(probes, model.kv_bytes_per_token)
+    print(f"{Path(str(ckpt)).name} on {a.device} ({a.dtype}), {len(probes)} probes:", flush=True)
     samples = []
     for probe in probes:
         measured = profiling.time_probe(lambda: Engine(model, cfg, set()), probe, a.repeats)
@@ -74,6 +122,8 @@ def run(a: argparse.Namespace) -> int:
             {
                 "model": str(ckpt),
                 "hardware": a.hardware,
+                "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+                "dtype": a.dtype,
                 "threads": torch.get_num_threads(),
                 "written_at": time.time(),
                 "coefficients": json.loads(out.read_text()),

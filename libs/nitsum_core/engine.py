@@ -63,9 +63,7 @@ class StepOutput(NamedTuple):
 
 def kv_num_blocks(model: LlamaModel | ModelShard, config: EngineConfig) -> int:
     """KV blocks that ``config.kv_cache_mb`` holds for this model (or TP shard: its heads only)."""
-    heads = getattr(model, "num_kv_heads", model.spec.num_kv_heads)
-    per_token = model.spec.kv_bytes_per_token * heads // model.spec.num_kv_heads
-    return max(1, (config.kv_cache_mb * 1024 * 1024) // (per_token * config.block_size))
+    return max(1, (config.kv_cache_mb * 1024 * 1024) // (model.kv_bytes_per_token * config.block_size))
 
 
 class Engine:
@@ -195,6 +193,11 @@ class Engine:
 
     def _build_metadata(self, plan: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata]:
         bs = self.blocks.block_size
+        device = self.model.device
+
+        def tensor(data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.tensor(data, dtype=dtype, device=device)
+
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -220,28 +223,30 @@ class Engine:
             elif start == 0:
                 prefills.append((row, n, None, n))
             else:
-                prefills.append((row, n, torch.tensor(table[: -(-end // bs)]), end))
+                prefills.append((row, n, tensor(table[: -(-end // bs)]), end))
         meta = AttentionMetadata(
-            positions=torch.tensor(positions),
-            slot_mapping=torch.tensor(slots),
-            logits_index=torch.tensor(logits_rows, dtype=torch.long),
+            positions=tensor(positions),
+            slot_mapping=tensor(slots),
+            logits_index=tensor(logits_rows),
             prefills=prefills,
             block_size=bs,
         )
         if decode_rows:
             widest = max(len(t) for t in decode_tables)
-            mask = torch.zeros(len(decode_rows), 1, 1, widest * bs)
+            # Built on the host, moved once: per-row writes into a device tensor would be one
+            # small copy each. Additive, in the activations' dtype (what SDPA takes).
+            mask = torch.zeros(len(decode_rows), 1, 1, widest * bs, dtype=self.model.dtype)
             for i, length in enumerate(decode_lens):
                 mask[i, 0, 0, length:] = float("-inf")
             contiguous = decode_rows == list(range(decode_rows[0], decode_rows[0] + len(decode_rows)))
             meta.decode_rows = (
                 slice(decode_rows[0], decode_rows[0] + len(decode_rows))
                 if contiguous
-                else torch.tensor(decode_rows)
+                else tensor(decode_rows)
             )
-            meta.decode_blocks = torch.tensor([t + [0] * (widest - len(t)) for t in decode_tables])
-            meta.decode_mask = mask
-        return torch.tensor(ids), meta
+            meta.decode_blocks = tensor([t + [0] * (widest - len(t)) for t in decode_tables])
+            meta.decode_mask = mask.to(device)
+        return tensor(ids), meta
 
     def step(self) -> list[StepOutput]:
         """Run one engine step; return the new tokens and finished requests."""
@@ -255,6 +260,9 @@ class Engine:
         if self.before_forward is not None:
             self.before_forward(input_ids, meta)
         logits = self.model.forward(input_ids, meta, self.kv)
+        # Greedy picks for every row at once: on a GPU this is the step's one sync point, so the
+        # clock below reads the step's real duration and not just the kernel launches.
+        greedy = logits.argmax(dim=-1).tolist()
         self.steps += 1
         if 2 * prefilled >= len(input_ids):
             # The scheduler's TTFT rule needs how fast prompts prefill here, in this engine's
@@ -270,9 +278,11 @@ class Engine:
             if not item.samples:
                 continue
             params = self._params[seq.seq_id]
-            token = sample_one(
-                logits[row], params.temperature, params.top_p, self._generators.get(seq.seq_id)
-            )
+            if params.temperature <= 0.0:
+                token = greedy[row]
+            else:  # the request's generator lives on the host: sample its row there
+                gen = self._generators.get(seq.seq_id)
+                token = sample_one(logits[row].float().cpu(), params.temperature, params.top_p, gen)
             row += 1
             seq.token_ids.append(token)
             self.tokens_generated += 1

@@ -4,6 +4,10 @@ The forward pass takes a *flat* batch: the new tokens of every scheduled sequenc
 Linear layers run once over all of them (that is where batching pays); attention runs batched
 for decoding sequences and per sequence for prefill chunks, reading K/V from the paged cache.
 
+Device and dtype follow the weights (``load_model(device=..., dtype=...)``): float32 on CPU, the
+default and what the serving path runs; bfloat16 on CUDA for ``nitsum profile``. The KV cache and
+every per-step tensor are made on the same device in the same dtype.
+
 Weight layout: q/k/v are fused with rows grouped by KV head ([q rows of group g, k_g, v_g] for
 each group g), so the slice of any TP degree that divides the KV heads is one contiguous row
 block -- a view, never a copy (DESIGN §4).
@@ -62,10 +66,6 @@ class ModelSpec:
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
         )
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * 4  # float32
-
 
 @dataclass
 class AttentionMetadata:
@@ -86,9 +86,11 @@ class AttentionMetadata:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as HF's LlamaRMSNorm so greedy outputs match token for token.
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    # Same arithmetic as HF's LlamaRMSNorm (in float32, whatever the model's dtype) so greedy
+    # outputs match token for token.
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,7 @@ class LlamaModel:
         # Which TP slice the layer tensors hold: (1, 0) = the whole model (see ``restrict_to``).
         self.resident_tp, self.resident_rank = 1, 0
         self.embed = weights["model.embed_tokens.weight"]
+        self.device, self.dtype = self.embed.device, self.embed.dtype
         lm_head = weights.get("lm_head.weight", self.embed) if not s.tie_word_embeddings else self.embed
         # Kept as [hidden, vocab]: MKL's GEMM is ~1.2-1.6x faster on the vocab projection in this
         # layout than through F.linear's transposed view (it is the single largest matmul).
@@ -157,8 +160,9 @@ class LlamaModel:
         positions = torch.arange(self.spec.max_position_embeddings)
         freqs = torch.outer(positions.float(), rope.inv_freq.float())
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = (emb.cos() * rope.attention_scaling).contiguous()
-        self.sin = (emb.sin() * rope.attention_scaling).contiguous()
+        # Computed in float32 and cast once, as HF casts its cos/sin to the activations' dtype.
+        self.cos = (emb.cos() * rope.attention_scaling).to(self.device, self.dtype).contiguous()
+        self.sin = (emb.sin() * rope.attention_scaling).to(self.device, self.dtype).contiguous()
 
     def valid_tp(self, tp: int) -> bool:
         return tp >= 1 and self.spec.num_kv_heads % tp == 0 and self.mlp_units % tp == 0
@@ -200,6 +204,12 @@ class LlamaModel:
         self._shards.clear()
         self.resident_tp, self.resident_rank = tp, rank
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token takes with every head (TP 1), in the model's dtype."""
+        s = self.spec
+        return s.num_layers * 2 * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+
     def new_kv_cache(self, num_slots: int) -> torch.Tensor:
         return self.shard().new_kv_cache(num_slots)
 
@@ -222,6 +232,7 @@ class ModelShard:
         self.num_kv_heads = s.num_kv_heads // tp
         self.embed, self.lm_head_t, self.final_norm = model.embed, model.lm_head_t, model.final_norm
         self.cos, self.sin = model.cos, model.sin
+        self.device, self.dtype = model.device, model.dtype
         self.all_reduce = None  # set by the TP runtime: callable(tensor) -> None, in place
         qkv_rows = self.num_kv_heads * (self.group + 2) * s.head_dim
         q_cols = self.num_kv_heads * self.group * s.head_dim
@@ -244,10 +255,17 @@ class ModelShard:
             self.layers.append(layer)
         self.mlp_units = model.mlp_units // tp
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token takes on this rank (its heads only, in the model's dtype)."""
+        s = self.spec
+        return s.num_layers * 2 * self.num_kv_heads * s.head_dim * self.dtype.itemsize
+
     def new_kv_cache(self, num_slots: int) -> torch.Tensor:
         """KV for this rank's heads: [layers, 2, slots, kv_heads / tp, head_dim]."""
         s = self.spec
-        return torch.zeros(s.num_layers, 2, num_slots, self.num_kv_heads, s.head_dim, dtype=torch.float32)
+        shape = (s.num_layers, 2, num_slots, self.num_kv_heads, s.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: torch.Tensor) -> torch.Tensor:
@@ -275,7 +293,7 @@ class ModelShard:
             k_blocks = k_cache.view(-1, meta.block_size, nkv, hd)
             v_blocks = v_cache.view(-1, meta.block_size, nkv, hd)
             all_decode = isinstance(meta.decode_rows, slice) and meta.decode_rows == slice(0, num_tokens)
-            attn = q if all_decode else torch.empty(num_tokens, nkv * grp, hd)
+            attn = q if all_decode else q.new_empty(num_tokens, nkv * grp, hd)
             if meta.decode_rows is not None:
                 nb = meta.decode_blocks.shape[0]
                 qd = q[meta.decode_rows].unsqueeze(2)  # [B, H, 1, hd]
@@ -304,7 +322,7 @@ class ModelShard:
                     kp = k_blocks.index_select(0, ctx_blocks).view(-1, nkv, hd)[:ctx].transpose(0, 1)
                     vp = v_blocks.index_select(0, ctx_blocks).view(-1, nkv, hd)[:ctx].transpose(0, 1)
                     # The chunk's queries are the last n positions of the context.
-                    mask = torch.ones(n, ctx, dtype=torch.bool).tril(diagonal=ctx - n)
+                    mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
                     op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=True)
                 attn[start : start + n] = op.transpose(0, 1)
             out = F.linear(attn.reshape(num_tokens, -1), w["o"])
@@ -323,8 +341,11 @@ class ModelShard:
         return x @ self.lm_head_t
 
 
-def load_model(checkpoint_dir: str | Path) -> LlamaModel:
-    """Load a safetensors Llama-family checkpoint directory (config.json + *.safetensors)."""
+def load_model(
+    checkpoint_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LlamaModel:
+    """Load a safetensors Llama-family checkpoint directory (config.json + *.safetensors) onto
+    ``device`` in ``dtype`` (float32 on CPU, as the serving path runs; bfloat16 suits a GPU)."""
     path = Path(checkpoint_dir)
     cfg_path = path / "config.json"
     if not cfg_path.exists():
@@ -336,5 +357,5 @@ def load_model(checkpoint_dir: str | Path) -> LlamaModel:
         raise FileNotFoundError(f"{path} has no *.safetensors weight files")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update({k: t.float() for k, t in load_file(str(f)).items()})
+        weights.update({k: t.to(device=device, dtype=dtype) for k, t in load_file(str(f)).items()})
     return LlamaModel(spec, weights, hf_config)

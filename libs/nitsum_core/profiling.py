@@ -4,13 +4,18 @@ Each probe is one engine step of a known shape (a prefill chunk of P tokens, or 
 sequences over C tokens of context), timed on the real model. The coefficients of ``PerfModel``
 (weight/KV/FLOP multipliers and a fixed per-step overhead) are then fitted to minimise the
 relative error of the *same* formula the simulator uses, by a coarse-to-fine search in log space
-(four parameters; numpy only). TP > 1 on CPU needs several processes, so ``c_comm`` is not
-fitted here and stays 1.0 (the CUDA profile will fit it from NCCL timings).
+(four parameters; numpy only). TP > 1 needs several processes, so ``c_comm`` is not fitted here
+and stays 1.0.
+
+The engine is given KV and batch room for the largest probe (``engine_config``), and every probe
+checks it ran the shape it is named after: a decode probe whose sequences did not all fit would
+time a smaller batch under the larger one's label and skew the fit.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nitsum_core.engine import Engine, RequestParams
+from nitsum_core.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.perf_model import Coefficients, PerfModel
 
 
@@ -50,10 +55,45 @@ DEFAULT_PROBES = [Probe(prefill=p) for p in (16, 64, 128, 256, 512)] + [
     Probe(decode=b, context=c) for b in (1, 4, 16, 32) for c in (64, 512)
 ]
 QUICK_PROBES = [Probe(prefill=p) for p in (16, 128)] + [Probe(decode=b, context=64) for b in (1, 8)]
+# A GPU is far from its roofline at CPU-sized steps: probe the shapes a served step has there
+# (the study's 2048-token chunks, decode batches into the hundreds).
+GPU_PROBES = [Probe(prefill=p) for p in (128, 512, 1024, 2048, 4096)] + [
+    Probe(decode=b, context=c) for b in (1, 8, 32, 128) for c in (512, 2048)
+]
+
+
+def _decode_tokens(probe: Probe, chunk: int) -> int:
+    """Output tokens a decode probe's sequences may reach: while later prompts prefill (a chunk a
+    step, less the decodes sharing it), those already prefilled decode; then the timed steps."""
+    return math.ceil(probe.decode * probe.context / max(1, chunk - probe.decode)) + 4
+
+
+def engine_config(probes: list[Probe], kv_bytes_per_token: int, block_size: int = 16) -> EngineConfig:
+    """An engine with room for the largest probe: its KV, its batch and its prompt in one step."""
+    chunk = max(p.prefill or p.context for p in probes)
+    longest = max(p.prefill or p.context + _decode_tokens(p, chunk) for p in probes)
+    blocks = max(
+        -(-p.prefill // block_size)
+        if p.prefill
+        else p.decode * -(-(p.context + _decode_tokens(p, chunk)) // block_size)
+        for p in probes
+    )
+    return EngineConfig(
+        block_size=block_size,
+        kv_cache_mb=max(1, math.ceil(blocks * block_size * kv_bytes_per_token / 2**20)),
+        max_num_seqs=max(1, max(p.decode for p in probes)),
+        max_batched_tokens=chunk,
+        max_model_len=longest + 1,
+    )
 
 
 def time_probe(make_engine: Callable[[], Engine], probe: Probe, repeats: int = 3) -> float:
-    """Median seconds of one engine step of ``probe``'s shape (fresh engine state each repeat)."""
+    """Median seconds of one engine step of ``probe``'s shape (fresh engine state each repeat).
+
+    Raises ``ValueError`` when the engine cannot run the shape in one step (too little KV, batch
+    or chunk room: see ``engine_config``). A step's time includes its sampling, which waits for
+    the device, so it is the step's real duration on a GPU too.
+    """
     times = []
     for _ in range(repeats):
         engine = make_engine()
@@ -62,14 +102,25 @@ def time_probe(make_engine: Callable[[], Engine], probe: Probe, repeats: int = 3
             t0 = time.perf_counter()
             engine.step()
             times.append(time.perf_counter() - t0)
+            if engine.tokens_prefilled != probe.prefill:
+                raise ValueError(
+                    f"probe {probe.label}: one step prefilled {engine.tokens_prefilled} tokens; "
+                    "give the engine max_batched_tokens >= the prompt (profiling.engine_config)"
+                )
             continue
+        params = RequestParams(_decode_tokens(probe, engine.config.max_batched_tokens), ignore_eos=True)
         for i in range(probe.decode):
-            engine.add_request(f"d{i}", [7] * probe.context, RequestParams(max_tokens=4, ignore_eos=True))
+            engine.add_request(f"d{i}", [7] * probe.context, params)
         while (
             any(s.num_computed < len(s.token_ids) - 1 for s in engine.scheduler.running)
             or engine.scheduler.num_waiting
         ):
             engine.step()  # prefill everything first
+        if len(engine.scheduler.running) != probe.decode:
+            raise ValueError(
+                f"probe {probe.label}: only {len(engine.scheduler.running)} sequences fit the engine at "
+                "once; give it KV and max_num_seqs for the whole batch (profiling.engine_config)"
+            )
         steps = []
         for _ in range(2):
             t0 = time.perf_counter()

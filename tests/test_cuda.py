@@ -1,0 +1,63 @@
+"""The CUDA path of the engine and `nitsum profile`, run only where torch sees a GPU.
+
+CI machines have none (these tests skip there); on a GPU machine with a CUDA build of torch,
+`pytest tests/test_cuda.py` is the check to run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_hf
+from nitsum_core.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.model import load_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _hardware() -> str:
+    name = torch.cuda.get_device_name()
+    for key, spec in (("H200", "h200"), ("H100", "h100-sxm"), ("A100", "a100-sxm")):
+        if key in name:
+            return spec
+    pytest.skip(f"no hardware spec for {name}")
+
+
+def test_bfloat16_on_the_gpu_is_within_rounding_of_the_fp32_reference(smollm2_dir: Path) -> None:
+    model = load_model(smollm2_dir, device="cuda", dtype=torch.bfloat16)
+    ref = load_hf(smollm2_dir)
+    engine = Engine(model, EngineConfig(block_size=4, kv_cache_mb=8), eos_token_ids=set())
+    assert engine.kv.is_cuda
+    prompt = [5, 17, 923, 4000, 12, 7, 300, 31, 8, 44, 2001]
+    engine.add_request("r", prompt, RequestParams(max_tokens=6))
+    tokens = list(prompt)
+    for _ in range(6):
+        plan = engine.scheduler.schedule()
+        ids, meta = engine._build_metadata(plan)
+        ours = model.forward(ids, meta, engine.kv)[0].float().cpu()
+        with torch.inference_mode():
+            exact = ref(torch.tensor([tokens])).logits[0, -1]
+        assert float((ours - exact).abs().max()) < 0.04 * float(exact.abs().max())
+        nxt = int(exact.argmax())
+        plan[0].seq.num_computed = len(tokens)
+        plan[0].seq.token_ids.append(nxt)
+        tokens.append(nxt)
+    # A whole generation (greedy and seeded sampling) runs through the GPU path.
+    out = engine.generate([prompt, [1, 2, 3]], RequestParams(max_tokens=8, temperature=0.8, seed=1))
+    assert [len(o) for o in out] == [8, 8]
+
+
+def test_nitsum_profile_on_the_gpu_fits_its_steps(smollm2_dir: Path, tmp_path: Path) -> None:
+    from nitsum_cli.main import main
+
+    out = tmp_path / "coef.json"
+    argv = ["profile", "--model", str(smollm2_dir), "--device", "cuda", "--hardware", _hardware()]
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--repeats", "3", "--out", str(out)])
+    assert done.value.code == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["device"] == torch.cuda.get_device_name()
+    assert report["median_abs_error"] <= report["median_abs_error_unfitted"]
