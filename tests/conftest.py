@@ -10,6 +10,7 @@ import pytest
 import torch
 from nitsum_core.bus import EmbeddedNats
 from nitsum_core.checkpoints import resolve_checkpoint
+from nitsum_core.engine import RequestParams
 
 REPO = Path(__file__).resolve().parent.parent
 TRACES = Path(os.environ.get("NITSUM_TRACES", REPO.parent / "shared" / "traces"))
@@ -91,3 +92,26 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:  # noqa: ANN001
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
         )
     return out[0, len(prompt) :].tolist()
+
+
+# Crosses 4-token KV block boundaries as it prefills and decodes.
+PAGED_PROMPT = [5, 17, 923, 4000, 12, 7, 300, 31, 8, 44, 2001]
+
+
+def paged_logits(model, engine, references: list, steps: int = 6):  # noqa: ANN001, ANN201
+    """Prefill ``PAGED_PROMPT`` through ``engine``'s paged cache, then decode ``steps - 1`` tokens
+    (the first reference's greedy picks); yield each step's last-token logits: ours as the model
+    returns them, and every reference's on the whole sequence so far (CPU, float32)."""
+    engine.add_request("paged", PAGED_PROMPT, RequestParams(max_tokens=steps))
+    tokens = list(PAGED_PROMPT)
+    for _ in range(steps):
+        plan = engine.scheduler.schedule()
+        ids, meta = engine._build_metadata(plan)
+        ours = model.forward(ids, meta, engine.kv)[0]
+        with torch.inference_mode():
+            refs = [ref(torch.tensor([tokens])).logits[0, -1].float() for ref in references]
+        yield ours, refs
+        nxt = int(refs[0].argmax())
+        plan[0].seq.num_computed = len(tokens)
+        plan[0].seq.token_ids.append(nxt)
+        tokens.append(nxt)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_hf
+from conftest import PAGED_PROMPT, load_hf, paged_logits
 from nitsum_core.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.model import load_model
 
@@ -31,22 +31,12 @@ def test_bfloat16_on_the_gpu_is_within_rounding_of_the_fp32_reference(smollm2_di
     ref = load_hf(smollm2_dir)
     engine = Engine(model, EngineConfig(block_size=4, kv_cache_mb=8), eos_token_ids=set())
     assert engine.kv.is_cuda
-    prompt = [5, 17, 923, 4000, 12, 7, 300, 31, 8, 44, 2001]
-    engine.add_request("r", prompt, RequestParams(max_tokens=6))
-    tokens = list(prompt)
-    for _ in range(6):
-        plan = engine.scheduler.schedule()
-        ids, meta = engine._build_metadata(plan)
-        ours = model.forward(ids, meta, engine.kv)[0].float().cpu()
-        with torch.inference_mode():
-            exact = ref(torch.tensor([tokens])).logits[0, -1]
-        assert float((ours - exact).abs().max()) < 0.04 * float(exact.abs().max())
-        nxt = int(exact.argmax())
-        plan[0].seq.num_computed = len(tokens)
-        plan[0].seq.token_ids.append(nxt)
-        tokens.append(nxt)
+    for ours, (exact,) in paged_logits(model, engine, [ref]):
+        assert ours.is_cuda
+        assert float((ours.float().cpu() - exact).abs().max()) < 0.04 * float(exact.abs().max())
     # A whole generation (greedy and seeded sampling) runs through the GPU path.
-    out = engine.generate([prompt, [1, 2, 3]], RequestParams(max_tokens=8, temperature=0.8, seed=1))
+    engine = Engine(model, EngineConfig(), eos_token_ids=set())
+    out = engine.generate([PAGED_PROMPT, [1, 2, 3]], RequestParams(max_tokens=8, temperature=0.8, seed=1))
     assert [len(o) for o in out] == [8, 8]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_greedy, load_hf
+from conftest import hf_greedy, load_hf, paged_logits
 from nitsum_core.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.messages import ChatMessage
 from nitsum_core.model import load_model
@@ -25,22 +25,9 @@ CHATS = [
 def test_logits_match_hf_through_paged_cache(tiny_llama_dir: Path) -> None:
     """Prefill and several decode steps, read back from the paged cache, equal HF's logits."""
     model = load_model(tiny_llama_dir)
-    hf = load_hf(tiny_llama_dir)
     engine = Engine(model, EngineConfig(block_size=4, kv_cache_mb=8), eos_token_ids=set())
-    prompt = [5, 17, 923, 4000, 12, 7, 300, 31, 8, 44, 2001]  # crosses block boundaries
-    engine.add_request("r", prompt, RequestParams(max_tokens=6))
-    tokens = list(prompt)
-    for _ in range(6):
-        plan = engine.scheduler.schedule()
-        ids, meta = engine._build_metadata(plan)
-        ours = model.forward(ids, meta, engine.kv)[0]
-        with torch.inference_mode():
-            ref = hf(torch.tensor([tokens])).logits[0, -1]
+    for ours, (ref,) in paged_logits(model, engine, [load_hf(tiny_llama_dir)]):
         torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
-        nxt = int(ref.argmax())
-        plan[0].seq.num_computed = len(tokens)
-        plan[0].seq.token_ids.append(nxt)
-        tokens.append(nxt)
 
 
 def test_bfloat16_engine_is_as_close_to_the_fp32_reference_as_hf_in_bfloat16(smollm2_dir: Path) -> None:
@@ -49,30 +36,17 @@ def test_bfloat16_engine_is_as_close_to_the_fp32_reference_as_hf_in_bfloat16(smo
     from transformers import AutoModelForCausalLM
 
     model = load_model(smollm2_dir, dtype=torch.bfloat16)
-    ref32 = load_hf(smollm2_dir)
-    ref16 = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.bfloat16).eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.bfloat16).eval()
     engine = Engine(model, EngineConfig(block_size=4, kv_cache_mb=8), eos_token_ids=set())
     assert engine.kv.dtype == torch.bfloat16
     assert model.kv_bytes_per_token == load_model(smollm2_dir).kv_bytes_per_token // 2
-    prompt = [5, 17, 923, 4000, 12, 7, 300, 31, 8, 44, 2001]  # crosses block boundaries
-    engine.add_request("r", prompt, RequestParams(max_tokens=6))
-    tokens = list(prompt)
-    for _ in range(6):  # the prefill, then decode steps reading K/V back from the bf16 cache
-        plan = engine.scheduler.schedule()
-        ids, meta = engine._build_metadata(plan)
-        ours = model.forward(ids, meta, engine.kv)[0]
-        with torch.inference_mode():
-            exact = ref32(torch.tensor([tokens])).logits[0, -1]
-            hf16 = ref16(torch.tensor([tokens])).logits[0, -1].float()
+    # The prefill, then decode steps reading K/V back from the bfloat16 cache.
+    for ours, (exact, theirs) in paged_logits(model, engine, [load_hf(smollm2_dir), hf16]):
         assert ours.dtype == torch.bfloat16
         scale = float(exact.abs().max())
         # Measured: ours 1-2 % of the largest logit off float32, HF's bfloat16 0.7-2 %.
         assert float((ours.float() - exact).abs().max()) < 0.04 * scale
-        assert float((hf16 - exact).abs().max()) < 0.04 * scale  # the yardstick holds for HF too
-        nxt = int(exact.argmax())
-        plan[0].seq.num_computed = len(tokens)
-        plan[0].seq.token_ids.append(nxt)
-        tokens.append(nxt)
+        assert float((theirs - exact).abs().max()) < 0.04 * scale  # the yardstick holds for HF too
 
 
 def test_tiny_llama_greedy_equalsload_hf(tiny_llama_dir: Path) -> None:
