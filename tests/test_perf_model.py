@@ -188,8 +188,10 @@ def test_nitsum_profile_on_the_real_engine_writes_coefficients(tiny_llama_dir, t
     coef = Coefficients.load(out)
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert len(report["samples"]) == 4 and all(s["measured_s"] > 0 for s in report["samples"])
-    # The fit is never worse than the unit coefficients it starts from.
-    assert report["median_abs_error"] <= report["median_abs_error_unfitted"]
+    # The fit is never worse than the unit coefficients it starts from, by the error it minimises.
+    # (Not by the median error: on a loaded host, 4 noisy probes once fitted to a median of 98 %
+    # against 67 % unfitted.)
+    assert report["mean_sq_log_error"] <= report["mean_sq_log_error_unfitted"]
     assert coef.overhead_s > 0
 
 
@@ -218,7 +220,7 @@ def test_nitsum_profile_says_why_it_cannot_run_a_backend(tiny_llama_dir, capsys)
     from nitsum_cli.main import main
 
     for args, why in (
-        (["--device", "cuda", "--hardware", "h100-sxm"], "torch sees no CUDA device"),
+        (["--device", "cuda"], "torch sees no CUDA device"),
         (["--hardware", "h100-sxm"], "does not describe --device cpu"),
         (["--dtype", "bfloat16"], "the cpu spec assumes 4"),
     ):
@@ -226,6 +228,10 @@ def test_nitsum_profile_says_why_it_cannot_run_a_backend(tiny_llama_dir, capsys)
             main(["profile", "--model", str(tiny_llama_dir), "--quick", *args])
         assert done.value.code == 2
         assert why in capsys.readouterr().err
+    from nitsum_cli.profile import gpu_hardware
+
+    assert gpu_hardware("NVIDIA H100 80GB HBM3") == "h100-sxm" and gpu_hardware("NVIDIA H200") == "h200"
+    assert gpu_hardware("NVIDIA GeForce RTX 4090") is None  # no spec: --hardware must be given
 
 
 def test_greedy_never_proposes_a_degree_the_model_does_not_fit() -> None:

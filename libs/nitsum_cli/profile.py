@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "profile",
         help="time the real engine on this backend and fit the performance model's coefficients",
         description="Runs prefill and decode steps of known shapes on the real model, on the CPU (float32, "
-        "what the serving path runs) or on one CUDA GPU (--device cuda --hardware h100-sxm, bfloat16), "
+        "what the serving path runs) or on one CUDA GPU (--device cuda, bfloat16), "
         "fits the roofline coefficients the simulator uses, saves them as JSON and prints predicted vs "
         "measured step time. Pass the JSON to `nitsum sim --coefficients`.",
     )
@@ -30,7 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--model", default=DEFAULT_MODEL, help="'smollm2', a .gguf file or an HF safetensors directory"
     )
     p.add_argument(
-        "--hardware", default="cpu", choices=sorted(HARDWARE), help="hardware spec the fit is relative to"
+        "--hardware",
+        default=None,
+        choices=sorted(HARDWARE),
+        help="hardware spec the fit is relative to (default: cpu, or the GPU's by its name with --device cuda)",
     )
     p.add_argument(
         "--device",
@@ -58,12 +61,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Substrings of torch.cuda.get_device_name() -> hardware spec ("NVIDIA H100 80GB HBM3" -> h100-sxm).
+GPU_NAMES = {"H200": "h200", "H100": "h100-sxm", "A100": "a100-sxm"}
+
+
+def gpu_hardware(device_name: str) -> str | None:
+    """The hardware spec of a GPU by its CUDA device name, or None for one without a spec."""
+    return next((spec for key, spec in GPU_NAMES.items() if key in device_name.upper()), None)
+
+
 def _check_backend(a: argparse.Namespace) -> str | None:
-    """Why this device / hardware / dtype combination cannot be profiled, or None."""
-    hw = HARDWARE[a.hardware]
+    """Why this device / hardware / dtype combination cannot be profiled, or None (fills in a
+    missing ``--hardware``)."""
     if a.device == "cuda" and not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         return f"--device cuda: torch sees no CUDA device (torch {torch.__version__}, {build})"
+    if a.hardware is None:
+        name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+        a.hardware = gpu_hardware(name) if a.device == "cuda" else "cpu"
+        if a.hardware is None:
+            return f"no hardware spec for {name!r}: pass --hardware ({', '.join(sorted(HARDWARE))})"
+    hw = HARDWARE[a.hardware]
     if (a.device == "cuda") != (a.hardware != "cpu"):
         return (
             f"--hardware {a.hardware} does not describe --device {a.device}: profile a GPU spec "
@@ -133,6 +151,8 @@ def run(a: argparse.Namespace) -> int:
                 ],
                 "median_abs_error": profiling.median_abs_error(after),
                 "median_abs_error_unfitted": profiling.median_abs_error(before),
+                "mean_sq_log_error": profiling.mean_sq_log_error(after),
+                "mean_sq_log_error_unfitted": profiling.mean_sq_log_error(before),
             },
             indent=2,
         )
