@@ -44,7 +44,7 @@ def test_bfloat16_engine_is_as_close_to_the_fp32_reference_as_hf_in_bfloat16(smo
     for ours, (exact, theirs) in paged_logits(model, engine, [load_hf(smollm2_dir), hf16]):
         assert ours.dtype == torch.bfloat16
         scale = float(exact.abs().max())
-        # Measured: ours 1-2 % of the largest logit off float32, HF's bfloat16 0.7-2 %.
+        # Measured: ours 1.1-3.1 % of the largest logit off float32, HF's bfloat16 1.1-2.0 %.
         assert float((ours.float() - exact).abs().max()) < 0.04 * scale
         assert float((theirs - exact).abs().max()) < 0.04 * scale  # the yardstick holds for HF too
 
