@@ -76,16 +76,19 @@ def _check_backend(a: argparse.Namespace) -> str | None:
     if a.device == "cuda" and not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         return f"--device cuda: torch sees no CUDA device (torch {torch.__version__}, {build})"
-    if a.hardware is None:
-        name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
-        a.hardware = gpu_hardware(name) if a.device == "cuda" else "cpu"
+    gpu_specs = ", ".join(h for h in sorted(HARDWARE) if h != "cpu")
+    if a.hardware is None and a.device == "cpu":
+        a.hardware = "cpu"
+    elif a.hardware is None:
+        name = torch.cuda.get_device_name()
+        a.hardware = gpu_hardware(name)
         if a.hardware is None:
-            return f"no hardware spec for {name!r}: pass --hardware ({', '.join(sorted(HARDWARE))})"
+            return f"no hardware spec for {name!r}: pass --hardware ({gpu_specs})"
     hw = HARDWARE[a.hardware]
     if (a.device == "cuda") != (a.hardware != "cpu"):
         return (
             f"--hardware {a.hardware} does not describe --device {a.device}: profile a GPU spec "
-            "(h100-sxm, h200, a100-sxm) with --device cuda, and 'cpu' with --device cpu"
+            f"({gpu_specs}) with --device cuda, and 'cpu' with --device cpu"
         )
     if DTYPES[a.dtype].itemsize != hw.dtype_bytes:
         return (
