@@ -369,3 +369,19 @@ def test_an_on_time_prompt_takes_the_seat_of_a_late_one_that_has_not_started() -
     assert first.ttft_s is not None and first.ttft_s <= TIERS["interactive"].ttft_s
     assert short.ttft_s is not None and short.ttft_s <= TIERS["interactive"].ttft_s
     assert late.ttft_s is not None and late.ttft_s > TIERS["interactive"].ttft_s  # served, late
+
+
+def test_a_request_resumed_behind_its_tpot_gets_the_time_back() -> None:
+    # A decode paused by a re-cut (here: a warm start) is behind its TPOT target; prompts keep
+    # arriving that would fill every step up to the target. The steps after it resumes are held
+    # under the target until the time is paid back, so its mean TPOT still meets the target.
+    tpot = TIERS["interactive"].tpot_s
+    behind = InFlight("interactive", 500, 80, age_s=0.8, ttft_s=0.1, generated=20)  # 36.8 ms so far
+    assert (behind.age_s - behind.ttft_s) / (behind.generated - 1) > tpot
+    prompts = [TraceRequest(0.0, 4000, 2, "background") for _ in range(60)]
+    res = Simulator(_perf(), 1, TIERS, SLO, ONE_GPU).run(prompts, [behind])
+    resumed = res.records[0]
+    assert resumed.error is None and resumed.tpot_s is not None
+    assert resumed.tpot_s <= tpot
+    # The prompts still progressed beside it: every one finished.
+    assert all(r.error is None for r in res.records[1:])

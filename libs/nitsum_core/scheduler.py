@@ -11,6 +11,14 @@ and that of the on-time prompts ranked ahead of it do not fit before it) ranks a
 that still can: it cannot count toward goodput any more, and ahead of them it would make them
 miss too. Where a longer prompt ahead of it has to give way for it to fit, that one goes instead.
 Late prompts still run, after the others, so nothing is dropped.
+
+SLO-sized steps (DESIGN §1: "sized to stay SLO-safe"). Given a ``StepTimePredictor`` (the engine
+learns one from its own steps), a step's prompt tokens are cut so that the step is predicted to
+take no longer than the tightest bound of the sequences decoding in it: their tier's TPOT target,
+less the time any of them is behind it, paid back over ``TPOT_REPAY_TOKENS`` tokens
+(``tpot_step_bound``). A waiting sequence takes a seat only if a decode step with it still fits
+that bound. A prompt chunk never shrinks below ``min_prefill_chunk`` tokens, so prompts always
+progress. Without a predictor, or without TPOT targets, steps take the whole token budget.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -44,6 +53,9 @@ class Sequence:
     # Clock time (the ``now`` passed to ``schedule``) its first token is due by; None: no target.
     ttft_deadline: float | None = None
     late: bool = False  # sure to miss ttft_deadline: ranked after every prompt that can still meet its own
+    tpot_s: float | None = None  # its tier's mean time-per-output-token target; None: no target
+    first_token_at: float | None = None  # clock time (as ``now``) its first output token came out
+    max_tokens: int | None = None  # most output tokens it may generate (bounds how long it can repay)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -70,6 +82,33 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 512
     max_model_len: int = 2048
+    # Smallest prompt chunk a TPOT bound may cut a step to: prompts always make progress, even
+    # beside a batch whose decode steps alone take the whole bound.
+    min_prefill_chunk: int = 32
+
+
+# Predicted seconds of a step that prefills ``prefill_tokens`` prompt tokens and decodes
+# ``decodes`` sequences holding ``decode_ctx_tokens`` tokens of KV between them; None while the
+# predictor does not know yet (then steps are not sized by TPOT).
+StepTimePredictor = Callable[[int, int, int], float | None]
+
+
+# Tokens over which a sequence that fell behind its TPOT target (a re-cut's pause, a long step)
+# pays the time back: each of its next steps is bounded below the target by debt / this. Short
+# enough that a request ending sooner than expected has mostly paid, long enough that the bound
+# stays above a decode-only step (a 60 ms pause at a 12 ms target: 10.1 ms steps).
+TPOT_REPAY_TOKENS = 32
+
+
+def tpot_step_bound(tpot_s: float, generated: int, since_first_s: float, horizon: int) -> float | None:
+    """The longest step that keeps a sequence on course for its mean-TPOT target: one that has
+    ``generated`` tokens out, the first ``since_first_s`` seconds before the next step starts,
+    and pays back any time it is behind over its next ``horizon`` tokens. Never above
+    ``tpot_s`` (time it is ahead is not spent); None when it has no tokens to go."""
+    if horizon <= 0 or generated < 1:
+        return None
+    behind_s = since_first_s - tpot_s * (generated - 1)
+    return tpot_s - max(0.0, behind_s) / horizon
 
 
 def misses_ttft(now: float, deadline: float, prefill_left_s: float) -> bool:
@@ -86,6 +125,8 @@ class Scheduler:
         # Seconds one prompt token takes to prefill, for ``misses_ttft``: the engine keeps it
         # measured; 0 (unknown) makes the rule a plain deadline check.
         self.prefill_s_per_token = 0.0
+        # Step-time prediction for SLO-sized steps (module docstring); None: fixed token budget.
+        self.step_time: StepTimePredictor | None = None
         self._waiting: list[tuple[tuple[int, int, float, int], Sequence]] = []
         self.running: list[Sequence] = []
         self._counter = itertools.count()
@@ -185,12 +226,15 @@ class Scheduler:
             self._mark_late(now)
         plan: list[ScheduledSeq] = []
         running = sorted(self.running, key=_rank)
-        budget = self.config.max_batched_tokens - sum(1 for seq in running if _is_decoding(seq))
+        seats = _SeatCheck(self.step_time, running, now)
+        budget = self.config.max_batched_tokens - seats.decodes
+        if seats.bound is not None:
+            budget = min(budget, seats.prefill_budget(budget, self.config.min_prefill_chunk))
         scheduled: list[Sequence] = []
         admitting = True
         while running or (admitting and self._waiting):
             if admitting and self._waiting and (not running or self._waiting[0][0] < _rank(running[0])):
-                admitted = self._admit(plan, scheduled, len(running), budget)
+                admitted = self._admit(plan, scheduled, len(running), budget, seats)
                 admitting, budget = admitted > 0, budget - admitted
                 continue
             seq = running.pop(0)
@@ -214,12 +258,22 @@ class Scheduler:
         self.running = scheduled
         return plan
 
-    def _admit(self, plan: list[ScheduledSeq], scheduled: list[Sequence], unplanned: int, budget: int) -> int:
-        """Admit the best-ranked waiting sequence with a first prompt chunk, if budget, a seat and
-        KV blocks allow: the chunk's tokens, or 0 (stop admitting this step)."""
+    def _admit(
+        self,
+        plan: list[ScheduledSeq],
+        scheduled: list[Sequence],
+        unplanned: int,
+        budget: int,
+        seats: _SeatCheck,
+    ) -> int:
+        """Admit the best-ranked waiting sequence with a first prompt chunk, if budget, a seat
+        (within the TPOT bound, where steps are SLO-sized) and KV blocks allow: the chunk's
+        tokens, or 0 (stop admitting this step)."""
         if budget <= 0 or len(scheduled) + unplanned >= self.config.max_num_seqs:
             return 0
         _, seq = self._waiting[0]
+        if not seats.admits(seq, len(scheduled) + unplanned):
+            return 0
         num_new = min(len(seq.token_ids) - seq.num_computed, budget)
         if not self.blocks.can_reserve(seq.seq_id, seq.num_computed + num_new):
             return 0
@@ -229,6 +283,64 @@ class Scheduler:
         scheduled.append(seq)
         plan.append(ScheduledSeq(seq, seq.num_computed, num_new))
         return num_new
+
+
+class _SeatCheck:
+    """One step's TPOT bound and what it allows: prompt tokens, and seats for new sequences."""
+
+    def __init__(
+        self, step_time: StepTimePredictor | None, running: list[Sequence], now: float | None
+    ) -> None:
+        self.step_time = step_time
+        decoding = [seq for seq in running if _is_decoding(seq)]
+        self.decodes = len(decoding)
+        self.ctx = sum(len(seq.token_ids) for seq in decoding)
+        # KV tokens of every seated sequence once all decode: what a new seat is checked against.
+        self.seated_ctx = sum(len(seq.token_ids) for seq in running)
+        self.bound: float | None = None
+        if step_time is None or now is None:
+            return
+        decode_only = step_time(0, self.decodes, self.ctx)
+        if decode_only is None:
+            return
+        for seq in decoding:
+            if seq.tpot_s is None or seq.first_token_at is None:
+                continue
+            left = TPOT_REPAY_TOKENS if seq.max_tokens is None else seq.max_tokens - seq.num_generated
+            bound = tpot_step_bound(
+                seq.tpot_s, seq.num_generated, now - seq.first_token_at, min(TPOT_REPAY_TOKENS, left)
+            )
+            # A sequence that cannot get back on course even with decode-only steps is not waited
+            # for: holding every step down for it would cost the others their prompts' TTFT.
+            if bound is not None and bound >= decode_only and (self.bound is None or bound < self.bound):
+                self.bound = bound
+
+    def prefill_budget(self, most: int, least: int) -> int:
+        """The most prompt tokens (up to ``most``, at least ``least``) a step fits within the bound."""
+        assert self.step_time is not None and self.bound is not None
+        lo, hi = 0, most
+        while lo < hi:  # the step time grows with its prompt tokens
+            mid = (lo + hi + 1) // 2
+            t = self.step_time(mid, self.decodes, self.ctx)
+            if t is not None and t <= self.bound:
+                lo = mid
+            else:
+                hi = mid - 1
+        return max(lo, min(least, most))
+
+    def admits(self, seq: Sequence, seated: int) -> bool:
+        """Whether ``seq`` may take a seat beside ``seated`` others: once it decodes, a decode
+        step over all of them must still fit the bound (its own TPOT target included)."""
+        bound = self.bound
+        if seq.tpot_s is not None and self.step_time is not None:
+            bound = seq.tpot_s if bound is None else min(bound, seq.tpot_s)
+        if bound is None or self.step_time is None or seated == 0:
+            return True  # an idle engine always takes work
+        t = self.step_time(0, seated + 1, self.seated_ctx + len(seq.token_ids))
+        if t is not None and t > bound:
+            return False
+        self.seated_ctx += len(seq.token_ids)
+        return True
 
 
 def _rank(seq: Sequence) -> tuple[int, int, float, int]:

@@ -25,7 +25,7 @@ from nitsum_core.control_loop import Arrival, ControlLoop, Forecast, InFlight
 from nitsum_core.goodput import RequestRecord, meets_slo
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.routing import Candidate, Lane, LanePolicy
-from nitsum_core.scheduler import misses_ttft
+from nitsum_core.scheduler import TPOT_REPAY_TOKENS, misses_ttft, tpot_step_bound
 from nitsum_core.workload import TraceRequest
 
 QueueOrder = Literal["fcfs", "priority", "slo"]
@@ -97,6 +97,9 @@ class SimInstance:
     # Requests it prefills or decodes of tiers it no longer serves (relabelled while they ran),
     # by tier: its steps keep within their TPOT targets too until they finish.
     guests: dict[str, int] = field(default_factory=dict)
+    # Tighter step bounds owed to requests resumed here behind their TPOT (a re-cut's pause):
+    # a heap of (last step it holds for, bound in seconds). See ``Simulator._owe_tpot``.
+    tpot_debts: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def load(self) -> int:
@@ -355,9 +358,35 @@ class Simulator:
 
     def _tpot_target(self, inst: SimInstance) -> float:
         if inst.a.tier == "*":
-            return self._strictest_tpot
-        tpot = self.tiers[inst.a.tier].tpot_s
-        return min(tpot, *(self.tiers[t].tpot_s for t in inst.guests)) if inst.guests else tpot
+            tpot = self._strictest_tpot
+        else:
+            tpot = self.tiers[inst.a.tier].tpot_s
+            if inst.guests:
+                tpot = min(tpot, *(self.tiers[t].tpot_s for t in inst.guests))
+        debts = inst.tpot_debts
+        while debts and debts[0][0] < inst.steps:
+            heapq.heappop(debts)
+        return min(tpot, *(bound for _, bound in debts)) if debts else tpot
+
+    def _owe_tpot(self, inst: SimInstance, r: SimRequest, generated: int, left: int, resume: float) -> None:
+        """Bound ``inst``'s next steps so that ``r``, resuming there at ``resume`` with ``generated``
+        tokens out and ``left`` to go, pays back the time it fell behind its TPOT target.
+
+        SLO-sized steps take up to the whole TPOT target, so a request has no slack when a re-cut
+        pauses it; without this, every pause tipped the requests decoding through it over their
+        target by a hair (14B: 12.0-12.9 ms against 12 ms; docs/simulator.md round 15). The debt
+        is spread over ``scheduler.TPOT_REPAY_TOKENS`` tokens (fewer if it finishes sooner); a
+        request that cannot pay it back even with decode-only steps is not waited for.
+        """
+        if self.preset.queue_order != "slo" or r.first_token is None or generated < 1:
+            return
+        horizon = min(TPOT_REPAY_TOKENS, left)
+        bound = tpot_step_bound(self.tiers[r.tier].tpot_s, generated, resume - r.first_token, horizon)
+        if bound is None or bound >= self.tiers[r.tier].tpot_s:
+            return
+        if bound < self.perf.step_time(inst.a.tp, 0, inst.running, inst.ctx_tokens):
+            return  # a lost cause: holding every step down for it would cost the others
+        heapq.heappush(inst.tpot_debts, (inst.steps + horizon, bound))
 
     def _chunk_within(self, inst: SimInstance, decode: int, tpot: float) -> int:
         # Memoised on the context rounded *up* to 256 tokens (a slightly conservative chunk):
@@ -522,7 +551,7 @@ class Simulator:
                     self._route_requeue(r)
                 else:
                     # Fast path: the KV migrates; decoding continues on the new instance.
-                    self._resume_decode(r, max(1, r.done_step - inst.steps + 1))
+                    self._resume_decode(r, max(1, r.done_step - inst.steps + 1), resume)
         for inst in relabelled:
             inst.guests = {}
             if inst.a.tier == "*":
@@ -544,9 +573,9 @@ class Simulator:
         for inst in kept.values():
             self._kick(inst)
 
-    def _resume_decode(self, r: SimRequest, left: int) -> None:
-        """Continue decoding ``r`` (its KV moved here), ``left`` steps from done, on the least-loaded
-        instance that decodes its tier."""
+    def _resume_decode(self, r: SimRequest, left: int, resume: float) -> None:
+        """Continue decoding ``r`` (its KV moved here) from ``resume``, ``left`` steps from done, on
+        the least-loaded instance that decodes its tier."""
         targets = self._serving(r.tier, ("decode", "mixed")) or self.instances
         new = min(targets, key=lambda i: i.load)
         new.kv_used += r.prompt + r.output
@@ -554,6 +583,7 @@ class Simulator:
         new.ctx_tokens += r.prompt + (r.output - left)
         r.done_step = new.steps + left
         heapq.heappush(new.finishing, (r.done_step, r.rid, r))
+        self._owe_tpot(new, r, r.output - left, left, resume)
 
     def in_flight(self) -> list[InFlight]:
         """Every request queued, prefilling or decoding now: what the control loop's replay starts from."""
@@ -643,7 +673,7 @@ class Simulator:
                 r.first_token = r.arrival + f.ttft_s
             if f.generated > 0:
                 r.prefilled = r.prompt
-                self._resume_decode(r, max(1, r.output - f.generated))
+                self._resume_decode(r, max(1, r.output - f.generated), 0.0)
             else:
                 r.late = f.ttft_s is not None or f.age_s > self.tiers[f.tier].ttft_s
                 self._push(0.0, "arrival", r)
