@@ -93,6 +93,17 @@ async def test_bad_input_gets_typed_errors_and_service_continues(stack: Stack) -
         resp = await nc.request(subjects.worker_submit(0), b"\xc1junk", timeout=5)
         ack = m.decode(m.SubmitAck, resp.data)
         assert not ack.accepted and ack.error.code == "malformed"
+        # Well-formed but with an impossible TPOT target: refused, saying what was wrong.
+        bad_tpot = m.WorkerSubmit(
+            request_id="bad-tpot",
+            router_id="test",
+            prompt_ids=[1, 2, 3],
+            sampling=m.SamplingParams(max_tokens=4),
+            tpot_s=-0.01,
+        )
+        resp = await nc.request(subjects.worker_submit(0), m.encode(bad_tpot), timeout=5)
+        ack = m.decode(m.SubmitAck, resp.data)
+        assert not ack.accepted and ack.error.code == "invalid_request" and "tpot_s" in ack.error.message
         # A token batch of garbage to the router's token subject is dropped, not fatal.
         await nc.publish(subjects.router_tokens("nobody"), b"junk")
     finally:

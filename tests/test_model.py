@@ -144,3 +144,39 @@ def test_incremental_detokenizer_matches_full_decode(smol) -> None:
     detok = IncrementalDetokenizer(tok)
     text = "".join(detok.add([i]) for i in ids)
     assert text == tok.decode(ids)
+
+
+def test_tpot_sized_steps_cut_prompt_chunks_but_not_the_tokens(smol) -> None:
+    model, tok, _, prompts = smol
+    params = RequestParams(max_tokens=12)
+    plain = Engine(model, EngineConfig(tpot_sized_steps=False), tok.eos_token_ids)
+    expected = plain.generate(prompts[:3], params)
+    engine = Engine(model, EngineConfig(), tok.eos_token_ids)
+    # A known step time (0.1 s + 10 ms per prompt token) and a 0.5 s TPOT target: a step beside
+    # a decoding request fits 40 prompt tokens; the learned model is what a server uses.
+    engine.scheduler.step_time = lambda p, d, c: 0.1 + 0.01 * p
+    chunks: list[int] = []
+    schedule = engine.scheduler.schedule
+
+    def recording(now: float | None = None):  # noqa: ANN202 - the scheduler's own return type
+        plan = schedule(now)
+        if any(i.num_new == 1 and i.start > 0 for i in plan):
+            chunks.extend(i.num_new for i in plan if not (i.num_new == 1 and i.start > 0))
+        return plan
+
+    engine.scheduler.schedule = recording  # type: ignore[method-assign]
+    engine.add_request("chat", prompts[0], params, tpot_s=0.5)
+    out: dict[str, list[int]] = {"chat": [], "doc1": [], "doc2": []}
+    while engine.has_work():
+        if engine.steps == 2:  # prompts that arrive while "chat" decodes
+            engine.add_request("doc1", prompts[1] * 3, params)
+            engine.add_request("doc2", prompts[2] * 3, params)
+        for o in engine.step():
+            out[o.request_id].extend(o.token_ids)
+    assert chunks and max(chunks) <= 40  # every prompt chunk beside "chat" was cut to fit
+    assert out["chat"] == expected[0]
+    # Chunked differently, the long prompts still give the tokens an unsized engine gives them.
+    assert out["doc1"] == plain.generate([prompts[1] * 3], params)[0]
+    assert out["doc2"] == plain.generate([prompts[2] * 3], params)[0]
+    # Meanwhile the engine learned its own step time from every step it ran.
+    assert engine.step_time(64, 2, 200) is not None

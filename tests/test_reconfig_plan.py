@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -122,12 +123,16 @@ def test_engine_hand_over_with_moved_kv_continues_token_for_token(tiny_llama_dir
     a = Engine(model, cfg, set())
     out: dict[str, list[int]] = {"p0": [], "p1": []}
     for i, p in enumerate(prompts):
-        a.add_request(f"p{i}", p, params)
+        a.add_request(f"p{i}", p, params, tpot_s=0.05)
     for _ in range(12):
         for o in a.step():
             out[o.request_id] += o.token_ids
     b = Engine(model, cfg, set())
-    for req in a.export():
+    exported = a.export()
+    # Its TPOT target and how long ago its first token came out travel with it, so the new leader
+    # keeps it on course for its target (the switch's pause is added by the worker: held_s).
+    assert all(r.tpot_s == 0.05 and r.since_first_s is not None and r.since_first_s > 0 for r in exported)
+    for req in exported:
         # New blocks at the far end of the pool, so a wrong table would read zeros.
         nb = -(-req.num_computed // BS)
         first = b.blocks.num_blocks - (5 if req.request_id == "p0" else 10)
@@ -138,6 +143,10 @@ def test_engine_hand_over_with_moved_kv_continues_token_for_token(tiny_llama_dir
         scatter_units(b.kv, BS, [blk for blk in table for _ in range(H)], heads, data)
         b.adopt(req, table)
     assert b.tokens_prefilled == 0
+    for req in exported:
+        seq = b.scheduler.running[[s.seq_id for s in b.scheduler.running].index(req.request_id)]
+        assert seq.tpot_s == 0.05 and seq.first_token_at is not None
+        assert seq.first_token_at <= time.monotonic() - req.since_first_s
     while b.has_work():
         for o in b.step():
             out[o.request_id] += o.token_ids

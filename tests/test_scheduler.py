@@ -197,3 +197,81 @@ def test_remove_frees_blocks_everywhere() -> None:
     assert sched.remove("x") is not None and sched.remove("y") is not None
     assert bm.num_free() == 8 and not sched.has_work()
     assert sched.remove("nope") is None
+
+
+# A step of p prompt tokens beside d decodes: 10 ms + 0.1 ms per prompt token + 1 ms per decode.
+def _linear_step(p: int, d: int, _ctx: int) -> float:
+    return 0.010 + 0.0001 * p + 0.001 * d
+
+
+def _decoding(name: str, tpot_s: float, generated: int, since_first_s: float, now: float) -> Sequence:
+    seq = Sequence(name, [1] * (8 + generated), 8, tpot_s=tpot_s, first_token_at=now - since_first_s)
+    seq.num_computed = len(seq.token_ids) - 1
+    return seq
+
+
+def _tpot_sched(max_batched_tokens: int = 512, max_num_seqs: int = 8) -> Scheduler:
+    sched = Scheduler(SchedulerConfig(max_num_seqs, max_batched_tokens), BlockManager(256, 4))
+    sched.step_time = _linear_step
+    return sched
+
+
+def test_steps_beside_a_tpot_target_take_only_the_prompt_tokens_that_fit() -> None:
+    sched = _tpot_sched()
+    # On course for a 40 ms target (19 tokens in 0.5 s, 26 ms each): a step may take 40 ms, so
+    # 10 ms + 1 ms + 0.1 ms x 290 tokens.
+    sched.add_running(_decoding("chat", 0.040, generated=20, since_first_s=0.5, now=100.0))
+    sched.add(_seq("doc", 1000))
+    plan = sched.schedule(now=100.0)
+    chunk = {p.seq.seq_id: p.num_new for p in plan}
+    assert chunk == {"chat": 1, "doc": 290}
+    # No predictor (or no now): the whole budget, as before.
+    plain = _tpot_sched()
+    plain.step_time = None
+    plain.add_running(_decoding("chat", 0.040, generated=20, since_first_s=0.5, now=100.0))
+    plain.add(_seq("doc", 1000))
+    assert {p.seq.seq_id: p.num_new for p in plain.schedule(now=100.0)}["doc"] == 511
+
+
+def test_a_sequence_behind_its_tpot_target_gets_shorter_steps_until_it_has_caught_up() -> None:
+    sched = _tpot_sched()
+    # 0.2 s behind a 40 ms target (19 intervals should have taken 0.76 s, took 0.96 s): repaid
+    # over 32 tokens, each step may take 40 - 6.25 = 33.75 ms: 227 prompt tokens.
+    sched.add_running(_decoding("paused", 0.040, generated=20, since_first_s=0.96, now=100.0))
+    sched.add(_seq("doc", 1000))
+    assert {p.seq.seq_id: p.num_new for p in sched.schedule(now=100.0)}["doc"] == 227
+
+
+def test_a_sequence_too_far_behind_to_recover_does_not_hold_the_steps_down() -> None:
+    sched = _tpot_sched()
+    # 2 s behind: even decode-only steps (11 ms) could not pay it back over 32 tokens. The
+    # prompt is not starved for it: the step takes what the target itself allows.
+    sched.add_running(_decoding("lost", 0.040, generated=20, since_first_s=2.76, now=100.0))
+    sched.add(_seq("doc", 1000))
+    assert {p.seq.seq_id: p.num_new for p in sched.schedule(now=100.0)}["doc"] == 511
+
+
+def test_prompts_always_progress_by_the_smallest_chunk() -> None:
+    sched = _tpot_sched()
+    # A 12 ms target beside a decode step of 11 ms leaves 10 tokens; the floor is 32.
+    sched.add_running(_decoding("tight", 0.012, generated=5, since_first_s=0.04, now=100.0))
+    sched.add(_seq("doc", 1000))
+    assert {p.seq.seq_id: p.num_new for p in sched.schedule(now=100.0)}["doc"] == 32
+
+
+def test_a_new_seat_is_taken_only_if_decode_steps_still_fit_the_tightest_target() -> None:
+    # Decode steps grow 1 ms per sequence; a 14.5 ms target fits four decodes (14 ms), not five.
+    sched = _tpot_sched(max_num_seqs=16)
+    for i in range(3):
+        sched.add_running(_decoding(f"d{i}", 0.0145, generated=3, since_first_s=0.02, now=100.0))
+    for i in range(4):
+        sched.add(Sequence(f"new{i}", [1] * 4, 4, tpot_s=0.0145))
+    plan = sched.schedule(now=100.0)
+    admitted = [p.seq.seq_id for p in plan if p.start == 0]
+    assert admitted == ["new0"]
+    assert sched.num_waiting == 3  # still queued, not dropped
+    # An idle engine always takes work, whatever the predictor says.
+    idle = _tpot_sched()
+    idle.step_time = lambda p, d, c: 1.0
+    idle.add(Sequence("only", [1] * 4, 4, tpot_s=0.001))
+    assert [p.seq.seq_id for p in idle.schedule(now=0.0)] == ["only"]

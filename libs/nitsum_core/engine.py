@@ -18,6 +18,7 @@ from nitsum_core.kv_cache import BlockManager
 from nitsum_core.model import AttentionMetadata, LlamaModel, ModelShard
 from nitsum_core.sampling import sample_one
 from nitsum_core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
+from nitsum_core.step_time import StepTimeModel
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 512
     max_model_len: int = 4096
+    # Size each step to the TPOT targets of the sequences decoding in it (scheduler module
+    # docstring), by the step time this engine learns from its own steps. False: every step
+    # takes the whole ``max_batched_tokens`` budget, whatever that does to decodes' TPOT.
+    tpot_sized_steps: bool = True
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,10 @@ class ExportedRequest(NamedTuple):
     block_table: list[int]
     # Seconds to its TTFT deadline at export; None: no deadline, or its first token is out.
     ttft_left_s: float | None = None
+    tpot_s: float | None = None  # its TPOT target; None: none
+    # Seconds since its first output token at export (None: not out yet): the new leader keeps
+    # paying back time it is behind its TPOT target, the pause included.
+    since_first_s: float | None = None
 
 
 class StepOutput(NamedTuple):
@@ -89,6 +98,9 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_batched_tokens, self.max_model_len), self.blocks
         )
+        self.step_time = StepTimeModel()  # learnt from every step; sizes steps when enabled
+        if config.tpot_sized_steps:
+            self.scheduler.step_time = self.step_time
         self.kv = kv if kv is not None else model.new_kv_cache(num_blocks * config.block_size)
         self._params: dict[str, RequestParams] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -108,9 +120,11 @@ class Engine:
         params: RequestParams,
         priority: int = 0,
         ttft_deadline: float | None = None,
+        tpot_s: float | None = None,
     ) -> None:
         """Queue a request; ``ttft_deadline`` (a ``time.monotonic()`` time) is when its first token
-        is due: once it cannot be met, its prompt runs after those that still can meet theirs."""
+        is due: once it cannot be met, its prompt runs after those that still can meet theirs.
+        ``tpot_s`` is its mean time-per-output-token target: steps it decodes in are sized to it."""
         if request_id in self._params:
             raise ValueError(f"duplicate request id {request_id}")
         if not prompt_ids:
@@ -128,6 +142,7 @@ class Engine:
             gen.manual_seed(params.seed if params.seed is not None else hash(request_id) & 0x7FFFFFFF)
             self._generators[request_id] = gen
         seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), priority, ttft_deadline=ttft_deadline)
+        seq.tpot_s, seq.max_tokens = tpot_s, params.max_tokens
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -166,6 +181,8 @@ class Engine:
                     bytes(gen.get_state().numpy().tobytes()) if gen is not None else None,
                     list(self.blocks.block_table(seq.seq_id)),
                     None if seq.ttft_deadline is None or seq.num_generated > 0 else seq.ttft_deadline - now,
+                    seq.tpot_s,
+                    None if seq.first_token_at is None else now - seq.first_token_at,
                 )
             )
         return out
@@ -182,8 +199,12 @@ class Engine:
             self._generators[req.request_id] = gen
         computed = req.num_computed if block_table else 0
         seq = Sequence(req.request_id, list(req.token_ids), req.num_prompt_tokens, req.priority, computed)
+        now = time.monotonic()
         if req.ttft_left_s is not None:
-            seq.ttft_deadline = time.monotonic() + req.ttft_left_s
+            seq.ttft_deadline = now + req.ttft_left_s
+        seq.tpot_s, seq.max_tokens = req.tpot_s, req.params.max_tokens
+        if req.since_first_s is not None:
+            seq.first_token_at = now - req.since_first_s
         self._seqs[req.request_id] = seq
         if computed:
             self.blocks.adopt(req.request_id, block_table)
@@ -255,7 +276,8 @@ class Engine:
         if not plan:
             return []
         input_ids, meta = self._build_metadata(plan)
-        prefilled = sum(i.num_new for i in plan if not (i.num_new == 1 and i.start > 0))
+        decodes = [i for i in plan if i.num_new == 1 and i.start > 0]
+        prefilled = len(input_ids) - len(decodes)
         self.tokens_prefilled += prefilled
         if self.before_forward is not None:
             self.before_forward(input_ids, meta)
@@ -263,11 +285,13 @@ class Engine:
         # Greedy picks for every row at once: on a GPU this is the step's one sync point, so the
         # clock below reads the step's real duration and not just the kernel launches.
         greedy = logits.argmax(dim=-1).tolist()
+        done_at = time.monotonic()
         self.steps += 1
+        self.step_time.observe(prefilled, len(decodes), sum(i.start + 1 for i in decodes), done_at - t0)
         if 2 * prefilled >= len(input_ids):
             # The scheduler's TTFT rule needs how fast prompts prefill here, in this engine's
             # chunks; a mostly-prefill step measures it (decode steps cost far more per token).
-            per_token = (time.monotonic() - t0) / len(input_ids)
+            per_token = (done_at - t0) / len(input_ids)
             old = self.scheduler.prefill_s_per_token
             self.scheduler.prefill_s_per_token = per_token if old == 0 else 0.8 * old + 0.2 * per_token
         outputs: list[StepOutput] = []
@@ -285,6 +309,8 @@ class Engine:
                 token = sample_one(logits[row].float().cpu(), params.temperature, params.top_p, gen)
             row += 1
             seq.token_ids.append(token)
+            if seq.first_token_at is None:
+                seq.first_token_at = done_at
             self.tokens_generated += 1
             reason = None
             if token in self.eos_token_ids and not params.ignore_eos:

@@ -99,6 +99,9 @@ class WorkerSubmit(msgspec.Struct, kw_only=True):
     # Seconds left to the request's TTFT target when sent (None: no target, or its first token is
     # already out). The worker turns it into a deadline on its own clock: no clock sync needed.
     ttft_left_s: float | None = None
+    # The request's tier's mean time-per-output-token target (None: none): the worker sizes the
+    # steps the request decodes in so that it is met.
+    tpot_s: float | None = None
 
 
 class SubmitAck(msgspec.Struct, kw_only=True):
@@ -270,6 +273,8 @@ class RequestState(msgspec.Struct, kw_only=True):
     rng_state: bytes | None = None
     block_table: list[int] = msgspec.field(default_factory=list)
     ttft_left_s: float | None = None  # seconds to its TTFT deadline when paused (WorkerSubmit's)
+    tpot_s: float | None = None  # its TPOT target (WorkerSubmit's)
+    since_first_s: float | None = None  # seconds since its first output token when paused (None: not out)
 
 
 class ReconfigPause(msgspec.Struct, kw_only=True):
@@ -341,6 +346,9 @@ class ReconfigCommit(msgspec.Struct, kw_only=True):
 
     plan_id: str
     target: Topology
+    # Seconds the moved requests have been held since their leaders paused, on the controller's
+    # clock: their new leaders count it against their TTFT and TPOT targets (no clock sync needed).
+    held_s: float = 0.0
 
 
 class ReconfigAbort(msgspec.Struct, kw_only=True):

@@ -47,6 +47,7 @@ class Submit:
     params: RequestParams
     priority: int
     ttft_deadline: float | None = None  # time.monotonic() time its first token is due by
+    tpot_s: float | None = None  # its TPOT target
 
 
 @dataclass
@@ -227,7 +228,7 @@ class SlotRunner:
                 return
             self.routers[cmd.request_id] = cmd.router_id
             self.engine.add_request(
-                cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.ttft_deadline
+                cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.ttft_deadline, cmd.tpot_s
             )
         elif isinstance(cmd, Abort):
             if self.engine is not None and self.engine.abort(cmd.request_id):
@@ -384,6 +385,8 @@ class SlotRunner:
                         rng_state=req.rng_state,
                         block_table=req.block_table,
                         ttft_left_s=req.ttft_left_s,
+                        tpot_s=req.tpot_s,
+                        since_first_s=req.since_first_s,
                     )
                 )
         self.paused = True
@@ -466,6 +469,8 @@ class SlotRunner:
                 r = by_id[a.request_id]
                 sp = r.sampling
                 params = RequestParams(sp.max_tokens, sp.temperature, sp.top_p, sp.seed, sp.ignore_eos)
+                # The switch held it for ``held_s``: that time counts against its targets.
+                held = msg.held_s
                 self.engine.adopt(
                     ExportedRequest(
                         r.request_id,
@@ -476,7 +481,9 @@ class SlotRunner:
                         params,
                         r.rng_state,
                         a.block_table,
-                        r.ttft_left_s,
+                        None if r.ttft_left_s is None else r.ttft_left_s - held,
+                        r.tpot_s,
+                        None if r.since_first_s is None else r.since_first_s + held,
                     ),
                     a.block_table,
                 )

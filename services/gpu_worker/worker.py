@@ -223,6 +223,8 @@ class GpuWorker:
         sp = req.sampling
         if sp.max_tokens <= 0:
             raise InvalidRequest("max_tokens must be positive")
+        if req.tpot_s is not None and not req.tpot_s > 0:
+            raise InvalidRequest(f"tpot_s must be a positive number of seconds, got {req.tpot_s}")
         total = len(req.prompt_ids) + sp.max_tokens
         if len(req.prompt_ids) >= engine.max_model_len:
             raise PromptTooLong(
@@ -253,7 +255,7 @@ class GpuWorker:
         self._owner[req.request_id] = req.router_id
         deadline = None if req.ttft_left_s is None else time.monotonic() + req.ttft_left_s
         self.runner.commands.put(
-            Submit(req.request_id, req.router_id, req.prompt_ids, params, req.priority, deadline)
+            Submit(req.request_id, req.router_id, req.prompt_ids, params, req.priority, deadline, req.tpot_s)
         )
         await request.respond(m.encode(m.SubmitAck(request_id=req.request_id, accepted=True)))
 

@@ -401,6 +401,7 @@ class Router:
             ),
             priority=f.lane,
             epoch=self.topology.epoch if self.topology else 0,
+            tpot_s=f.tier.tpot_s,
         )
         while not f.finished:
             await self._wait_unheld()

@@ -139,7 +139,8 @@ class SwitchDriver:
                 raise ReconfigFailed("pause failed: " + "; ".join(bad))
             acks: list[m.PauseAck] = raw  # type: ignore[assignment]
             states = [r for a in acks for r in a.requests]
-            phases["pause"] = time.perf_counter() - t
+            paused_at = time.perf_counter()  # the moved requests are held from here to the commit
+            phases["pause"] = paused_at - t
 
             t = time.perf_counter()
             plan_req = m.KvPlanRequest(
@@ -180,7 +181,7 @@ class SwitchDriver:
                 ok=False, epoch=old.epoch, error=m.ErrorInfo.from_exc(err), phases=phases
             )
 
-        commit = m.ReconfigCommit(plan_id=plan_id, target=new)
+        commit = m.ReconfigCommit(plan_id=plan_id, target=new, held_s=time.perf_counter() - paused_at)
         error = None
         weight_bytes = 0
         try:
