@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 from nitsum_core.step_time import MIN_STEPS, StepTimeModel
 
 
@@ -20,8 +19,11 @@ def test_learns_a_linear_step_time_from_noisy_steps() -> None:
         p, d = rng.choice([0, 0, 16, 64, 256]), rng.randint(0, 16)
         c = d * rng.randint(50, 500)
         model.observe(p, d, c, truth(p, d, c) * rng.uniform(0.95, 1.05))
+    # Predictions sit at the 90th percentile of the noise (+-5 %): a step sized to them rarely
+    # overruns, where one sized to the mean would half the time.
     for p, d, c in [(0, 8, 2000), (128, 4, 800), (512, 0, 0)]:
-        assert model(p, d, c) == pytest.approx(truth(p, d, c), rel=0.05)
+        predicted = model(p, d, c)
+        assert predicted is not None and truth(p, d, c) * 1.01 <= predicted <= truth(p, d, c) * 1.07
 
 
 def test_waits_for_prefill_steps_and_keeps_every_term_non_negative() -> None:

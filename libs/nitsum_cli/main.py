@@ -31,6 +31,13 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker in MiB (default 512)")
     p.add_argument("--max-model-len", type=int, default=4096, help="context window in tokens (default 4096)")
     p.add_argument(
+        "--no-tpot-sized-steps",
+        dest="tpot_sized_steps",
+        action="store_false",
+        help="workers take their whole token budget every step (vLLM-style chunked prefill) instead "
+        "of cutting prompt chunks to keep decoding requests within their tiers' TPOT targets",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -183,6 +190,7 @@ def _stack_config(a: argparse.Namespace, nats_url: str | None):  # noqa: ANN202
         threads_per_worker=a.threads,
         kv_cache_mb=a.kv_cache_mb,
         max_model_len=a.max_model_len,
+        tpot_sized_steps=a.tpot_sized_steps,
         auto=a.auto,
         coefficients=a.coefficients,
         replay_workers=a.replay_workers,

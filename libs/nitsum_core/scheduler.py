@@ -16,9 +16,11 @@ SLO-sized steps (DESIGN §1: "sized to stay SLO-safe"). Given a ``StepTimePredic
 learns one from its own steps), a step's prompt tokens are cut so that the step is predicted to
 take no longer than the tightest bound of the sequences decoding in it: their tier's TPOT target,
 less the time any of them is behind it, paid back over ``TPOT_REPAY_TOKENS`` tokens
-(``tpot_step_bound``). A waiting sequence takes a seat only if a decode step with it still fits
-that bound. A prompt chunk never shrinks below ``min_prefill_chunk`` tokens, so prompts always
-progress. Without a predictor, or without TPOT targets, steps take the whole token budget.
+(``tpot_step_bound``). A prompt chunk never shrinks below ``min_prefill_chunk`` tokens, so
+prompts always progress. Without a predictor, or without TPOT targets, steps take the whole
+token budget. Seats are not gated by TPOT here, unlike the simulator: on the CPU stack that cost
+6 % of goodput, as interactive prompts waited for seats and missed their TTFT
+(docs/simulator.md, round 15).
 """
 
 from __future__ import annotations
@@ -226,15 +228,15 @@ class Scheduler:
             self._mark_late(now)
         plan: list[ScheduledSeq] = []
         running = sorted(self.running, key=_rank)
-        seats = _SeatCheck(self.step_time, running, now)
-        budget = self.config.max_batched_tokens - seats.decodes
-        if seats.bound is not None:
-            budget = min(budget, seats.prefill_budget(budget, self.config.min_prefill_chunk))
+        tpot = _TpotBound(self.step_time, running, now)
+        budget = self.config.max_batched_tokens - tpot.decodes
+        if tpot.bound is not None:
+            budget = min(budget, tpot.prefill_budget(budget, self.config.min_prefill_chunk))
         scheduled: list[Sequence] = []
         admitting = True
         while running or (admitting and self._waiting):
             if admitting and self._waiting and (not running or self._waiting[0][0] < _rank(running[0])):
-                admitted = self._admit(plan, scheduled, len(running), budget, seats)
+                admitted = self._admit(plan, scheduled, len(running), budget)
                 admitting, budget = admitted > 0, budget - admitted
                 continue
             seq = running.pop(0)
@@ -258,22 +260,12 @@ class Scheduler:
         self.running = scheduled
         return plan
 
-    def _admit(
-        self,
-        plan: list[ScheduledSeq],
-        scheduled: list[Sequence],
-        unplanned: int,
-        budget: int,
-        seats: _SeatCheck,
-    ) -> int:
-        """Admit the best-ranked waiting sequence with a first prompt chunk, if budget, a seat
-        (within the TPOT bound, where steps are SLO-sized) and KV blocks allow: the chunk's
-        tokens, or 0 (stop admitting this step)."""
+    def _admit(self, plan: list[ScheduledSeq], scheduled: list[Sequence], unplanned: int, budget: int) -> int:
+        """Admit the best-ranked waiting sequence with a first prompt chunk, if budget, a seat and
+        KV blocks allow: the chunk's tokens, or 0 (stop admitting this step)."""
         if budget <= 0 or len(scheduled) + unplanned >= self.config.max_num_seqs:
             return 0
         _, seq = self._waiting[0]
-        if not seats.admits(seq, len(scheduled) + unplanned):
-            return 0
         num_new = min(len(seq.token_ids) - seq.num_computed, budget)
         if not self.blocks.can_reserve(seq.seq_id, seq.num_computed + num_new):
             return 0
@@ -285,8 +277,8 @@ class Scheduler:
         return num_new
 
 
-class _SeatCheck:
-    """One step's TPOT bound and what it allows: prompt tokens, and seats for new sequences."""
+class _TpotBound:
+    """One step's TPOT bound (the tightest of its decoding sequences') and the prompt tokens it allows."""
 
     def __init__(
         self, step_time: StepTimePredictor | None, running: list[Sequence], now: float | None
@@ -295,8 +287,6 @@ class _SeatCheck:
         decoding = [seq for seq in running if _is_decoding(seq)]
         self.decodes = len(decoding)
         self.ctx = sum(len(seq.token_ids) for seq in decoding)
-        # KV tokens of every seated sequence once all decode: what a new seat is checked against.
-        self.seated_ctx = sum(len(seq.token_ids) for seq in running)
         self.bound: float | None = None
         if step_time is None or now is None:
             return
@@ -327,20 +317,6 @@ class _SeatCheck:
             else:
                 hi = mid - 1
         return max(lo, min(least, most))
-
-    def admits(self, seq: Sequence, seated: int) -> bool:
-        """Whether ``seq`` may take a seat beside ``seated`` others: once it decodes, a decode
-        step over all of them must still fit the bound (its own TPOT target included)."""
-        bound = self.bound
-        if seq.tpot_s is not None and self.step_time is not None:
-            bound = seq.tpot_s if bound is None else min(bound, seq.tpot_s)
-        if bound is None or self.step_time is None or seated == 0:
-            return True  # an idle engine always takes work
-        t = self.step_time(0, seated + 1, self.seated_ctx + len(seq.token_ids))
-        if t is not None and t > bound:
-            return False
-        self.seated_ctx += len(seq.token_ids)
-        return True
 
 
 def _rank(seq: Sequence) -> tuple[int, int, float, int]:

@@ -22,6 +22,11 @@ WINDOW_STEPS = 256
 MIN_STEPS = 16
 MIN_PREFILL_STEPS = 4
 REFIT_EVERY = 8  # new steps between refits: a refit is a 4-column least-squares solve
+# Predictions are the fit scaled up to this quantile of the recent steps' observed / fitted time.
+# A step sized to the *mean* prediction overruns about half the time, and a decode's TPOT is the
+# mean of its steps: sized to the mean, chats on the CPU engine ended 0.7 % over their target
+# (benchmarks/tpot_steps.py); sized to the 90th percentile, under it.
+PREDICTION_QUANTILE = 0.9
 
 
 class StepTimeModel:
@@ -35,6 +40,7 @@ class StepTimeModel:
         self._steps: deque[tuple[int, int, int, float]] = deque(maxlen=window)
         self._since_fit = 0
         self.coefficients: tuple[float, float, float, float] | None = None
+        self.margin = 0.0  # predictions are the fit x (1 + margin): PREDICTION_QUANTILE
 
     def observe(self, prefill_tokens: int, decodes: int, decode_ctx_tokens: int, seconds: float) -> None:
         """One step ran: ``prefill_tokens`` prompt tokens beside ``decodes`` decoding sequences
@@ -49,7 +55,8 @@ class StepTimeModel:
         if self.coefficients is None:
             return None
         fixed, per_token, per_decode, per_ctx = self.coefficients
-        return fixed + per_token * prefill_tokens + per_decode * decodes + per_ctx * decode_ctx_tokens
+        fitted = fixed + per_token * prefill_tokens + per_decode * decodes + per_ctx * decode_ctx_tokens
+        return fitted * (1.0 + self.margin)
 
     def _fit(self) -> None:
         self._since_fit = 0
@@ -68,7 +75,11 @@ class StepTimeModel:
             del active[worst]  # the most negative term goes; the others may be fine without it
             if not active:
                 return
-        full = [0.0] * 4
-        for a, c in zip(active, coef, strict=True):
-            full[a] = float(c)
-        self.coefficients = (full[0], full[1], full[2], full[3])
+        full = np.zeros(4)
+        full[active] = coef
+        fitted = features @ full
+        ok = fitted > 0
+        if not ok.any():
+            return
+        self.margin = max(0.0, float(np.quantile(seconds[ok] / fitted[ok], PREDICTION_QUANTILE)) - 1.0)
+        self.coefficients = (float(full[0]), float(full[1]), float(full[2]), float(full[3]))

@@ -34,6 +34,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-batched-tokens", type=int, default=512, help="token budget per step (chunked prefill)"
     )
+    p.add_argument(
+        "--no-tpot-sized-steps",
+        dest="tpot_sized_steps",
+        action="store_false",
+        help="take the whole token budget every step; by default, a step beside decoding requests "
+        "takes only the prompt tokens that keep it within their tiers' TPOT targets, by the step "
+        "time the engine learns from its own steps",
+    )
     p.add_argument("--max-model-len", type=int, default=4096, help="context window (capped by the model's)")
     p.add_argument(
         "--pool-size",
@@ -76,6 +84,7 @@ def main() -> None:
         max_num_seqs=a.max_num_seqs,
         max_batched_tokens=a.max_batched_tokens,
         max_model_len=a.max_model_len,
+        tpot_sized_steps=a.tpot_sized_steps,
     )
     if not 0 <= a.slot < a.pool_size:
         raise SystemExit(f"--slot {a.slot} is outside the pool (0..{a.pool_size - 1}); raise --pool-size")
