@@ -384,3 +384,34 @@ def test_the_first_windows_after_a_start_teach_calibration_nothing() -> None:
         if w < BOOT_WINDOWS:
             assert loop.calibration == {}
     assert loop.calibration["shared-tp1"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("long_gain, switches", [(1.10, True), (1.0, False)])
+def test_a_small_gain_switches_only_if_a_longer_replay_confirms_it(long_gain: float, switches: bool) -> None:
+    # TP 2 scores 10 % above the current TP 1 on the usual five-window replay: under the 20 %
+    # margin. The loop replays both again on the last 15 windows and switches if the gain holds.
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    spans: list[float] = []
+
+    def replay(plan: Plan, requests: list[Arrival], span: float, backlog: list[InFlight]) -> float:
+        spans.append(span)
+        if all(a.tp == 1 for a in plan.assignments):
+            return 100.0
+        if all(a.tp == 2 for a in plan.assignments):
+            return 100.0 * (1.10 if span <= 5.0 else long_gain)
+        return 50.0
+
+    loop = ControlLoop(8, perf, TIERS, _shared(1), window_s=1.0, roles=("mixed",), replay=replay)
+    decisions = []
+    for _ in range(17):
+        for _ in range(20):
+            loop.arrival("interactive", 500, 200)
+            loop.finished("interactive", good=False)
+        decisions.append(loop.window(lambda _: 0.05))
+    # No longer replay before 15 windows have been seen; then every window with a small gain.
+    assert all(d.switch_to is None for d in decisions[:14])
+    assert 15.0 in spans
+    switched = [d.switch_to for d in decisions if d.switch_to is not None]
+    assert bool(switched) == switches
+    if switches:
+        assert all(a.tp == 2 for a in switched[0].assignments)

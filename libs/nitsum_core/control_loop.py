@@ -51,6 +51,11 @@ BOOT_WINDOWS = REPLAY_WINDOWS + 1
 # cut for ones that then did worse (70B at 40 req/s: 18.0 vs 21.2 staying put; docs/simulator.md,
 # round 10).
 SWITCH_MARGIN = 0.2
+# A cut that wins by less than SWITCH_MARGIN but at least CONFIRM_MARGIN is replayed again, with
+# the current one, on the last CONFIRM_WINDOWS windows of arrivals: a sample three times longer,
+# whose score moves less with one burst. The loop switches if that replay confirms the gain.
+CONFIRM_MARGIN = 0.05
+CONFIRM_WINDOWS = 15
 
 
 class Arrival(NamedTuple):
@@ -127,6 +132,7 @@ class ControlLoop:
         replay_windows: int = REPLAY_WINDOWS,
         forecast: Forecast | None = None,
         replay_map: ReplayMap = map,
+        confirm_windows: int = CONFIRM_WINDOWS,
     ) -> None:
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
@@ -135,8 +141,8 @@ class ControlLoop:
         # estimate, and the controller should follow the load, not its noise. Replay scores a plan
         # on ``replay_windows`` of them (more: a few seconds rank plans by that burst, and every
         # re-cut on noise pays a pause); one deque keeps the longer of the two.
-        self.history, self.replay_windows = history, replay_windows
-        self._recent: deque[list[Arrival]] = deque(maxlen=max(history, replay_windows))
+        self.history, self.replay_windows, self.confirm_windows = history, replay_windows, confirm_windows
+        self._recent: deque[list[Arrival]] = deque(maxlen=max(history, replay_windows, confirm_windows))
         self._outcomes: deque[tuple[int, int, int]] = deque(maxlen=history)  # (arrived, finished, good)
         self.arrivals: list[Arrival] = []  # this window's, in arrival order
         self._in_flight: list[InFlight] = []  # the pool's backlog as this window closes
@@ -244,7 +250,23 @@ class ControlLoop:
         pause = switch_cost(proposed)
         if should_switch(now_rps, proposed.predicted_goodput_rps, pause, self.window_s, SWITCH_MARGIN):
             decision.switch_to, decision.pause_s = proposed, pause
+        elif self._confirmable() and should_switch(
+            now_rps, proposed.predicted_goodput_rps, pause, self.window_s, CONFIRM_MARGIN
+        ):
+            longer = self._replay_scores(backlog, [now, proposed], self.confirm_windows)
+            if should_switch(longer(now), longer(proposed), pause, self.window_s, CONFIRM_MARGIN):
+                decision.switch_to, decision.pause_s = Plan(proposed.assignments, longer(proposed)), pause
         return decision
+
+    def _confirmable(self) -> bool:
+        """Whether a small gain can be checked on a longer replay: replay scoring of the recent
+        past (not a forecast), with that many windows seen."""
+        return (
+            self.replay is not None
+            and self.forecast is None
+            and self.confirm_windows > self.replay_windows
+            and len(self._recent) >= self.confirm_windows
+        )
 
     def _serving_everything(self) -> bool:
         """Every request that finished over the recent windows met both targets, and as many
@@ -253,7 +275,9 @@ class ControlLoop:
         arrived, finished, good = (sum(o[i] for o in self._outcomes) for i in range(3))
         return finished > 0 and good == finished and finished >= arrived - 3 * math.sqrt(arrived)
 
-    def _replay_scores(self, backlog: list[InFlight], plans: list[Plan]) -> Callable[[Plan], float]:
+    def _replay_scores(
+        self, backlog: list[InFlight], plans: list[Plan], windows: int | None = None
+    ) -> Callable[[Plan], float]:
         """Each of ``plans``' goodput over the next span, simulated (each distinct cut once, all
         through ``replay_map``).
 
@@ -270,7 +294,7 @@ class ControlLoop:
         if self.forecast is not None:
             requests, span = self.forecast()
         else:
-            replayed = list(self._recent)[-self.replay_windows :]
+            replayed = list(self._recent)[-(windows or self.replay_windows) :]
             # Arrival times move from their window's start to the span's, so the replay sees the
             # recent bursts where they happened.
             requests = [

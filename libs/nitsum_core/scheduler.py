@@ -294,15 +294,21 @@ class _TpotBound:
         if decode_only is None:
             return
         for seq in decoding:
-            if seq.tpot_s is None or seq.first_token_at is None:
+            if seq.tpot_s is None:
                 continue
-            left = TPOT_REPAY_TOKENS if seq.max_tokens is None else seq.max_tokens - seq.num_generated
-            bound = tpot_step_bound(
-                seq.tpot_s, seq.num_generated, now - seq.first_token_at, min(TPOT_REPAY_TOKENS, left)
-            )
-            # A sequence that cannot get back on course even with decode-only steps is not waited
-            # for: holding every step down for it would cost the others their prompts' TTFT.
-            if bound is not None and bound >= decode_only and (self.bound is None or bound < self.bound):
+            bound = seq.tpot_s
+            if seq.first_token_at is not None:
+                left = TPOT_REPAY_TOKENS if seq.max_tokens is None else seq.max_tokens - seq.num_generated
+                owed = tpot_step_bound(
+                    seq.tpot_s, seq.num_generated, now - seq.first_token_at, min(TPOT_REPAY_TOKENS, left)
+                )
+                # A sequence that cannot get back on course even with decode-only steps is held to
+                # its target but no tighter: paying back for it would cost the others their TTFT,
+                # and dropping its bound altogether let whole-budget steps stretch it further
+                # (benchmarks/tpot_steps.py: 474 ms against a 157 ms target, docs/simulator.md round 15).
+                if owed is not None and owed >= decode_only:
+                    bound = min(bound, owed)
+            if self.bound is None or bound < self.bound:
                 self.bound = bound
 
     def prefill_budget(self, most: int, least: int) -> int:
