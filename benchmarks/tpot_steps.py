@@ -1,7 +1,7 @@
 """TPOT-sized steps on the real engine: decodes' TPOT when long prompts arrive, sized vs unsized.
 
 Chat requests with a TPOT target are decoding when long document prompts arrive. An engine with
-a fixed token budget (``tpot_sized_steps=False``: vLLM/SGLang's chunked prefill) runs each
+a fixed token budget (the default, as vLLM/SGLang's chunked prefill) runs each
 document chunk beside the decodes and stretches their steps; a TPOT-sized engine cuts the chunks
 to what its learned step time says fits the decodes' target, and lets them through faster once
 the chats are done. Both engines hold the same weights, get the same warm-up (so the sized one
@@ -105,11 +105,13 @@ def main() -> None:
     engines = {
         "fixed budget": Engine(
             model,
-            EngineConfig(max_batched_tokens=a.max_batched_tokens, kv_cache_mb=1024, tpot_sized_steps=False),
+            EngineConfig(max_batched_tokens=a.max_batched_tokens, kv_cache_mb=1024),
             set(),
         ),
         "TPOT-sized": Engine(
-            model, EngineConfig(max_batched_tokens=a.max_batched_tokens, kv_cache_mb=1024), set()
+            model,
+            EngineConfig(max_batched_tokens=a.max_batched_tokens, kv_cache_mb=1024, tpot_sized_steps=True),
+            set(),
         ),
     }
     step_s = decode_step_s(engines["fixed budget"], a)

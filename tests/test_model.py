@@ -149,9 +149,9 @@ def test_incremental_detokenizer_matches_full_decode(smol) -> None:
 def test_tpot_sized_steps_cut_prompt_chunks_but_not_the_tokens(smol) -> None:
     model, tok, _, prompts = smol
     params = RequestParams(max_tokens=12)
-    plain = Engine(model, EngineConfig(tpot_sized_steps=False), tok.eos_token_ids)
+    plain = Engine(model, EngineConfig(), tok.eos_token_ids)
     expected = plain.generate(prompts[:3], params)
-    engine = Engine(model, EngineConfig(), tok.eos_token_ids)
+    engine = Engine(model, EngineConfig(tpot_sized_steps=True), tok.eos_token_ids)
     # A known step time (0.1 s + 10 ms per prompt token) and a 0.5 s TPOT target: a step beside
     # a decoding request fits 40 prompt tokens; the learned model is what a server uses.
     engine.scheduler.step_time = lambda p, d, c: 0.1 + 0.01 * p

@@ -31,11 +31,10 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker in MiB (default 512)")
     p.add_argument("--max-model-len", type=int, default=4096, help="context window in tokens (default 4096)")
     p.add_argument(
-        "--no-tpot-sized-steps",
-        dest="tpot_sized_steps",
-        action="store_false",
-        help="workers take their whole token budget every step (vLLM-style chunked prefill) instead "
-        "of cutting prompt chunks to keep decoding requests within their tiers' TPOT targets",
+        "--tpot-sized-steps",
+        action="store_true",
+        help="workers cut prompt chunks to keep decoding requests within their tiers' TPOT targets "
+        "(default: the whole token budget every step, as vLLM's chunked prefill)",
     )
     p.add_argument(
         "--threads",

@@ -31,7 +31,7 @@ class StackConfig:
     threads_per_worker: int | None = None  # None: (cores - 1) // workers, at least 1
     kv_cache_mb: int = 512
     max_model_len: int = 4096
-    tpot_sized_steps: bool = True  # workers cut prompt chunks to their decodes' TPOT targets
+    tpot_sized_steps: bool = False  # workers cut prompt chunks to their decodes' TPOT targets
     worker_timeout_s: float = 2.0
     tp_pool: bool = True  # workers join one gloo world so instances can run and switch at TP > 1
     worker_env: dict[int, dict[str, str]] = field(default_factory=dict)  # extra env per slot
@@ -114,7 +114,7 @@ class Stack:
             "--threads", threads,
             "--kv-cache-mb", str(cfg.kv_cache_mb),
             "--max-model-len", str(cfg.max_model_len),
-            *([] if cfg.tpot_sized_steps else ["--no-tpot-sized-steps"]),
+            *(["--tpot-sized-steps"] if cfg.tpot_sized_steps else []),
             *pool,
             env={"OMP_NUM_THREADS": threads, **cfg.worker_env.get(slot, {})},
         )  # fmt: skip

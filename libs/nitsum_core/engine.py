@@ -29,9 +29,11 @@ class EngineConfig:
     max_batched_tokens: int = 512
     max_model_len: int = 4096
     # Size each step to the TPOT targets of the sequences decoding in it (scheduler module
-    # docstring), by the step time this engine learns from its own steps. False: every step
-    # takes the whole ``max_batched_tokens`` budget, whatever that does to decodes' TPOT.
-    tpot_sized_steps: bool = True
+    # docstring), by the step time this engine learns from its own steps. Off by default: on the
+    # CPU stack in overload it cost 9-13 % of goodput (docs/simulator.md round 15). Decodes then
+    # sit at their target and prompts wait; it pays where decodes' TPOT matters more than the
+    # prompts' TTFT (benchmarks/tpot_steps.py: chats 100 % on target instead of 0 %).
+    tpot_sized_steps: bool = False
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,11 @@ def parser() -> argparse.ArgumentParser:
         "--max-batched-tokens", type=int, default=512, help="token budget per step (chunked prefill)"
     )
     p.add_argument(
-        "--no-tpot-sized-steps",
-        dest="tpot_sized_steps",
-        action="store_false",
-        help="take the whole token budget every step; by default, a step beside decoding requests "
-        "takes only the prompt tokens that keep it within their tiers' TPOT targets, by the step "
-        "time the engine learns from its own steps",
+        "--tpot-sized-steps",
+        action="store_true",
+        help="cut each step's prompt tokens to keep the requests decoding in it within their tiers' "
+        "TPOT targets, by the step time the engine learns from its own steps (default: every step "
+        "takes the whole token budget, as vLLM's chunked prefill; see docs/architecture.md)",
     )
     p.add_argument("--max-model-len", type=int, default=4096, help="context window (capped by the model's)")
     p.add_argument(
