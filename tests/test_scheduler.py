@@ -216,6 +216,16 @@ def _tpot_sched(max_batched_tokens: int = 512, max_num_seqs: int = 8) -> Schedul
     return sched
 
 
+def _doc_chunk_beside(decoding: Sequence, sized: bool = True) -> int:
+    """Prompt tokens a 1000-token document gets in the step beside ``decoding`` (at now = 100 s)."""
+    sched = _tpot_sched()
+    if not sized:
+        sched.step_time = None
+    sched.add_running(decoding)
+    sched.add(_seq("doc", 1000))
+    return {p.seq.seq_id: p.num_new for p in sched.schedule(now=100.0)}["doc"]
+
+
 def test_steps_beside_a_tpot_target_take_only_the_prompt_tokens_that_fit() -> None:
     sched = _tpot_sched()
     # On course for a 40 ms target (19 tokens in 0.5 s, 26 ms each): a step may take 40 ms, so
@@ -226,38 +236,29 @@ def test_steps_beside_a_tpot_target_take_only_the_prompt_tokens_that_fit() -> No
     chunk = {p.seq.seq_id: p.num_new for p in plan}
     assert chunk == {"chat": 1, "doc": 290}
     # No predictor (or no now): the whole budget, as before.
-    plain = _tpot_sched()
-    plain.step_time = None
-    plain.add_running(_decoding("chat", 0.040, generated=20, since_first_s=0.5, now=100.0))
-    plain.add(_seq("doc", 1000))
-    assert {p.seq.seq_id: p.num_new for p in plain.schedule(now=100.0)}["doc"] == 511
+    chat = _decoding("chat", 0.040, generated=20, since_first_s=0.5, now=100.0)
+    assert _doc_chunk_beside(chat, sized=False) == 511
 
 
 def test_a_sequence_behind_its_tpot_target_gets_shorter_steps_until_it_has_caught_up() -> None:
-    sched = _tpot_sched()
     # 0.2 s behind a 40 ms target (19 intervals should have taken 0.76 s, took 0.96 s): repaid
     # over 32 tokens, each step may take 40 - 6.25 = 33.75 ms: 227 prompt tokens.
-    sched.add_running(_decoding("paused", 0.040, generated=20, since_first_s=0.96, now=100.0))
-    sched.add(_seq("doc", 1000))
-    assert {p.seq.seq_id: p.num_new for p in sched.schedule(now=100.0)}["doc"] == 227
+    paused = _decoding("paused", 0.040, generated=20, since_first_s=0.96, now=100.0)
+    assert _doc_chunk_beside(paused) == 227
 
 
 def test_a_sequence_too_far_behind_to_recover_is_held_to_its_target_but_no_tighter() -> None:
-    sched = _tpot_sched()
     # 2 s behind: even decode-only steps (11 ms) could not pay it back over 32 tokens. The
     # prompt is not starved for it: the step takes what the target itself allows (290 tokens, as
     # for a sequence on course), not the whole budget either.
-    sched.add_running(_decoding("lost", 0.040, generated=20, since_first_s=2.76, now=100.0))
-    sched.add(_seq("doc", 1000))
-    assert {p.seq.seq_id: p.num_new for p in sched.schedule(now=100.0)}["doc"] == 290
+    lost = _decoding("lost", 0.040, generated=20, since_first_s=2.76, now=100.0)
+    assert _doc_chunk_beside(lost) == 290
 
 
 def test_prompts_always_progress_by_the_smallest_chunk() -> None:
-    sched = _tpot_sched()
     # A 12 ms target beside a decode step of 11 ms leaves 10 tokens; the floor is 32.
-    sched.add_running(_decoding("tight", 0.012, generated=5, since_first_s=0.04, now=100.0))
-    sched.add(_seq("doc", 1000))
-    assert {p.seq.seq_id: p.num_new for p in sched.schedule(now=100.0)}["doc"] == 32
+    tight = _decoding("tight", 0.012, generated=5, since_first_s=0.04, now=100.0)
+    assert _doc_chunk_beside(tight) == 32
 
 
 def test_seats_are_not_gated_by_tpot_and_an_idle_engine_takes_work() -> None:
