@@ -99,8 +99,8 @@ class WorkerSubmit(msgspec.Struct, kw_only=True):
     # Seconds left to the request's TTFT target when sent (None: no target, or its first token is
     # already out). The worker turns it into a deadline on its own clock: no clock sync needed.
     ttft_left_s: float | None = None
-    # The request's tier's mean time-per-output-token target (None: none): the worker sizes the
-    # steps the request decodes in so that it is met.
+    # The request's tier's mean time-per-output-token target (None: none): a worker started with
+    # --tpot-sized-steps sizes the steps the request decodes in so that it is met.
     tpot_s: float | None = None
 
 

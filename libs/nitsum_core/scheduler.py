@@ -286,10 +286,10 @@ class _TpotBound:
         self.step_time = step_time
         decoding = [seq for seq in running if _is_decoding(seq)]
         self.decodes = len(decoding)
-        self.ctx = sum(len(seq.token_ids) for seq in decoding)
         self.bound: float | None = None
         if step_time is None or now is None:
             return
+        self.ctx = sum(len(seq.token_ids) for seq in decoding)
         decode_only = step_time(0, self.decodes, self.ctx)
         if decode_only is None:
             return
