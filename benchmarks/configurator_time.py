@@ -9,7 +9,9 @@ The replay table times ``ControlLoop.window`` on 8 GPUs with ``simulator.PlanRep
 every candidate (and the current plan) on the last 5 windows of requests at each rate, starting
 from a reported backlog of two seconds' arrivals (half queued, half half-way through decoding).
 With ``--replay-workers N`` the same windows also run with the candidates replayed side by side
-in N processes (``tp_controller --replay-workers``), and the table shows both.
+in N processes (``tp_controller --replay-workers``), and the table shows both. The "confirm"
+column is what a window adds when a small gain is confirmed (``control_loop.CONFIRM_WINDOWS``):
+the current cut and one other replayed on 15 windows of the same requests.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from pathlib import Path
 
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan, TierDemand, greedy
-from nitsum_core.control_loop import REPLAY_WINDOWS, ControlLoop, InFlight, ReplayMap
+from nitsum_core.control_loop import (
+    CONFIRM_WINDOWS,
+    REPLAY_WINDOWS,
+    Arrival,
+    ControlLoop,
+    InFlight,
+    ReplayMap,
+)
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.simulator import PlanReplay
 
@@ -65,6 +74,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['gpus']:>5} | {r['min_ms']:>7.2f} | {r['median_ms']:>9.2f} | <= 2.5 ms at 128")
     replay_rows = [replay_window_time(perf, rate) for rate in a.replay_rates]
+    for r in replay_rows:
+        r["confirm_ms"] = confirm_replay_time(perf, r["rate"])
     if a.replay_workers > 0 and replay_rows:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(a.replay_workers, mp_context=context) as workers:
@@ -73,14 +84,14 @@ def main() -> None:
                 r["replay_workers"] = a.replay_workers
     if replay_rows:
         extra = f" | {a.replay_workers} processes ms | speed-up" if a.replay_workers > 0 else ""
-        print(f"\n{'req/s':>6} | {'window ms (8 GPUs, replay)':>27}{extra}")
+        print(f"\n{'req/s':>6} | {'window ms (8 GPUs, replay)':>27} | {'confirm ms':>10}{extra}")
         for r in replay_rows:
             par = (
                 f" | {r['parallel_ms']:>14.1f} | {r['window_ms'] / r['parallel_ms']:>7.2f}x"
                 if "parallel_ms" in r
                 else ""
             )
-            print(f"{r['rate']:>6.0f} | {r['window_ms']:>27.1f}{par}")
+            print(f"{r['rate']:>6.0f} | {r['window_ms']:>27.1f} | {r['confirm_ms']:>10.1f}{par}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"greedy": rows, "replay_window": replay_rows}, indent=2))
 
@@ -119,6 +130,38 @@ def replay_window_time(
         loop.window(lambda _: 0.05)
         took = time.perf_counter() - t0  # the last window: a full history to replay
     return {"rate": rate, "window_ms": took * 1e3}
+
+
+def confirm_replay_time(perf: PerfModel, rate: float, pool: int = 8) -> float:
+    """Milliseconds to replay the current cut (TP 1 x 8) and one other (TP 2 x 4) on
+    CONFIRM_WINDOWS windows of requests from the same backlog: a window's confirmation cost."""
+    tiers = {name: d.tier for name, d in DEMANDS.items()}
+    total = sum(d.arrival_rps for d in DEMANDS.values())
+    requests: list[Arrival] = []
+    backlog: list[InFlight] = []
+    for name, d in DEMANDS.items():
+        prompt, output = int(d.mean_prompt), int(d.mean_output)
+        n = round(rate * d.arrival_rps / total)
+        requests += [
+            Arrival(name, prompt, output, w + i / n) for w in range(CONFIRM_WINDOWS) for i in range(n)
+        ]
+        backlog += [
+            InFlight(name, prompt, output, 1.0, 0.2, output // 2)
+            if i % 2
+            else InFlight(name, prompt, output, 0.2)
+            for i in range(2 * n)
+        ]
+    requests.sort(key=lambda r: r.at_s or 0.0)
+    replay = PlanReplay(perf, pool, tiers)
+    t0 = time.perf_counter()
+    for tp in (1, 2):
+        replay(
+            Plan([Assignment(s, tp, "mixed", "*") for s in range(0, pool, tp)]),
+            requests,
+            float(CONFIRM_WINDOWS),
+            backlog,
+        )
+    return (time.perf_counter() - t0) * 1e3
 
 
 if __name__ == "__main__":
