@@ -179,4 +179,4 @@ def test_tpot_sized_steps_cut_prompt_chunks_but_not_the_tokens(smol) -> None:
     assert out["doc1"] == plain.generate([prompts[1] * 3], params)[0]
     assert out["doc2"] == plain.generate([prompts[2] * 3], params)[0]
     # Meanwhile the engine learned its own step time from every step it ran.
-    assert engine.step_time(64, 2, 200) is not None
+    assert engine.step_time is not None and engine.step_time(64, 2, 200) is not None

@@ -100,9 +100,9 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_batched_tokens, self.max_model_len), self.blocks
         )
-        self.step_time = StepTimeModel()  # learnt from every step; sizes steps when enabled
-        if config.tpot_sized_steps:
-            self.scheduler.step_time = self.step_time
+        # Learnt from every step, and only kept where it sizes them: unused, it is hot-path work.
+        self.step_time = StepTimeModel() if config.tpot_sized_steps else None
+        self.scheduler.step_time = self.step_time
         self.kv = kv if kv is not None else model.new_kv_cache(num_blocks * config.block_size)
         self._params: dict[str, RequestParams] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -289,7 +289,8 @@ class Engine:
         greedy = logits.argmax(dim=-1).tolist()
         done_at = time.monotonic()
         self.steps += 1
-        self.step_time.observe(prefilled, len(decodes), sum(i.start + 1 for i in decodes), done_at - t0)
+        if self.step_time is not None:
+            self.step_time.observe(prefilled, len(decodes), sum(i.start + 1 for i in decodes), done_at - t0)
         if 2 * prefilled >= len(input_ids):
             # The scheduler's TTFT rule needs how fast prompts prefill here, in this engine's
             # chunks; a mostly-prefill step measures it (decode steps cost far more per token).
