@@ -1,8 +1,9 @@
 """How much could *any* dynamic policy gain over the best static cut on this workload?
 
-Runs every static plan the baselines sweep (shared uniform TP cuts, per-tier clusters, P/D
-splits) with the Nitsum scheduler, buckets each request's outcome by its arrival window, and
-compares the best single plan (what `nitsum-static` / hindsight picks) with an oracle that picks
+Runs every static plan the baselines sweep (shared uniform TP cuts, per-tier clusters with a
+degree each, P/D splits) and every static hybrid cut (``baselines.hybrid_cuts``) with the Nitsum
+scheduler, buckets each request's outcome by its arrival window, and compares the best single
+plan of any shape (stricter than `nitsum-static`, which sweeps uniform cuts) with an oracle that picks
 the best plan for every window separately (no switching cost, no transient). The oracle/static
 ratio bounds the gain of re-cutting at that window length; full Nitsum's number is shown beside it.
 ``--foresight 5 10`` adds full Nitsum with a clairvoyant control loop (its replays score the next
@@ -19,7 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-from nitsum_core.baselines import PRESETS, candidates
+from nitsum_core.baselines import PRESETS, candidates, hybrid_cuts
+from nitsum_core.configurator import valid_tp_choices
 from nitsum_core.goodput import meets_slo, summarize
 from nitsum_core.simulator import Simulator
 from study_setup import add_study_args, load_study
@@ -46,6 +48,8 @@ def main() -> None:
         for plan in candidates(preset, a.gpus, perf, order):
             if plan is not None:
                 plans[plan.describe()] = plan
+    for plan in hybrid_cuts(a.gpus, valid_tp_choices(a.gpus, perf), tiers):
+        plans[plan.describe()] = plan
     t0 = workload[0].arrival_s
     n_windows = int(a.duration // a.window) + 1
     per_plan: dict[str, list[int]] = {}

@@ -63,12 +63,13 @@ def test_plan_topology_round_trip() -> None:
             Assignment(0, 2, "mixed", "interactive"),
             Assignment(2, 1, "mixed", "*"),
             Assignment(3, 1, "prefill", "agent"),
+            Assignment(4, 1, "mixed", "agent+background"),
         ]
     )
     topo = plan_topology(plan, epoch=7, reason="test")
-    assert [i.slots for i in topo.instances] == [[0, 1], [2], [3]]
-    assert [i.tiers for i in topo.instances] == [["interactive"], [], ["agent"]]
-    assert topology_plan(topo).assignments == plan.assignments  # type: ignore[union-attr]
+    assert [i.slots for i in topo.instances] == [[0, 1], [2], [3], [4]]
+    assert [i.tiers for i in topo.instances] == [["interactive"], [], ["agent"], ["agent", "background"]]
+    assert topology_plan(topo).assignments == plan.assignments
 
 
 def _loop(plan: Plan) -> ControlLoop:

@@ -4,7 +4,7 @@
 |---------------|----------------------------------------------|---------------------------------|
 | vanilla       | uniform static TP, every tier everywhere     | FCFS, tier-blind (vLLM/SGLang)  |
 | priority      | uniform static TP                            | by tier priority                |
-| split         | static per-tier clusters (sizes swept)       | FCFS inside a cluster           |
+| split         | static per-tier clusters (size, TP of each)  | FCFS inside a cluster           |
 | static-pd     | fixed prefill/decode split (DistServe-like)  | FCFS                            |
 | nitsum-static | uniform static TP (best one)                 | feasible / best-effort / bg     |
 | nitsum-slow   | re-cut every window, weights reloaded        | feasible / best-effort / bg     |
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan, valid_tp_choices
+from nitsum_core.configurator import Assignment, Plan, hybrid_cut, join_tiers, valid_tp_choices
 from nitsum_core.goodput import GoodputReport, summarize
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.simulator import Preset, SimResult, Simulator
@@ -52,6 +52,32 @@ def split_clusters(pool: int, tp: int, tiers: list[str]) -> Iterator[Plan]:
         yield Plan(plan)
 
 
+def split_clusters_by_degree(pool: int, tps: list[int], tiers: list[str]) -> Iterator[Plan]:
+    """Every way to give each tier its own cluster of instances of one degree, the degree chosen
+    per cluster (a platform team running one deployment per tier picks each one's TP), filling
+    the pool. The clusters are laid out highest degree first, so every instance stays aligned."""
+    for sizes in itertools.product(range(1, pool + 1), repeat=len(tiers)):
+        if sum(sizes) != pool:
+            continue
+        for degrees in itertools.product(*([tp for tp in tps if size % tp == 0] for size in sizes)):
+            plan, start = [], 0
+            for tier, size, tp in sorted(zip(tiers, sizes, degrees, strict=True), key=lambda c: -c[2]):
+                plan += [Assignment(s, tp, "mixed", tier) for s in range(start, start + size, tp)]
+                start += size
+            yield Plan(plan)
+
+
+def hybrid_cuts(pool: int, tps: list[int], tiers: dict[str, Tier]) -> Iterator[Plan]:
+    """Every static hybrid cut (``configurator.hybrid_cut``): some instances at a higher degree
+    serving every tier, the rest at the lowest degree serving all but the strictest-TPOT tier.
+    Not a baseline preset: ``dynamic_headroom.py`` runs them as static plans of any shape."""
+    tight = min(tiers, key=lambda name: (tiers[name].tpot_s, name))
+    rest = join_tiers(name for name in tiers if name != tight)
+    for tp in tps[1:]:
+        for n in range(1, pool // tp):
+            yield Plan(hybrid_cut(pool, tp, n, tps[0], rest))
+
+
 def prefill_decode(pool: int, tp: int) -> Iterator[Plan]:
     for n_pre in range(tp, pool, tp):
         pre = [Assignment(s, tp, "prefill", "*") for s in range(0, n_pre, tp)]
@@ -65,7 +91,7 @@ def candidates(name: str, pool: int, perf: PerfModel, tiers: list[str]) -> list[
     if PRESETS[name].dynamic:
         return [None]
     if name == "split":
-        return [p for tp in tps for p in split_clusters(pool, tp, tiers)]
+        return list(split_clusters_by_degree(pool, tps, tiers))
     if name == "static-pd":
         return [p for tp in tps for p in prefill_decode(pool, tp)]
     return [uniform(pool, tp) for tp in tps]

@@ -10,6 +10,7 @@ the yardstick for the greedy search. ``should_switch`` is the hysteresis against
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -139,18 +140,50 @@ def plan_goodput(
 
 
 SHARED = "*"  # an instance serving every tier (the SLO-ordered queues sort them out inside it)
+TIER_SEP = "+"  # an instance serving some tiers: their names joined, e.g. "agent+background"
+
+
+def tier_set(spec: str) -> frozenset[str] | None:
+    """The tiers an assignment's ``tier`` names: None for ``SHARED`` (every tier)."""
+    return None if spec == SHARED else frozenset(spec.split(TIER_SEP))
+
+
+def serves(spec: str, tier: str) -> bool:
+    """Whether an instance whose assignment names ``spec`` takes requests of ``tier``."""
+    return spec in (SHARED, tier) or (TIER_SEP in spec and tier in spec.split(TIER_SEP))
+
+
+def join_tiers(tiers: Iterable[str]) -> str:
+    """The ``tier`` of an assignment serving ``tiers`` (sorted, so one set has one name)."""
+    return TIER_SEP.join(sorted(tiers))
+
+
+def reachable_tpot(perf: PerfModel, tp: int, targets: Iterable[float]) -> float | None:
+    """The strictest of ``targets`` a TP-``tp`` instance can meet at all, None if none.
+
+    A target below the instance's smallest decode step (one sequence, no context) cannot be met
+    there at any batch size. Bounding every step by it would idle the instance for the tiers it
+    can serve (a TP 1 instance of a 14B model cannot decode within 8 ms, and so served nothing),
+    so such a tier's requests run there best-effort and the steps are sized for the others.
+    """
+    floor = perf.step_time(tp, 0, 1, 0)
+    reachable = [t for t in targets if t >= floor]
+    return min(reachable) if reachable else None
 
 
 def shared_caps(perf: PerfModel, tp: int, demands: dict[str, TierDemand]) -> dict[str, float]:
-    """Each tier's SLO-safe mixed rate on a TP-``tp`` instance that serves every tier.
+    """Each tier's SLO-safe mixed rate on a TP-``tp`` instance that serves every tier in ``demands``.
 
-    A shared instance runs at the strictest TPOT target among the tiers it serves (its seat cap
-    and prefill chunks are sized for it), so every tier's capacity there is computed with that
-    target and the tier's own TTFT target and lengths.
+    A shared instance runs at the strictest TPOT target among the tiers it serves that it can
+    reach (``reachable_tpot``; its seat cap and prefill chunks are sized for it), so every tier's
+    capacity there is computed with that target and the tier's own TTFT target and lengths. A
+    tier it cannot reach gets 0.
     """
-    strict = min(d.tier.tpot_s for d in demands.values())
+    strict = reachable_tpot(perf, tp, (d.tier.tpot_s for d in demands.values()))
     return {
-        name: slo_safe_capacity(perf, tp, replace(d, tier=replace(d.tier, tpot_s=strict))).mixed_rps
+        name: 0.0
+        if strict is None or d.tier.tpot_s < strict
+        else slo_safe_capacity(perf, tp, replace(d, tier=replace(d.tier, tpot_s=strict))).mixed_rps
         for name, d in demands.items()
     }
 
@@ -195,7 +228,11 @@ def predicted_goodput(
     """Predicted goodput of any plan: per-tier instances via ``plan_goodput``, shared ones on the mix."""
     shared = [a for a in assignments if a.tier == SHARED]
     per_tier = [a for a in assignments if a.tier in demands]
-    if shared and not per_tier:
+    if any(TIER_SEP in a.tier for a in assignments) or (shared and per_tier):
+        # Instances of different tier sets side by side: what the budgets hand out is served.
+        caps = admission_caps(perf, assignments, demands)
+        return sum(min(d.arrival_rps, caps[name]) for name, d in demands.items())
+    if shared:
         return shared_goodput(perf, [a.tp for a in shared], demands)
     caps = _capacities(perf, demands, sorted({a.tp for a in per_tier}) or [1])
     return plan_goodput(per_tier, caps, demands)
@@ -215,11 +252,11 @@ def admission_caps(
     # Every demanded tier gets a budget; 0 where this plan cannot serve it within SLO (all of its
     # requests are then best-effort), never "no budget", which the lane policy reads as unlimited.
     caps: dict[str, float] = dict.fromkeys(demands, 0.0)
-    shared: dict[int, int] = {}
+    shared: dict[tuple[int, str], int] = {}  # (degree, tiers served) -> mixed instances
     for a in assignments:
-        if a.tier == SHARED:
+        if a.tier == SHARED or TIER_SEP in a.tier:
             if a.role == "mixed":
-                shared[a.tp] = shared.get(a.tp, 0) + 1
+                shared[(a.tp, a.tier)] = shared.get((a.tp, a.tier), 0) + 1
             continue
         d = demands.get(a.tier)
         if d is None:
@@ -227,8 +264,12 @@ def admission_caps(
         cap = slo_safe_capacity(perf, a.tp, d)
         rate = cap.mixed_rps if a.role == "mixed" else cap.prefill_rps if a.role == "prefill" else 0.0
         caps[a.tier] = caps.get(a.tier, 0.0) + rate
-    for tp, n in shared.items():
-        per_tier = shared_caps(perf, tp, demands)
+    # Instances serving fewer tiers hand out their time first: the tiers they do not serve can
+    # only use the broader ones.
+    for (tp, spec), n in sorted(
+        shared.items(), key=lambda kv: (kv[0][1] == SHARED, kv[0][1].count(TIER_SEP))
+    ):
+        per_tier = shared_caps(perf, tp, {t: d for t, d in demands.items() if serves(spec, t)})
         left = float(n)  # instance-seconds per second
         for name in sorted(per_tier, key=lambda t: -per_tier[t]):
             cap = per_tier[name]
@@ -256,7 +297,50 @@ def plan_family(assignments: Sequence[Assignment]) -> str:
     """
     if assignments and all(a.tier == SHARED for a in assignments):
         return "shared-tp" + "-".join(str(t) for t in sorted({a.tp for a in assignments}))
+    if any(TIER_SEP in a.tier for a in assignments):
+        return "hybrid"
     return "per-tier-pd" if any(a.role != "mixed" for a in assignments) else "per-tier"
+
+
+def hybrid_cut(pool: int, tp: int, n: int, base: int, rest: str) -> list[Assignment]:
+    """``n`` TP-``tp`` instances serving every tier, then the rest of the pool at TP ``base``
+    serving only the tiers named ``rest`` (``base`` divides ``tp``, so every instance is aligned)."""
+    high = [Assignment(i * tp, tp, "mixed", SHARED) for i in range(n)]
+    return high + [Assignment(s, base, "mixed", rest) for s in range(n * tp, pool, base)]
+
+
+HYBRID_CANDIDATES = 2  # hybrid cuts per window handed on to be scored (each replay costs time)
+
+
+def hybrid_plans(
+    pool: int, perf: PerfModel, demands: dict[str, TierDemand], keep: int = HYBRID_CANDIDATES
+) -> list[Plan]:
+    """Cuts with two degrees: a few high-TP instances for the strictest-TPOT tier, the rest of the
+    pool at the lowest degree for the other tiers. The best ``keep`` by predicted goodput.
+
+    A tight TPOT target needs a high degree (a 14B model decodes within 8 ms at TP 2-4, not at TP
+    1), while prompt-heavy, looser tiers get the most tokens per GPU at the lowest degree. A
+    uniform cut serves one of them badly (docs/simulator.md, round 16). The high-TP instances
+    serve every tier, so the others' bursts can use them when the tight tier is quiet; the
+    low-TP ones serve only the looser tiers, whose targets then size their steps.
+    """
+    tps = valid_tp_choices(pool, perf)
+    if len(demands) < 2 or len(tps) < 2:
+        return []
+    tight = min(demands, key=lambda name: (demands[name].tier.tpot_s, name))
+    rest = join_tiers(name for name in demands if name != tight)
+    base = tps[0]
+    plans = []
+    for tp in tps[1:]:
+        # Around the count the tight tier's demand needs at this degree, and never the whole pool.
+        cap = slo_safe_capacity(perf, tp, demands[tight]).mixed_rps
+        need = math.ceil(demands[tight].arrival_rps / cap) if cap > 0 else 1
+        for n in sorted({1, need - 1, need, need + 1}):
+            if 1 <= n < pool // tp:
+                cut = hybrid_cut(pool, tp, n, base, rest)
+                plans.append(Plan(cut, predicted_goodput(perf, cut, demands)))
+    plans.sort(key=lambda plan: -plan.predicted_goodput_rps)
+    return plans[:keep]
 
 
 def candidate_plans(
@@ -265,14 +349,21 @@ def candidate_plans(
     demands: dict[str, TierDemand],
     roles: Sequence[Role] = ("mixed", "prefill", "decode"),
 ) -> list[Plan]:
-    """Every plan the configurator weighs: each shared uniform cut, then the per-tier greedy cut.
+    """Every plan the configurator weighs: each shared uniform cut, the best hybrid cuts, and
+    (where instances may split prefill from decode) the per-tier greedy cut.
 
-    Per-tier cuts isolate tiers (a tight-TPOT tier gets its own high-TP instances); shared cuts
-    pool the capacity (no GPU idles while another tier queues). ``control_loop.ControlLoop`` picks
-    among them by calibrated prediction. ``roles`` limits the per-tier cut (the serving path runs
-    mixed instances only until prefill->decode hand-off is built).
+    Shared cuts pool the capacity (no GPU idles while another tier queues); hybrid cuts give a
+    tight-TPOT tier high-TP instances and the rest of the pool the lowest degree.
+    ``control_loop.ControlLoop`` picks among them by replay or calibrated prediction. With mixed
+    instances only (``roles``; the serving path until prefill->decode hand-off is built) the
+    greedy's per-tier cut is left out: it fences the looser tiers apart, and a cut that fits one
+    window's mix starves a tier when the mix moves (14B at 1x saturation with an 8 ms tier: 85.1
+    req/s with it, 94.2 without; docs/simulator.md round 16).
     """
-    return [*shared_plans(pool, perf, demands), greedy(pool, perf, demands, roles=roles)]
+    plans = [*shared_plans(pool, perf, demands), *hybrid_plans(pool, perf, demands)]
+    if any(role != "mixed" for role in roles):
+        plans.append(greedy(pool, perf, demands, roles=roles))
+    return plans
 
 
 def _capacities(

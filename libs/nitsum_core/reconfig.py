@@ -10,7 +10,7 @@ import time
 from typing import NamedTuple
 
 from nitsum_core import messages as m
-from nitsum_core.configurator import SHARED, Assignment, Plan
+from nitsum_core.configurator import SHARED, Assignment, Plan, join_tiers, tier_set
 from nitsum_core.errors import InvalidRequest
 from nitsum_core.kv_cache import BlockManager, blocks_needed
 
@@ -47,21 +47,19 @@ def plan_topology(plan: Plan, epoch: int, reason: str) -> m.Topology:
             instance_id=i,
             slots=a.slots,
             role=a.role,
-            tiers=[] if a.tier == SHARED else [a.tier],
+            tiers=sorted(tier_set(a.tier) or ()),
         )
         for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start))
     ]
     return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
 
-def topology_plan(topo: m.Topology) -> Plan | None:
-    """The configurator's view of a topology; None where it cannot express it (an instance
-    serving several but not all tiers)."""
-    out = []
-    for inst in topo.instances:
-        if len(inst.tiers) > 1:
-            return None
-        out.append(Assignment(inst.slots[0], inst.tp, inst.role, inst.tiers[0] if inst.tiers else SHARED))
+def topology_plan(topo: m.Topology) -> Plan:
+    """The configurator's view of a topology (an instance serves every tier, one, or a set)."""
+    out = [
+        Assignment(inst.slots[0], inst.tp, inst.role, join_tiers(inst.tiers) if inst.tiers else SHARED)
+        for inst in topo.instances
+    ]
     return Plan(sorted(out, key=lambda a: a.start))
 
 

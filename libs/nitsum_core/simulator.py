@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan, Role, plan_shape, valid_tp_choices
+from nitsum_core.configurator import (
+    SHARED,
+    Assignment,
+    Plan,
+    Role,
+    plan_shape,
+    reachable_tpot,
+    serves,
+    valid_tp_choices,
+)
 from nitsum_core.control_loop import Arrival, ControlLoop, Forecast, InFlight
 from nitsum_core.goodput import RequestRecord, meets_slo
 from nitsum_core.perf_model import PerfModel
@@ -167,7 +176,7 @@ class Simulator:
         self.switches = 0
         self.timeline: list[tuple[float, str, float]] = []
         self._chunk_cache: dict[tuple[int, int, int, float], int] = {}
-        self._strictest_tpot = min(t.tpot_s for t in tiers.values())
+        self._reachable: dict[tuple[int, tuple[str, ...]], float | None] = {}  # see _tpot_target
         # The router's lane policy and the controller's window loop: the same objects the services
         # run (routing.LanePolicy, control_loop.ControlLoop), driven by simulated time.
         self.lanes = LanePolicy(tiers, preset.window_s)
@@ -183,7 +192,7 @@ class Simulator:
         self.plan = plan
 
     def _serving(self, tier: str, roles: tuple[str, ...]) -> list[SimInstance]:
-        return [i for i in self.instances if i.a.role in roles and (i.a.tier == tier or i.a.tier == "*")]
+        return [i for i in self.instances if i.a.role in roles and serves(i.a.tier, tier)]
 
     # ---- routing ---------------------------------------------------------------------------------
     def _route(self, r: SimRequest) -> None:
@@ -227,9 +236,10 @@ class Simulator:
         if inst.busy or not (inst.queue or inst.late_queue or inst.prefilling or inst.running):
             return
         start = max(self.now, inst.paused_until)
-        target = self._tpot_target(inst) if self.preset.queue_order == "slo" else None
+        slo = self.preset.queue_order == "slo"
+        target = self._tpot_target(inst) if slo else None  # None under SLO order: no reachable TPOT
         decode = inst.running if inst.a.role != "prefill" else 0
-        if target and (inst.queue or inst.prefilling):  # most steps at light load: decodes only
+        if slo and (inst.queue or inst.prefilling):  # most steps at light load: decodes only
             self._mark_late(inst, decode, target)
         # KV tokens the batch will decode over once the requests prefilling now join it.
         batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
@@ -240,17 +250,17 @@ class Simulator:
             queue: list = inst.queue or inst.late_queue
             r = queue[0][-1]
             if not self._seat_free(inst, r, target, batch_ctx):
-                if target and queue is inst.queue and self._unseat_late(inst):
+                if slo and queue is inst.queue and self._unseat_late(inst):
                     batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
                     continue
                 break
             need = r.prompt + r.output
-            if target:
+            if slo:
                 batch_ctx += r.prompt
             heapq.heappop(queue)
             inst.kv_used += need
             inst.prefilling_prompts += r.prompt
-            if target:
+            if slo:
                 bisect.insort(inst.prefilling, r, key=_prefill_order)
             else:
                 inst.prefilling.append(r)
@@ -306,7 +316,7 @@ class Simulator:
                 return True
         return False
 
-    def _mark_late(self, inst: SimInstance, decode: int, target: float) -> None:
+    def _mark_late(self, inst: SimInstance, decode: int, target: float | None) -> None:
         """Move the prompts that would miss their TTFT target to ``Lane.LATE``, as the engine's
         ``Scheduler`` does each step (``scheduler.misses_ttft``; docs/simulator.md rounds 11-12).
 
@@ -323,7 +333,7 @@ class Simulator:
         on_time = [(r.lane, r.due, r.rid, r) for r in inst.prefilling if r.lane != Lane.LATE]
         on_time += inst.queue
         on_time.sort()
-        chunk = self._chunk_within(inst, decode, target) if decode else self.chunk_tokens
+        chunk = self._chunk_within(inst, decode, target) if decode and target else self.chunk_tokens
         per_token = self.perf.step_time(inst.a.tp, chunk, decode, inst.ctx_tokens) / chunk
         now = self.now
         ahead = 0  # prompt tokens of the on-time prompts before this one
@@ -356,13 +366,19 @@ class Simulator:
                     inst.queue.append(entry)
             heapq.heapify(inst.queue)
 
-    def _tpot_target(self, inst: SimInstance) -> float:
-        if inst.a.tier == "*":
-            tpot = self._strictest_tpot
-        else:
-            tpot = self.tiers[inst.a.tier].tpot_s
-            if inst.guests:
-                tpot = min(tpot, *(self.tiers[t].tpot_s for t in inst.guests))
+    def _tpot_target(self, inst: SimInstance) -> float | None:
+        """The TPOT target ``inst``'s steps are sized for: the strictest it can reach among the
+        tiers it serves and its guests' (None: it can reach none, so its steps are not bounded),
+        lowered while a request resumed there pays back a re-cut's pause."""
+        served = inst.a.tier, *sorted(inst.guests)
+        tpot = self._reachable.get((inst.a.tp, served), 0.0)
+        if tpot == 0.0:
+            names = [t for t in self.tiers if serves(inst.a.tier, t) or t in inst.guests]
+            tpot = self._reachable[(inst.a.tp, served)] = reachable_tpot(
+                self.perf, inst.a.tp, (self.tiers[t].tpot_s for t in names)
+            )
+        if tpot is None:
+            return None
         debts = inst.tpot_debts
         while debts and debts[0][0] < inst.steps:
             heapq.heappop(debts)
@@ -554,14 +570,14 @@ class Simulator:
                     self._resume_decode(r, max(1, r.done_step - inst.steps + 1), resume)
         for inst in relabelled:
             inst.guests = {}
-            if inst.a.tier == "*":
+            if inst.a.tier == SHARED:
                 continue
             for r in [*inst.prefilling, *(f[2] for f in inst.finishing)]:
-                if r.tier != inst.a.tier:
+                if not serves(inst.a.tier, r.tier):
                     inst.guests[r.tier] = inst.guests.get(r.tier, 0) + 1
-            stay = [q for q in inst.queue if q[-1].tier == inst.a.tier]
-            stay_late = [q for q in inst.late_queue if q[-1].tier == inst.a.tier]
-            leave = [q[-1] for q in inst.queue + inst.late_queue if q[-1].tier != inst.a.tier]
+            stay = [q for q in inst.queue if serves(inst.a.tier, q[-1].tier)]
+            stay_late = [q for q in inst.late_queue if serves(inst.a.tier, q[-1].tier)]
+            leave = [q[-1] for q in inst.queue + inst.late_queue if not serves(inst.a.tier, q[-1].tier)]
             if leave:
                 heapq.heapify(stay)
                 heapq.heapify(stay_late)

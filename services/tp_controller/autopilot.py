@@ -121,8 +121,6 @@ class AutoPilot:
         if current is None or not current.instances:
             return None
         plan = reconfig.topology_plan(current)
-        if plan is None:
-            return None
         pool = sum(a.tp for a in plan.assignments)
         if self.loop is None or self.loop.pool != pool:
             self.loop = ControlLoop(
