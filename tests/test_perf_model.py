@@ -273,3 +273,55 @@ def test_inlined_step_time_equals_the_roofline_terms() -> None:
                 rng.randint(0, 10**6),
             )
             assert pm.step_time(*args) == pytest.approx(pm.terms(*args).total_s, rel=1e-12)
+
+
+def _study_perf() -> PerfModel:
+    """8B on H100 as the goodput study models it (2 ms per step of fixed overhead)."""
+    return PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"], Coefficients(overhead_s=2e-3))
+
+
+def _study_demands() -> dict[str, TierDemand]:
+    """The study's three tiers on 8B (gpu_tiers.toml): interactive's 5.5 ms TPOT is out of TP 1's
+    reach (its smallest decode step is ~6.5 ms), the others are not."""
+    return {
+        "interactive": TierDemand(Tier("interactive", 0.3, 0.0055, 0), 60.0, 1100, 200),
+        "agent": TierDemand(Tier("agent", 1.0, 0.03, 1), 30.0, 2000, 30),
+        "background": TierDemand(Tier("background", 10.0, 0.1, 2), 25.0, 1100, 200),
+    }
+
+
+def test_a_target_a_degree_cannot_reach_does_not_bound_what_it_serves() -> None:
+    from nitsum_core.configurator import reachable_tpot, shared_caps
+
+    pm, demands = _study_perf(), _study_demands()
+    assert reachable_tpot(pm, 1, [0.0055, 0.03, 0.1]) == 0.03  # 5.5 ms is below TP 1's floor
+    assert reachable_tpot(pm, 2, [0.0055, 0.03, 0.1]) == 0.0055
+    assert reachable_tpot(pm, 1, [0.001]) is None
+    caps = shared_caps(pm, 1, demands)
+    # TP 1 serves agent and background at their own (looser) bound, not interactive at all; sized
+    # for the 5.5 ms target it could serve nobody.
+    assert caps["interactive"] == 0 and caps["agent"] > 0 and caps["background"] > 0
+    assert caps["agent"] > shared_caps(pm, 2, demands)["agent"] / 2  # per GPU, TP 1 is the better buy
+
+
+def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree() -> None:
+    from nitsum_core.configurator import SHARED, candidate_plans, hybrid_plans, plan_family
+
+    pm, demands = _study_perf(), _study_demands()
+    plans = hybrid_plans(8, pm, demands)
+    assert 1 <= len(plans) <= 2
+    for plan in plans:
+        slots = sorted(s for a in plan.assignments for s in a.slots)
+        assert slots == list(range(8)) and all(a.start % a.tp == 0 for a in plan.assignments)
+        high = [a for a in plan.assignments if a.tier == SHARED]
+        low = [a for a in plan.assignments if a.tier != SHARED]
+        assert high and all(a.tp >= 2 for a in high)
+        assert low and all(a.tp == 1 and a.tier == "agent+background" for a in low)
+        assert plan_family(plan.assignments) == "hybrid"
+        # The model serves interactive on the high-TP instances and the rest on TP 1.
+        assert plan.predicted_goodput_rps > max(
+            p.predicted_goodput_rps for p in candidate_plans(8, pm, demands)[:4]
+        )
+    # With mixed instances only the per-tier greedy cut is not weighed; with P/D roles it is.
+    assert [plan_family(p.assignments) for p in candidate_plans(8, pm, demands, ("mixed",))][-1] == "hybrid"
+    assert plan_family(candidate_plans(8, pm, demands)[-1].assignments).startswith("per-tier")

@@ -158,6 +158,11 @@ def test_baseline_candidates_are_aligned_and_complete() -> None:
             slots = sorted(s for a in plan.assignments for s in a.slots)
             assert slots == list(range(8)) and all(a.start % a.tp == 0 for a in plan.assignments)
     assert len(list(split_clusters(8, 2, ["a", "b", "c"]))) == 3  # 4 units into 3 non-empty clusters
+    # Split clusters pick a degree each: 21 ways to size three clusters of 8 GPUs, each size with
+    # every power-of-two degree dividing it (78 in all), the uniform TP 1 and TP 2 ones among them.
+    split = [p.describe() for p in candidates("split", 8, perf, ["a", "b", "c"])]
+    assert len(split) == len(set(split)) == 78
+    assert {p.describe() for tp in (1, 2) for p in split_clusters(8, tp, ["a", "b", "c"])} <= set(split)
     assert [sum(a.role == "prefill" for a in p.assignments) for p in prefill_decode(8, 2)] == [1, 2, 3]
     assert candidates("nitsum", 8, perf, ["a"]) == [None]
 
@@ -385,3 +390,39 @@ def test_a_request_resumed_behind_its_tpot_gets_the_time_back() -> None:
     assert resumed.tpot_s <= tpot
     # The prompts still progressed beside it: every one finished.
     assert all(r.error is None for r in res.records[1:])
+
+
+STUDY_TIERS = {  # the 8B study's (gpu_tiers.toml): TP 1 cannot decode within interactive's 5.5 ms
+    "interactive": Tier("interactive", 0.3, 0.0055, 0),
+    "agent": Tier("agent", 1.0, 0.03, 1),
+    "background": Tier("background", 10.0, 0.1, 2),
+}
+
+
+def _attainment(plan: Plan, wl: list[TraceRequest]) -> dict[str, float]:
+    res = Simulator(_perf(), 4, STUDY_TIERS, SLO, plan).run(wl)
+    return {t.tier: t.attainment for t in summarize(res.records, STUDY_TIERS, res.duration_s, 4).tiers}
+
+
+def test_an_instance_serves_the_tiers_it_can_when_one_target_is_out_of_its_reach() -> None:
+    # Sized for the 5.5 ms target it cannot reach, a TP 1 instance admitted no one and served
+    # nothing at all. It now sizes its steps for the tiers it can serve; interactive requests
+    # run there best-effort.
+    tp1 = Plan([Assignment(s, 1, "mixed", "*") for s in range(4)])
+    att = _attainment(tp1, _workload(300, rate=10.0))
+    assert att["agent"] == att["background"] == 1.0
+    assert att["interactive"] == 0.0
+
+
+def test_a_hybrid_cut_sends_the_tight_tier_to_its_high_tp_instances_only() -> None:
+    # One TP 2 instance for every tier, two TP 1 instances for agent and background only: every
+    # interactive request decodes on the TP 2 instance within 5.5 ms (on a TP 1 one it could not).
+    hybrid = Plan(
+        [
+            Assignment(0, 2, "mixed", "*"),
+            Assignment(2, 1, "mixed", "agent+background"),
+            Assignment(3, 1, "mixed", "agent+background"),
+        ]
+    )
+    att = _attainment(hybrid, _workload(300, rate=10.0))
+    assert att == {"interactive": 1.0, "agent": 1.0, "background": 1.0}
