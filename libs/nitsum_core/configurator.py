@@ -264,14 +264,16 @@ def admission_caps(
         cap = slo_safe_capacity(perf, a.tp, d)
         rate = cap.mixed_rps if a.role == "mixed" else cap.prefill_rps if a.role == "prefill" else 0.0
         caps[a.tier] = caps.get(a.tier, 0.0) + rate
-    # Instances serving fewer tiers hand out their time first: the tiers they do not serve can
-    # only use the broader ones.
+    # Instances serving fewer tiers hand out their time first, and a group serves first the tiers
+    # that fewer groups can take: the tiers the narrow groups do not serve can only use the broad
+    # ones (a high-TP instance for every tier is the tight tier's only place in a hybrid cut).
+    options = {name: sum(serves(spec, name) for _, spec in shared) for name in demands}
     for (tp, spec), n in sorted(
         shared.items(), key=lambda kv: (kv[0][1] == SHARED, kv[0][1].count(TIER_SEP))
     ):
         per_tier = shared_caps(perf, tp, {t: d for t, d in demands.items() if serves(spec, t)})
         left = float(n)  # instance-seconds per second
-        for name in sorted(per_tier, key=lambda t: -per_tier[t]):
+        for name in sorted(per_tier, key=lambda t: (options[t], -per_tier[t])):
             cap = per_tier[name]
             if cap <= 0 or left <= 0:
                 continue
@@ -298,7 +300,7 @@ def plan_family(assignments: Sequence[Assignment]) -> str:
     if assignments and all(a.tier == SHARED for a in assignments):
         return "shared-tp" + "-".join(str(t) for t in sorted({a.tp for a in assignments}))
     if any(TIER_SEP in a.tier for a in assignments):
-        return "hybrid"
+        return "hybrid-tp" + "-".join(str(t) for t in sorted({a.tp for a in assignments}))
     return "per-tier-pd" if any(a.role != "mixed" for a in assignments) else "per-tier"
 
 

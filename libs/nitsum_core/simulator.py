@@ -591,8 +591,14 @@ class Simulator:
 
     def _resume_decode(self, r: SimRequest, left: int, resume: float) -> None:
         """Continue decoding ``r`` (its KV moved here) from ``resume``, ``left`` steps from done, on
-        the least-loaded instance that decodes its tier."""
-        targets = self._serving(r.tier, ("decode", "mixed")) or self.instances
+        the least-loaded instance that decodes its tier; one that can no longer meet its TPOT
+        target goes to the least-loaded instance of any tier."""
+        targets = self._serving(r.tier, ("decode", "mixed"))
+        if not targets or self._tpot_lost(r, r.output - left, left, resume, targets):
+            # It still finishes, but cannot count: on its tier's instances it would take the seats
+            # of requests that can (a cut giving a tight tier its first high-TP instance moved
+            # every one of that tier's decodes from the low-TP ones onto it; round 16).
+            targets = [i for i in self.instances if i.a.role != "prefill"] or self.instances
         new = min(targets, key=lambda i: i.load)
         new.kv_used += r.prompt + r.output
         new.running += 1
@@ -600,6 +606,17 @@ class Simulator:
         r.done_step = new.steps + left
         heapq.heappush(new.finishing, (r.done_step, r.rid, r))
         self._owe_tpot(new, r, r.output - left, left, resume)
+
+    def _tpot_lost(
+        self, r: SimRequest, generated: int, left: int, resume: float, targets: list[SimInstance]
+    ) -> bool:
+        """Whether ``r``, ``generated`` tokens out and ``left`` to go from ``resume``, misses its
+        mean-TPOT target even at the fastest decode step (one sequence) of any of ``targets``."""
+        if self.preset.queue_order != "slo" or r.first_token is None or generated < 1:
+            return False
+        fastest = min(self.perf.step_time(i.a.tp, 0, 1, 0) for i in targets)
+        tpot = self.tiers[r.tier].tpot_s
+        return resume - r.first_token + left * fastest > tpot * (generated + left - 1)
 
     def in_flight(self) -> list[InFlight]:
         """Every request queued, prefilling or decoding now: what the control loop's replay starts from."""
