@@ -426,3 +426,24 @@ def test_a_hybrid_cut_sends_the_tight_tier_to_its_high_tp_instances_only() -> No
     )
     att = _attainment(hybrid, _workload(300, rate=10.0))
     assert att == {"interactive": 1.0, "agent": 1.0, "background": 1.0}
+
+
+def test_a_decode_that_can_no_longer_meet_its_tpot_resumes_off_the_tight_tiers_instances() -> None:
+    # Two interactive decodes move onto a hybrid cut: one on pace for 5.5 ms, one that has spent
+    # 10 s on 50 tokens and cannot get back under 5.5 ms at any speed. The first goes to the
+    # TP 2 instance that serves interactive; the second to a TP 1 instance, where it does not
+    # take a seat that a request which can still count needs (it still finishes).
+    hybrid = Plan(
+        [
+            Assignment(0, 2, "mixed", "*"),
+            Assignment(2, 1, "mixed", "agent+background"),
+            Assignment(3, 1, "mixed", "agent+background"),
+        ]
+    )
+    on_pace = InFlight("interactive", 500, 200, age_s=0.35, ttft_s=0.1, generated=40)
+    lost = InFlight("interactive", 500, 200, age_s=10.1, ttft_s=0.1, generated=50)
+    sim = Simulator(_perf(), 4, STUDY_TIERS, SLO, hybrid)
+    sim.run([], [on_pace, lost], until_s=0.001)
+    assert [(i.a.tp, i.running) for i in sim.instances] == [(2, 1), (1, 1), (1, 0)]
+    done = Simulator(_perf(), 4, STUDY_TIERS, SLO, hybrid).run([], [on_pace, lost]).records
+    assert all(r.error is None for r in done)
