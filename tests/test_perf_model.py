@@ -327,3 +327,16 @@ def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree(
         "hybrid-tp1-"
     )
     assert plan_family(candidate_plans(8, pm, demands)[-1].assignments).startswith("per-tier")
+
+
+def test_no_hybrid_cut_where_the_lowest_degree_reaches_every_target() -> None:
+    from dataclasses import replace
+
+    from nitsum_core.configurator import hybrid_plans
+
+    pm, demands = _study_perf(), _study_demands()
+    assert hybrid_plans(8, pm, demands)
+    relaxed = dict(
+        demands, interactive=replace(demands["interactive"], tier=Tier("interactive", 0.3, 0.012, 0))
+    )
+    assert hybrid_plans(8, pm, relaxed) == []  # TP 1 decodes within 12 ms: uniform cuts serve every tier

@@ -325,13 +325,19 @@ def hybrid_plans(
     uniform cut serves one of them badly (docs/simulator.md, round 16). The high-TP instances
     serve every tier, so the others' bursts can use them when the tight tier is quiet; the
     low-TP ones serve only the looser tiers, whose targets then size their steps.
+
+    None are offered where the lowest degree reaches the strictest target: a uniform cut then
+    serves every tier, and offering hybrids there cost goodput (14B with a 12 ms tier at 2x
+    saturation: a switch into a burst, 195.2 -> 187.1 req/s; docs/simulator.md round 16).
     """
     tps = valid_tp_choices(pool, perf)
     if len(demands) < 2 or len(tps) < 2:
         return []
     tight = min(demands, key=lambda name: (demands[name].tier.tpot_s, name))
-    rest = join_tiers(name for name in demands if name != tight)
     base = tps[0]
+    if reachable_tpot(perf, base, [demands[tight].tier.tpot_s]) is not None:
+        return []
+    rest = join_tiers(name for name in demands if name != tight)
     plans = []
     for tp in tps[1:]:
         # Around the count the tight tier's demand needs at this degree, and never the whole pool.
