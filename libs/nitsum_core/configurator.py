@@ -320,8 +320,8 @@ def hybrid_plans(
     """Cuts with two degrees: a few high-TP instances for the strictest-TPOT tier, the rest of the
     pool at the lowest degree for the other tiers. The best ``keep`` by predicted goodput.
 
-    A tight TPOT target needs a high degree (a 14B model decodes within 8 ms at TP 2-4, not at TP
-    1), while prompt-heavy, looser tiers get the most tokens per GPU at the lowest degree. A
+    A tight TPOT target needs a high degree (a 14B model decodes within 8.5 ms at TP 2-4, not at
+    TP 1), while prompt-heavy, looser tiers get the most tokens per GPU at the lowest degree. A
     uniform cut serves one of them badly (docs/simulator.md, round 16). The high-TP instances
     serve every tier, so the others' bursts can use them when the tight tier is quiet; the
     low-TP ones serve only the looser tiers, whose targets then size their steps.
