@@ -32,10 +32,18 @@ async def pool4(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
     # These tests assert that a switch reroutes nothing. Under the whole suite on a 2-core host a
     # worker's heartbeat once came > 2 s late mid-switch (all 16 requests rerouted, outputs still
     # exact): a liveness false alarm, not a switch failure. Detection speed is tested elsewhere.
-    s = _stack(tmp_path_factory.mktemp("pool4"), tiny_llama_dir, worker_timeout_s=6.0)
+    # Every step sleeps 20 ms: on an idle host one worker ran the tiny model 200 tokens ahead of
+    # the others before the first switch, and a quarter of the requests had finished by then.
+    s = _stack(tmp_path_factory.mktemp("pool4"), tiny_llama_dir, worker_timeout_s=6.0, worker_env=_paced())
     await s.start()
     yield s
     s.stop()
+
+
+def _paced(**extra: dict[str, str]) -> dict[int, dict[str, str]]:
+    """Worker environments with a 20 ms sleep per engine step (``extra`` adds per-slot variables),
+    so that requests of 260 tokens are still generating when a test switches or kills a worker."""
+    return {slot: {"NITSUM_TEST_STEP_DELAY_S": "0.02", **extra.get(f"slot{slot}", {})} for slot in range(4)}
 
 
 async def _run_all(c: NitsumClient, progress: dict[int, int]) -> list[asyncio.Task]:
@@ -114,7 +122,7 @@ async def test_worker_killed_during_migration_aborts_and_survivors_resume(
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
     # Slot 3 stalls 3 s before its migrate step, so it is mid-switch when it is killed.
-    s = _stack(tmp_path, tiny_llama_dir, worker_env={3: {"NITSUM_TEST_MIGRATE_DELAY_S": "3"}})
+    s = _stack(tmp_path, tiny_llama_dir, worker_env=_paced(slot3={"NITSUM_TEST_MIGRATE_DELAY_S": "3"}))
     await s.start()
     try:
         async with NitsumClient(s.nats_url) as c:
