@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan, hybrid_cut, join_tiers, valid_tp_choices
+from nitsum_core.configurator import Assignment, Plan, hybrid_cut, tight_and_rest, valid_tp_choices
 from nitsum_core.goodput import GoodputReport, summarize
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.simulator import Preset, SimResult, Simulator
@@ -71,8 +71,7 @@ def hybrid_cuts(pool: int, tps: list[int], tiers: dict[str, Tier]) -> Iterator[P
     """Every static hybrid cut (``configurator.hybrid_cut``): some instances at a higher degree
     serving every tier, the rest at the lowest degree serving all but the strictest-TPOT tier.
     Not a baseline preset: ``dynamic_headroom.py`` runs them as static plans of any shape."""
-    tight = min(tiers, key=lambda name: (tiers[name].tpot_s, name))
-    rest = join_tiers(name for name in tiers if name != tight)
+    _, rest = tight_and_rest({name: t.tpot_s for name, t in tiers.items()})
     for tp in tps[1:]:
         for n in range(1, pool // tp):
             yield Plan(hybrid_cut(pool, tp, n, tps[0], rest))

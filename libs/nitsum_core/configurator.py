@@ -158,6 +158,19 @@ def join_tiers(tiers: Iterable[str]) -> str:
     return TIER_SEP.join(sorted(tiers))
 
 
+def smallest_decode_step(perf: PerfModel, tp: int) -> float:
+    """The fastest step a TP-``tp`` instance can take while decoding: one sequence, no context.
+    No TPOT target below it can be met at that degree."""
+    return perf.step_time(tp, 0, 1, 0)
+
+
+def tight_and_rest(tpots: dict[str, float]) -> tuple[str, str]:
+    """The strictest-TPOT tier of ``tpots`` (ties by name) and the assignment ``tier`` naming
+    all the others: what a hybrid cut's high- and low-TP instances are for."""
+    tight = min(tpots, key=lambda name: (tpots[name], name))
+    return tight, join_tiers(name for name in tpots if name != tight)
+
+
 def reachable_tpot(perf: PerfModel, tp: int, targets: Iterable[float]) -> float | None:
     """The strictest of ``targets`` a TP-``tp`` instance can meet at all, None if none.
 
@@ -166,7 +179,7 @@ def reachable_tpot(perf: PerfModel, tp: int, targets: Iterable[float]) -> float 
     can serve (a TP 1 instance of a 14B model cannot decode within 8 ms, and so served nothing),
     so such a tier's requests run there best-effort and the steps are sized for the others.
     """
-    floor = perf.step_time(tp, 0, 1, 0)
+    floor = smallest_decode_step(perf, tp)
     reachable = [t for t in targets if t >= floor]
     return min(reachable) if reachable else None
 
@@ -333,11 +346,10 @@ def hybrid_plans(
     tps = valid_tp_choices(pool, perf)
     if len(demands) < 2 or len(tps) < 2:
         return []
-    tight = min(demands, key=lambda name: (demands[name].tier.tpot_s, name))
+    tight, rest = tight_and_rest({name: d.tier.tpot_s for name, d in demands.items()})
     base = tps[0]
     if reachable_tpot(perf, base, [demands[tight].tier.tpot_s]) is not None:
         return []
-    rest = join_tiers(name for name in demands if name != tight)
     plans = []
     for tp in tps[1:]:
         # Around the count the tight tier's demand needs at this degree, and never the whole pool.

@@ -28,6 +28,7 @@ from nitsum_core.configurator import (
     plan_shape,
     reachable_tpot,
     serves,
+    smallest_decode_step,
     valid_tp_choices,
 )
 from nitsum_core.control_loop import Arrival, ControlLoop, Forecast, InFlight
@@ -176,7 +177,7 @@ class Simulator:
         self.switches = 0
         self.timeline: list[tuple[float, str, float]] = []
         self._chunk_cache: dict[tuple[int, int, int, float], int] = {}
-        self._reachable: dict[tuple[int, tuple[str, ...]], float | None] = {}  # see _tpot_target
+        self._reachable: dict[tuple[int | str, ...], float | None] = {}  # see _tpot_target
         # The router's lane policy and the controller's window loop: the same objects the services
         # run (routing.LanePolicy, control_loop.ControlLoop), driven by simulated time.
         self.lanes = LanePolicy(tiers, preset.window_s)
@@ -370,13 +371,11 @@ class Simulator:
         """The TPOT target ``inst``'s steps are sized for: the strictest it can reach among the
         tiers it serves and its guests' (None: it can reach none, so its steps are not bounded),
         lowered while a request resumed there pays back a re-cut's pause."""
-        served = inst.a.tier, *sorted(inst.guests)
-        tpot = self._reachable.get((inst.a.tp, served), 0.0)
-        if tpot == 0.0:
+        key = inst.a.tp, inst.a.tier, *sorted(inst.guests)
+        if key not in self._reachable:
             names = [t for t in self.tiers if serves(inst.a.tier, t) or t in inst.guests]
-            tpot = self._reachable[(inst.a.tp, served)] = reachable_tpot(
-                self.perf, inst.a.tp, (self.tiers[t].tpot_s for t in names)
-            )
+            self._reachable[key] = reachable_tpot(self.perf, inst.a.tp, (self.tiers[t].tpot_s for t in names))
+        tpot = self._reachable[key]
         if tpot is None:
             return None
         debts = inst.tpot_debts
@@ -614,7 +613,7 @@ class Simulator:
         mean-TPOT target even at the fastest decode step (one sequence) of any of ``targets``."""
         if self.preset.queue_order != "slo" or r.first_token is None or generated < 1:
             return False
-        fastest = min(self.perf.step_time(i.a.tp, 0, 1, 0) for i in targets)
+        fastest = min(smallest_decode_step(self.perf, i.a.tp) for i in targets)
         tpot = self.tiers[r.tier].tpot_s
         return resume - r.first_token + left * fastest > tpot * (generated + left - 1)
 
