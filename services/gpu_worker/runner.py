@@ -332,7 +332,11 @@ class SlotRunner:
         """Apply a topology written without a switch protocol (pool change after a fault)."""
         inst = reconfig.instance_of(topo, self.slot)
         current = self.role.instance.slots if self.role.instance else None
-        if (inst.slots if inst else None) == current or (inst is not None and self.can_run(inst)):
+        if (inst.slots if inst else None) == current:
+            return False
+        reason = self.can_run(inst)
+        if reason is not None:
+            self.log.error("cannot take this slot's place in the topology", epoch=topo.epoch, reason=reason)
             return False
         exported = self.engine.export() if self.engine else []
         if self.engine is not None and self.role.tp > 1:

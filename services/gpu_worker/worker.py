@@ -203,10 +203,11 @@ class GpuWorker:
             instance=inst.slots if inst else None,
             reason=topo.reason,
         )
-        current = self.runner.role.instance
-        if (inst.slots if inst else None) != (current.slots if current else None):
-            # Written without a switch (a worker joined or died): apply it, recomputing any KV.
-            self.runner.commands.put(Control("adopt", topo))
+        # Written without a switch (a worker joined or died): the engine thread applies it,
+        # recomputing any KV, or finds it already in that role. It decides, not this side: the
+        # role read here can be stale while an earlier adopt is still queued, and a topology
+        # dropped on that stale view (pool [1], then [0] [1]) left a slot with no engine for good.
+        self.runner.commands.put(Control("adopt", topo))
 
     def _validate(self, req: m.WorkerSubmit) -> RequestParams:
         runner = self.runner
