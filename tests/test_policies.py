@@ -176,14 +176,13 @@ def test_a_replay_starts_from_the_backlog_and_counts_what_finishes_in_its_span()
     perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
     replay = PlanReplay(perf, 8, TIERS_70B, drain_s=0.0)  # the span alone: no drain after it
     short = [Arrival("agent", 2000, 30, at_s=0.1 * i) for i in range(5)]  # done within a second
-    long = [Arrival("interactive", 1000, 400, at_s=0.0)]  # 400 tokens at >= 10 ms: not in 2 s
-    assert replay(_shared(2), short + long, 2.0) == pytest.approx(5 / 2.0)
+    assert replay(_shared(2), short, 2.0) == pytest.approx(5 / 2.0)
     # Decoding requests near their end finish first thing, within targets; a queued one already
     # past its TTFT target cannot count, but it is served (and competes) all the same.
     ending = [InFlight("interactive", 1000, 250, 6.0, ttft_s=0.5, generated=249)] * 20
     late = [InFlight("agent", 2000, 30, 4.0)]
     for plan in (_shared(2), _shared(4)):
-        assert replay(plan, short + long, 2.0, ending + late) == pytest.approx(25 / 2.0)
+        assert replay(plan, short, 2.0, ending + late) == pytest.approx(25 / 2.0)
     # A backlog far beyond what a plan can serve in the span crowds out the new arrivals: the
     # plan that clears it faster scores higher, where from an empty pool both looked the same.
     queued = [InFlight("agent", 2000, 30, 0.1)] * 100
@@ -193,16 +192,35 @@ def test_a_replay_starts_from_the_backlog_and_counts_what_finishes_in_its_span()
     assert warm[0] > 1.5 * warm[1]
 
 
-def test_a_replay_drains_its_span_so_requests_count_by_their_outcome() -> None:
+def test_a_replay_scores_each_request_by_its_outcome_not_the_span_end() -> None:
     perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
     short = [Arrival("agent", 2000, 30, at_s=0.1 * i) for i in range(5)]
-    long = [Arrival("interactive", 1000, 400, at_s=0.0)]  # ends after the 2 s span, within targets
+    # 400 tokens at TP 2's ~18 ms: still decoding when the span ends, on pace for its 25 ms target.
+    long = [Arrival("interactive", 1000, 400, at_s=0.0)]
     late = [InFlight("agent", 2000, 30, 4.0)]  # already past its TTFT target: never counts
-    in_span = PlanReplay(perf, 8, TIERS_70B, drain_s=0.0)(_shared(2), short + long, 2.0, late)
-    drained = PlanReplay(perf, 8, TIERS_70B, drain_s=10.0)(_shared(2), short + long, 2.0, late)
-    assert in_span == pytest.approx(5 / 2.0) and drained == pytest.approx(6 / 2.0)
-    # By default the drain is as long as the span: 2 s more are not enough for the long request.
-    assert PlanReplay(perf, 8, TIERS_70B)(_shared(2), short + long, 2.0, late) == pytest.approx(5 / 2.0)
+    # 10 tokens in 5.5 s: far behind its TPOT target, it cannot count however it ends.
+    behind = [InFlight("interactive", 1000, 400, 6.0, ttft_s=0.5, generated=10)]
+    for drain in (0.0, None, 10.0):
+        replay = PlanReplay(perf, 8, TIERS_70B, drain_s=drain)
+        assert replay(_shared(2), short + long, 2.0, late + behind) == pytest.approx(6 / 2.0)
+    # At TP 8 the one decode of a step takes longer than the long request's target: it runs off
+    # pace from its second token, and is charged for it whether or not it has finished.
+    for drain in (0.0, 10.0):
+        tight = {**TIERS_70B, "interactive": Tier("interactive", 1.0, 0.005, 0)}
+        replay = PlanReplay(perf, 8, tight, drain_s=drain)
+        assert replay(_shared(8), short + long, 2.0) == pytest.approx(5 / 2.0)
+
+
+def test_a_replay_keeps_the_pool_loaded_while_it_drains() -> None:
+    # 50 req/s of the 70B mix is more than shared TP 4 serves: its queue grows. Replayed with the
+    # span's arrivals repeating through the drain, the span's background requests (served last:
+    # their TTFT deadline is the furthest) meet the repeats' interactive ones and wait; on an idle
+    # drain they are all served and the cut looks better than it is.
+    perf = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h200"], Coefficients(overhead_s=2e-3))
+    requests = [MIX_70B[i % 10]._replace(at_s=i / RATE_70B) for i in range(5 * RATE_70B)]
+    loaded = PlanReplay(perf, 8, TIERS_70B)(_shared(4), requests, 5.0)
+    idle = PlanReplay(perf, 8, TIERS_70B, repeat_arrivals=False)(_shared(4), requests, 5.0)
+    assert 0 < loaded < 0.9 * idle
 
 
 @pytest.mark.parametrize("scorer", ["replay", "roofline"])
