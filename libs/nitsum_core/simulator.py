@@ -627,11 +627,9 @@ class Simulator:
             for _, _, r in inst.finishing:
                 assert r.first_token is not None
                 tier = self.tiers[r.tier]
-                generated = max(1, r.output - (r.done_step - inst.steps))
-                if (
-                    r.first_token - r.arrival <= tier.ttft_s
-                    and self.now - r.first_token <= tier.tpot_s * max(1, generated - 1)
-                ):
+                intervals = max(1, r.output - (r.done_step - inst.steps) - 1)  # tokens after the first
+                on_ttft = r.first_token - r.arrival <= tier.ttft_s
+                if on_ttft and self.now - r.first_token <= tier.tpot_s * intervals:
                     on_pace.add(r.rid)
         return on_pace
 
