@@ -807,12 +807,10 @@ class PlanReplay:
         window_s: float = 1.0,
         seed: int = 0,
         drain_s: float | None = None,
-        repeat_arrivals: bool = True,
         **sim_kwargs: int,
     ) -> None:
         self.perf, self.pool, self.tiers, self.window_s, self.seed = perf, pool, tiers, window_s, seed
         self.drain_s = drain_s
-        self.repeat_arrivals = repeat_arrivals  # False: an idle drain (rounds 10-16), for comparison
         self.sim_kwargs = sim_kwargs
         self.preset = Preset("replay", "slo", window_s=window_s)
 
@@ -842,11 +840,17 @@ class PlanReplay:
             replace(w, arrival_s=w.arrival_s + k * span_s)
             for k in range(1, math.ceil(drain / span_s) + 1)
             for w in workload
-            if self.repeat_arrivals and w.arrival_s + k * span_s < span_s + drain
+            if w.arrival_s + k * span_s < span_s + drain
         ]
         sim = Simulator(self.perf, self.pool, self.tiers, self.preset, plan, **self.sim_kwargs)  # type: ignore[arg-type]
         result = sim.run(workload + repeats, backlog, until_s=span_s + drain)
         on_pace = sim.decoding_on_pace()
-        scored = result.records[: len(backlog) + len(workload)]  # records come in_flight first
-        good = sum(rid in on_pace or meets_slo(rec, self.tiers[rec.tier]) for rid, rec in enumerate(scored))
-        return good / span_s
+        # Each tier is scored on the requests whose TTFT deadline has passed when the replay ends,
+        # per second of the arrivals they span (at least the span's own).
+        end = span_s + drain
+        scored_until = {name: max(span_s, end - tier.ttft_s) for name, tier in self.tiers.items()}
+        good: dict[str, int] = dict.fromkeys(self.tiers, 0)
+        for rid, rec in enumerate(result.records):
+            if rec.arrival_s < scored_until[rec.tier] and (rid in on_pace or meets_slo(rec, self.tiers[rec.tier])):
+                good[rec.tier] += 1
+        return sum(good[name] / scored_until[name] for name in self.tiers)
