@@ -8,9 +8,10 @@ admission budgets it returns go to the router's ``LanePolicy``.
 How a candidate plan is scored: with a ``replay`` scorer (``simulator.PlanReplay``, what both
 drivers use), each candidate is run through the simulator for the next few windows, starting from
 the requests in flight now and fed the last few windows' arrivals again at the times they arrived
-(or, where the driver passes a ``forecast``, the requests it predicts for the next span); its
-score is the requests that finish within both targets, per second of the span, counting those
-that finish while the replay drains the span (so work a cut pushes past the span is charged).
+(or, where the driver passes a ``forecast``, the requests it predicts for the next span),
+repeating until every tier's TTFT deadlines have passed; its score is the requests that meet both
+targets, per second, each tier counted over the arrivals whose outcome is decided by then (so work
+a cut pushes past the span is charged: ``PlanReplay``).
 The candidates of a window are independent replays: with a ``replay_map`` (a process pool's
 ``map``), they run side by side. Without a replay scorer, by the configurator's roofline
 prediction, which is cheap enough for any pool size but ranks plans less well; that score is
@@ -283,7 +284,7 @@ class ControlLoop:
 
         The span is the last ``replay_windows`` of arrivals replayed, or the ``forecast`` where the
         driver gives one. The replay starts from ``backlog``, what the driver reported in flight,
-        and counts what finishes within targets (``PlanReplay`` drains the span first): a plan
+        and counts what meets both targets (``PlanReplay`` runs on until it is decided): a plan
         that is falling behind carries its backlog into its own replay and scores what it will
         really deliver. (Replays that started from an empty pool and ran every request to its end
         scored such a plan as if it kept up, by up to 2x, and needed a per-family calibration that

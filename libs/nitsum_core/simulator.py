@@ -782,13 +782,15 @@ class PlanReplay:
     with the Nitsum scheduler for the span, and scores the requests that finished within both
     targets per second of it -- what the routers report as a window's goodput.
 
-    A request is scored by its outcome, not by whether it happened to end inside the span: the
-    replay runs on until every request's TTFT deadline has passed (``drain_s`` past the span: by
-    default the longest TTFT target among the tiers replayed), with the span's arrivals repeating
-    meanwhile so that the pool stays as loaded as the recent past had it; only the span's
-    requests and the backlog are scored. One that finished counts if it met both targets; one
-    still decoding at the end counts if its first token came within its TTFT target and its
-    tokens have kept within its TPOT target so far (``Simulator.decoding_on_pace``).
+    A request is scored by its outcome, not by whether it happened to end inside the span. The
+    replay runs on for ``drain_s`` past the span (by default the longest TTFT target among the
+    tiers replayed) with the span's arrivals repeating, one span later each time, so that the pool
+    stays as loaded as the recent past had it. Each tier is then scored on the requests whose TTFT
+    deadline has passed by the end (arrivals up to the end less its TTFT target, and at least the
+    span's), per second of those arrivals; the backlog counts too. One that finished counts if it
+    met both targets; one still decoding counts if its first token came within its TTFT target and
+    its tokens have kept within its TPOT target so far (``Simulator.decoding_on_pace``). A plan
+    that keeps up thus scores the arrival rate whatever the drain.
 
     Why each part: without a drain, a cut that pushes a tier's work past the span's end (every
     instance given to the other tiers, that tier queued best-effort behind them) is never charged
@@ -796,7 +798,10 @@ class PlanReplay:
     grew (docs/simulator.md, round 10). A drain shorter than a tier's TTFT target charges a cut
     for serving that tier within its target but after the drain: with 5 s against 70B's 20 s
     background target the loop left the better cuts (round 16). A drain with no arrivals lets a
-    cut clear a queue that in fact keeps growing (20 s idle drains cost relaxed 14B 3.5 %).
+    cut clear a queue that in fact keeps growing (20 s idle drains cost relaxed 14B 3.5 %). And
+    scoring only the span's own requests in overload charges every cut alike for a tight tier:
+    its requests queued behind the backlog miss their TTFT while the repeats, on time, are served
+    (round 17: no interactive request of the span counted on any cut, 8B at 2x).
     """
 
     def __init__(
@@ -851,6 +856,7 @@ class PlanReplay:
         scored_until = {name: max(span_s, end - tier.ttft_s) for name, tier in self.tiers.items()}
         good: dict[str, int] = dict.fromkeys(self.tiers, 0)
         for rid, rec in enumerate(result.records):
-            if rec.arrival_s < scored_until[rec.tier] and (rid in on_pace or meets_slo(rec, self.tiers[rec.tier])):
+            counts = rid in on_pace or meets_slo(rec, self.tiers[rec.tier])
+            if counts and rec.arrival_s < scored_until[rec.tier]:
                 good[rec.tier] += 1
         return sum(good[name] / scored_until[name] for name in self.tiers)
