@@ -839,7 +839,9 @@ class PlanReplay:
         if self.drain_s is not None:
             drain = self.drain_s
         else:
-            drain = max(self.tiers[t].ttft_s for t in {r.tier for r in requests} | {f.tier for f in backlog})
+            present = {r.tier for r in requests} | {f.tier for f in backlog}
+            # An unknown tier is left to ``Simulator.run``, which names it.
+            drain = max((t.ttft_s for name, t in self.tiers.items() if name in present), default=0.0)
         # The span's arrivals again, one span later each time, until the drain ends.
         repeats = [
             replace(w, arrival_s=w.arrival_s + k * span_s)
