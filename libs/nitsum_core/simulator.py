@@ -562,7 +562,7 @@ class Simulator:
             for r in moved:
                 if self.preset.switch == "slow" or r.first_token is None or inst.a.role == "prefill":
                     # Re-run from the prompt (the slow path loses KV; unstarted ones just move).
-                    generated = 0 if r.first_token is None else max(0, r.output - (r.done_step - inst.steps))
+                    generated = 0 if r.first_token is None else max(0, _decoded(r, inst))
                     r.prompt, r.output, r.prefilled = r.prompt + generated, max(1, r.output - generated), 0
                     self._route_requeue(r)
                 else:
@@ -627,7 +627,7 @@ class Simulator:
             for _, _, r in inst.finishing:
                 assert r.first_token is not None
                 tier = self.tiers[r.tier]
-                intervals = max(1, r.output - (r.done_step - inst.steps) - 1)  # tokens after the first
+                intervals = max(1, _decoded(r, inst) - 1)  # tokens after the first
                 on_ttft = r.first_token - r.arrival <= tier.ttft_s
                 if on_ttft and self.now - r.first_token <= tier.tpot_s * intervals:
                     on_pace.add(r.rid)
@@ -643,7 +643,7 @@ class Simulator:
                 out.append(InFlight(r.tier, r.prompt, r.output, self.now - r.arrival, ttft))
             for _, _, r in inst.finishing:
                 assert r.first_token is not None
-                generated = max(1, r.output - (r.done_step - inst.steps))
+                generated = max(1, _decoded(r, inst))
                 out.append(
                     InFlight(
                         r.tier, r.prompt, r.output, self.now - r.arrival, r.first_token - r.arrival, generated
@@ -764,6 +764,11 @@ class Simulator:
         arrived = reqs[len(resumed) :]
         duration = (arrived[-1].arrival - arrived[0].arrival) if len(arrived) > 1 else 1.0
         return SimResult(records, duration, self.switches, self.timeline, self.rejected)
+
+
+def _decoded(r: SimRequest, inst: SimInstance) -> int:
+    """Tokens ``r``, decoding on ``inst``, has generated so far (its decode ends at ``done_step``)."""
+    return r.output - (r.done_step - inst.steps)
 
 
 class PlanReplay:
