@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
+from nitsum_core import simulator
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan
 from nitsum_core.control_loop import InFlight
@@ -447,3 +449,20 @@ def test_a_decode_that_can_no_longer_meet_its_tpot_resumes_off_the_tight_tiers_i
     assert [(i.a.tp, i.running) for i in sim.instances] == [(2, 1), (1, 1), (1, 0)]
     done = Simulator(_perf(), 4, STUDY_TIERS, SLO, hybrid).run([], [on_pace, lost]).records
     assert all(r.error is None for r in done)
+
+
+def test_skipping_the_late_check_when_nothing_can_be_late_changes_no_outcome(monkeypatch) -> None:
+    """``_mark_late`` skips its full check while a kept bound proves no on-time prompt can miss;
+    in overload, through re-cuts, every request's outcome is the same as checking every step."""
+    wl = _workload(800, rate=150.0, seed=3)
+    nitsum = Preset("nitsum", queue_order="slo", dynamic=True)
+    skipping = Simulator(_perf(), 8, STUDY_TIERS, nitsum)
+    fast = skipping.run(wl)
+    monkeypatch.setattr(simulator, "_SAFE_MARGIN_S", math.inf)  # never skip
+    checking = Simulator(_perf(), 8, STUDY_TIERS, nitsum)
+    slow = checking.run(wl)
+    assert skipping.late_checks_skipped > 0 and checking.late_checks_skipped == 0
+    assert fast.switches > 0 and any(
+        r.error is None and r.ttft_s > STUDY_TIERS[r.tier].ttft_s for r in slow.records
+    )
+    assert fast.records == slow.records and fast.switches == slow.switches
