@@ -32,6 +32,15 @@ from study_setup import add_study_args, load_study
 BASELINES = ("vanilla", "priority", "split", "static-pd")
 
 
+def _ratio(num: float, den: float) -> float | None:
+    """num / den, None where the baseline served nothing (JSON has no infinity)."""
+    return num / den if den > 0 else None
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}×"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p, rate=400.0, out="bench_results/target_sweep.json")
@@ -41,6 +50,8 @@ def main() -> None:
     workload, tiers, perf = load_study(a)
     if a.tier not in tiers:
         p.error(f"--tier {a.tier!r} is not in the tier file; it has {sorted(tiers)}")
+    if any(ms <= 0 for ms in a.tpot_ms):
+        p.error(f"--tpot-ms takes targets above 0 ms, got {a.tpot_ms}")
     steps = {tp: smallest_decode_step(perf, tp) * 1e3 for tp in valid_tp_choices(a.gpus, perf)}
     print(
         f"{a.model} on {a.gpus}x {a.hardware}, {a.rate:.1f} req/s, {len(workload)} requests; smallest decode "
@@ -67,17 +78,15 @@ def main() -> None:
             "nitsum_attainment": {t.tier: t.attainment for t in report.tiers},
             "nitsum_switches": res.switches,
             "best_baseline": best,
-            "vs_best_baseline": goodput["nitsum"] / goodput[best] if goodput[best] > 0 else float("inf"),
-            "vs_nitsum_static": goodput["nitsum"] / goodput["nitsum-static"]
-            if goodput["nitsum-static"] > 0
-            else float("inf"),
+            "vs_best_baseline": _ratio(goodput["nitsum"], goodput[best]),
+            "vs_nitsum_static": _ratio(goodput["nitsum"], goodput["nitsum-static"]),
             "seconds": time.perf_counter() - t0,
         }
         rows.append(row)
         print(
             f"{a.tier} TPOT {tpot_ms:5.1f} ms: nitsum {goodput['nitsum']:7.1f}  best baseline {goodput[best]:7.1f} "
-            f"({best})  x{row['vs_best_baseline']:.2f}  nitsum-static {goodput['nitsum-static']:7.1f} "
-            f"x{row['vs_nitsum_static']:.2f}  [{row['seconds']:.0f} s]",
+            f"({best})  {_times(row['vs_best_baseline'])}  nitsum-static {goodput['nitsum-static']:7.1f} "
+            f"{_times(row['vs_nitsum_static'])}  [{row['seconds']:.0f} s]",
             flush=True,
         )
     names = (*BASELINES, "nitsum-static", "nitsum")
@@ -92,7 +101,7 @@ def main() -> None:
         cells = " | ".join(f"{g[n]:.1f}" for n in names)
         print(
             f"| {r['tpot_ms']:g} ms | {'yes' if r['lowest_tp_reaches_target'] else 'no'} | {cells} | "
-            f"{r['vs_best_baseline']:.2f}× | {r['vs_nitsum_static']:.2f}× |"
+            f"{_times(r['vs_best_baseline'])} | {_times(r['vs_nitsum_static'])} |"
         )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
