@@ -23,13 +23,12 @@ import json
 import time
 from pathlib import Path
 
-from nitsum_core.baselines import PRESETS, best_static
-from nitsum_core.configurator import smallest_decode_step, valid_tp_choices
-from nitsum_core.goodput import summarize
-from nitsum_core.simulator import Simulator
+from nitsum_core.baselines import best_static
+from nitsum_core.configurator import reachable_tpot, smallest_decode_step, valid_tp_choices
 from study_setup import add_study_args, load_study
 
 BASELINES = ("vanilla", "priority", "split", "static-pd")
+NAMES = (*BASELINES, "nitsum-static", "nitsum")  # every preset, each at its best configuration
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -62,21 +61,16 @@ def main() -> None:
     for tpot_ms in a.tpot_ms:
         t0 = time.perf_counter()
         swept = {**tiers, a.tier: dataclasses.replace(tiers[a.tier], tpot_s=tpot_ms / 1e3)}
-        goodput, configs = {}, {}
-        for name in (*BASELINES, "nitsum-static"):
-            run = best_static(name, a.gpus, perf, swept, workload)
-            goodput[name], configs[name] = run.report.goodput_rps, run.config
-        res = Simulator(perf, a.gpus, swept, PRESETS["nitsum"]).run(workload)
-        report = summarize(res.records, swept, res.duration_s, a.gpus)
-        goodput["nitsum"] = report.goodput_rps
+        runs = {name: best_static(name, a.gpus, perf, swept, workload) for name in NAMES}
+        goodput = {name: run.report.goodput_rps for name, run in runs.items()}
         best = max(BASELINES, key=lambda n: goodput[n])
         row = {
             "tpot_ms": tpot_ms,
-            "lowest_tp_reaches_target": steps[min(steps)] <= tpot_ms,
+            "lowest_tp_reaches_target": reachable_tpot(perf, min(steps), [tpot_ms / 1e3]) is not None,
             "goodput_rps": goodput,
-            "configs": configs,
-            "nitsum_attainment": {t.tier: t.attainment for t in report.tiers},
-            "nitsum_switches": res.switches,
+            "configs": {name: run.config for name, run in runs.items() if name != "nitsum"},
+            "nitsum_attainment": {t.tier: t.attainment for t in runs["nitsum"].report.tiers},
+            "nitsum_switches": runs["nitsum"].result.switches,
             "best_baseline": best,
             "vs_best_baseline": _ratio(goodput["nitsum"], goodput[best]),
             "vs_nitsum_static": _ratio(goodput["nitsum"], goodput["nitsum-static"]),
@@ -89,16 +83,15 @@ def main() -> None:
             f"{_times(row['vs_nitsum_static'])}  [{row['seconds']:.0f} s]",
             flush=True,
         )
-    names = (*BASELINES, "nitsum-static", "nitsum")
     print(
         f"\n| {a.tier} TPOT | TP {min(steps)} reaches it | "
-        + " | ".join(names)
+        + " | ".join(NAMES)
         + " | over best baseline | over static |"
     )
-    print("| ---: | :-: | " + " | ".join("---:" for _ in names) + " | ---: | ---: |")
+    print("| ---: | :-: | " + " | ".join("---:" for _ in NAMES) + " | ---: | ---: |")
     for r in rows:
         g = r["goodput_rps"]
-        cells = " | ".join(f"{g[n]:.1f}" for n in names)
+        cells = " | ".join(f"{g[n]:.1f}" for n in NAMES)
         print(
             f"| {r['tpot_ms']:g} ms | {'yes' if r['lowest_tp_reaches_target'] else 'no'} | {cells} | "
             f"{_times(r['vs_best_baseline'])} | {_times(r['vs_nitsum_static'])} |"
