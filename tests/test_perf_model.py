@@ -305,11 +305,19 @@ def test_a_target_a_degree_cannot_reach_does_not_bound_what_it_serves() -> None:
 
 
 def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree() -> None:
-    from nitsum_core.configurator import SHARED, candidate_plans, hybrid_plans, plan_family
+    from nitsum_core.configurator import (
+        HYBRID_CANDIDATES,
+        SHARED,
+        candidate_plans,
+        hybrid_plans,
+        plan_family,
+    )
 
     pm, demands = _study_perf(), _study_demands()
     plans = hybrid_plans(8, pm, demands)
-    assert 1 <= len(plans) <= 2
+    assert 1 <= len(plans) <= HYBRID_CANDIDATES
+    # The best cut of each of the two best degrees comes first, so the replay weighs both.
+    assert {plan_family(p.assignments) for p in plans[:2]} == {"hybrid-tp1-2", "hybrid-tp1-4"}
     for plan in plans:
         slots = sorted(s for a in plan.assignments for s in a.slots)
         assert slots == list(range(8)) and all(a.start % a.tp == 0 for a in plan.assignments)
@@ -329,14 +337,38 @@ def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree(
     assert plan_family(candidate_plans(8, pm, demands)[-1].assignments).startswith("per-tier")
 
 
-def test_no_hybrid_cut_where_the_lowest_degree_reaches_every_target() -> None:
+def test_hybrid_cuts_are_offered_where_the_lowest_degree_serves_the_tight_tier_poorly() -> None:
     from dataclasses import replace
 
     from nitsum_core.configurator import hybrid_plans
 
     pm, demands = _study_perf(), _study_demands()
-    assert hybrid_plans(8, pm, demands)
-    relaxed = dict(
-        demands, interactive=replace(demands["interactive"], tier=Tier("interactive", 0.3, 0.012, 0))
-    )
-    assert hybrid_plans(8, pm, relaxed) == []  # TP 1 decodes within 12 ms: uniform cuts serve every tier
+
+    def with_interactive_tpot(ms: float) -> dict[str, TierDemand]:
+        tier = Tier("interactive", 0.3, ms / 1000, 0)
+        return dict(demands, interactive=replace(demands["interactive"], tier=tier))
+
+    # TP 1 decodes one sequence within 6.5 ms (6.48 ms) and 7 ms, but with little or no room to
+    # batch: reaching the target is not serving it, so the hybrid cuts stay on offer.
+    for ms in (5.5, 6.5, 7.0):
+        assert hybrid_plans(8, pm, with_interactive_tpot(ms)), ms
+    # From 8 ms on TP 1 serves interactive at over half TP 2's requests per GPU: a uniform cut
+    # serves every tier, and hybrid cuts would only cost replays.
+    for ms in (8.0, 10.0, 12.0):
+        assert hybrid_plans(8, pm, with_interactive_tpot(ms)) == [], ms
+
+
+def test_in_overload_hybrid_cuts_give_the_tight_tier_most_of_the_pool() -> None:
+    from dataclasses import replace
+
+    from nitsum_core.configurator import SHARED, hybrid_plans
+
+    pm, demands = _study_perf(), _study_demands()
+    # Interactive asks for more than the whole pool could serve at TP 2: the count it needs is
+    # clamped to the pool, so a cut with three TP 2 instances (all but two GPUs) is on offer.
+    flood = dict(demands, interactive=replace(demands["interactive"], arrival_rps=1000.0))
+    highs = [
+        sum(1 for a in plan.assignments if a.tier == SHARED and a.tp == 2)
+        for plan in hybrid_plans(8, pm, flood, keep=10)
+    ]
+    assert max(highs) == 3

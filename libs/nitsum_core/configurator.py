@@ -324,14 +324,21 @@ def hybrid_cut(pool: int, tp: int, n: int, base: int, rest: str) -> list[Assignm
     return high + [Assignment(s, base, "mixed", rest) for s in range(n * tp, pool, base)]
 
 
-HYBRID_CANDIDATES = 2  # hybrid cuts per window handed on to be scored (each replay costs time)
+HYBRID_CANDIDATES = 3  # hybrid cuts per window handed on to be scored (each replay costs time)
+HYBRID_GATE = 0.5  # offer hybrids where the lowest degree serves the tight tier below this share
+
+
+def _tight_rps_per_gpu(perf: PerfModel, tp: int, demand: TierDemand) -> float:
+    """SLO-safe requests/s per GPU a TP-``tp`` instance gives the tight tier on its own."""
+    return slo_safe_capacity(perf, tp, demand).mixed_rps / tp
 
 
 def hybrid_plans(
     pool: int, perf: PerfModel, demands: dict[str, TierDemand], keep: int = HYBRID_CANDIDATES
 ) -> list[Plan]:
     """Cuts with two degrees: a few high-TP instances for the strictest-TPOT tier, the rest of the
-    pool at the lowest degree for the other tiers. The best ``keep`` by predicted goodput.
+    pool at the lowest degree for the other tiers. ``keep`` in all: the best cut of each of the
+    two best degrees, then the best of the rest by predicted goodput.
 
     A tight TPOT target needs a high degree (a 14B model decodes within 8.5 ms at TP 2-4, not at
     TP 1), while prompt-heavy, looser tiers get the most tokens per GPU at the lowest degree. A
@@ -339,28 +346,48 @@ def hybrid_plans(
     serve every tier, so the others' bursts can use them when the tight tier is quiet; the
     low-TP ones serve only the looser tiers, whose targets then size their steps.
 
-    None are offered where the lowest degree reaches the strictest target: a uniform cut then
-    serves every tier, and offering hybrids there cost goodput (14B with a 12 ms tier at 2x
-    saturation: a switch into a burst, 195.2 -> 187.1 req/s; docs/simulator.md round 16).
+    They are offered where the lowest degree gives the tight tier under ``HYBRID_GATE`` of the
+    SLO-safe requests per GPU of the best higher degree. Reaching the target with one sequence
+    is not enough: TP 1 decodes 8B within 6.5 ms but with no room to batch, and gating on reach
+    alone made 6.5 ms worth less than 5.5 ms (277 vs 300 req/s at 2x; docs/simulator.md round
+    19). Where the lowest degree serves the tight tier about as well per GPU, a uniform cut
+    serves every tier and hybrids only cost replays (and, in a burst, a switch).
     """
     tps = valid_tp_choices(pool, perf)
     if len(demands) < 2 or len(tps) < 2:
         return []
     tight, rest = tight_and_rest({name: d.tier.tpot_s for name, d in demands.items()})
-    base = tps[0]
-    if reachable_tpot(perf, base, [demands[tight].tier.tpot_s]) is not None:
+    base, demand = tps[0], demands[tight]
+    best_higher = max(_tight_rps_per_gpu(perf, tp, demand) for tp in tps[1:])
+    if _tight_rps_per_gpu(perf, base, demand) >= HYBRID_GATE * best_higher:
         return []
-    plans = []
+    best_per_degree: list[Plan] = []
+    others: list[Plan] = []
     for tp in tps[1:]:
-        # Around the count the tight tier's demand needs at this degree, and never the whole pool.
-        cap = slo_safe_capacity(perf, tp, demands[tight]).mixed_rps
-        need = math.ceil(demands[tight].arrival_rps / cap) if cap > 0 else 1
-        for n in sorted({1, need - 1, need, need + 1}):
-            if 1 <= n < pool // tp:
-                cut = hybrid_cut(pool, tp, n, base, rest)
-                plans.append(Plan(cut, predicted_goodput(perf, cut, demands)))
-    plans.sort(key=lambda plan: -plan.predicted_goodput_rps)
-    return plans[:keep]
+        # Around the count the tight tier's demand needs at this degree, and never the whole
+        # pool. In overload that count exceeds the pool; clamped, the cuts that give the tight
+        # tier most of the pool stay on offer (14B at 2x: 2 x TP 2 + 4 x TP 1 is the best static
+        # hybrid, and unclamped only cuts with one TP 2 instance were weighed).
+        cap = slo_safe_capacity(perf, tp, demand).mixed_rps
+        need = math.ceil(demand.arrival_rps / cap) if cap > 0 else 1
+        need = min(need, pool // tp - 1)
+        plans = [
+            Plan(cut, predicted_goodput(perf, cut, demands))
+            for n in sorted({1, need - 1, need, need + 1})
+            if 1 <= n < pool // tp
+            for cut in [hybrid_cut(pool, tp, n, base, rest)]
+        ]
+        if not plans:
+            continue
+        plans.sort(key=lambda plan: -plan.predicted_goodput_rps)
+        best_per_degree.append(plans[0])
+        others.extend(plans[1:])
+    # One cut per degree first, so that the replay, not the roofline alone, chooses between the
+    # degrees: the cuts of one degree differ only in count, which the model ranks well enough.
+    best_per_degree.sort(key=lambda plan: -plan.predicted_goodput_rps)
+    chosen = best_per_degree[:2]
+    leftover = sorted(best_per_degree[2:] + others, key=lambda plan: -plan.predicted_goodput_rps)
+    return (chosen + leftover)[:keep]
 
 
 def candidate_plans(
