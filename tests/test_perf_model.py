@@ -372,3 +372,16 @@ def test_in_overload_hybrid_cuts_give_the_tight_tier_most_of_the_pool() -> None:
         for plan in hybrid_plans(8, pm, flood, keep=10)
     ]
     assert max(highs) == 3
+
+
+def test_a_hybrid_cut_keeps_serving_a_tier_quiet_of_late_on_its_low_tp_instances() -> None:
+    from nitsum_core.configurator import SHARED, candidate_plans, hybrid_plans
+
+    pm, demands = _study_perf(), _study_demands()
+    # The bursty code trace can leave agent without arrivals for a few windows. The low-TP
+    # instances must still take agent when it returns, not only the tiers seen of late.
+    quiet = {name: d for name, d in demands.items() if name != "agent"}
+    tiers = ("interactive", "agent", "background")
+    for plans in (hybrid_plans(8, pm, quiet, tiers=tiers), candidate_plans(8, pm, quiet, ("mixed",), tiers)):
+        low = [a for plan in plans for a in plan.assignments if a.tier != SHARED]
+        assert low and all(a.tier == "agent+background" for a in low)

@@ -334,7 +334,11 @@ def _tight_rps_per_gpu(perf: PerfModel, tp: int, demand: TierDemand) -> float:
 
 
 def hybrid_plans(
-    pool: int, perf: PerfModel, demands: dict[str, TierDemand], keep: int = HYBRID_CANDIDATES
+    pool: int,
+    perf: PerfModel,
+    demands: dict[str, TierDemand],
+    keep: int = HYBRID_CANDIDATES,
+    tiers: Iterable[str] = (),
 ) -> list[Plan]:
     """Cuts with two degrees: a few high-TP instances for the strictest-TPOT tier, the rest of the
     pool at the lowest degree for the other tiers. ``keep`` in all: the best cut of each of the
@@ -344,7 +348,8 @@ def hybrid_plans(
     TP 1), while prompt-heavy, looser tiers get the most tokens per GPU at the lowest degree. A
     uniform cut serves one of them badly (docs/simulator.md, round 16). The high-TP instances
     serve every tier, so the others' bursts can use them when the tight tier is quiet; the
-    low-TP ones serve only the looser tiers, whose targets then size their steps.
+    low-TP ones serve every tier but the tight one (of ``demands`` and of ``tiers``, the names
+    of every configured tier), whose targets then size their steps.
 
     They are offered where the lowest degree gives the tight tier under ``HYBRID_GATE`` of the
     SLO-safe requests per GPU of the best higher degree. Reaching the target with one sequence
@@ -356,7 +361,11 @@ def hybrid_plans(
     tps = valid_tp_choices(pool, perf)
     if len(demands) < 2 or len(tps) < 2:
         return []
-    tight, rest = tight_and_rest({name: d.tier.tpot_s for name, d in demands.items()})
+    tight, _ = tight_and_rest({name: d.tier.tpot_s for name, d in demands.items()})
+    # A tier with no arrivals in the recent windows (the code trace is bursty) still belongs on
+    # the low-TP instances: named from the demands alone, a cut fenced it out of most of the pool
+    # until the loop re-cut (8B at 0.25x saturation: 52.6 req/s against 57.7; round 19).
+    rest = join_tiers({*demands, *tiers} - {tight})
     base, demand = tps[0], demands[tight]
     best_higher = max(_tight_rps_per_gpu(perf, tp, demand) for tp in tps[1:])
     if _tight_rps_per_gpu(perf, base, demand) >= HYBRID_GATE * best_higher:
@@ -395,9 +404,11 @@ def candidate_plans(
     perf: PerfModel,
     demands: dict[str, TierDemand],
     roles: Sequence[Role] = ("mixed", "prefill", "decode"),
+    tiers: Iterable[str] = (),
 ) -> list[Plan]:
     """Every plan the configurator weighs: each shared uniform cut, the best hybrid cuts, and
-    (where instances may split prefill from decode) the per-tier greedy cut.
+    (where instances may split prefill from decode) the per-tier greedy cut. ``tiers`` names
+    every configured tier, so that hybrid cuts serve tiers quiet of late too.
 
     Shared cuts pool the capacity (no GPU idles while another tier queues); hybrid cuts give a
     tight-TPOT tier high-TP instances and the rest of the pool the lowest degree.
@@ -407,7 +418,7 @@ def candidate_plans(
     window's mix starves a tier when the mix moves (14B at 1x saturation with an 8 ms tier: 85.1
     req/s with it, 94.2 without; docs/simulator.md round 16).
     """
-    plans = [*shared_plans(pool, perf, demands), *hybrid_plans(pool, perf, demands)]
+    plans = [*shared_plans(pool, perf, demands), *hybrid_plans(pool, perf, demands, tiers=tiers)]
     if any(role != "mixed" for role in roles):
         plans.append(greedy(pool, perf, demands, roles=roles))
     return plans

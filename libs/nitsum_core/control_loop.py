@@ -231,7 +231,7 @@ class ControlLoop:
             self._pending = family
             return decision
 
-        candidates = candidate_plans(self.pool, self.perf, demands, self.roles)
+        candidates = candidate_plans(self.pool, self.perf, demands, self.roles, tiers=self.tiers)
         now = Plan(self.plan.assignments, current)
         if self.replay is not None:
             expected = self._replay_scores(backlog, [now, *candidates])
