@@ -364,7 +364,7 @@ def hybrid_plans(
     tight, _ = tight_and_rest({name: d.tier.tpot_s for name, d in demands.items()})
     # A tier with no arrivals in the recent windows (the code trace is bursty) still belongs on
     # the low-TP instances: named from the demands alone, a cut fenced it out of most of the pool
-    # until the loop re-cut (8B at 0.25x saturation: 52.6 req/s against 57.7; round 19).
+    # until the loop re-cut (8B at 0.25x saturation: 52.6 req/s fenced, 55.6 not; round 19).
     rest = join_tiers({*demands, *tiers} - {tight})
     base, demand = tps[0], demands[tight]
     best_higher = max(_tight_rps_per_gpu(perf, tp, demand) for tp in tps[1:])
