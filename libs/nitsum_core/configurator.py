@@ -328,11 +328,6 @@ HYBRID_CANDIDATES = 3  # hybrid cuts per window handed on to be scored (each rep
 HYBRID_GATE = 0.5  # offer hybrids where the lowest degree serves the tight tier below this share
 
 
-def _tight_rps_per_gpu(perf: PerfModel, tp: int, demand: TierDemand) -> float:
-    """SLO-safe requests/s per GPU a TP-``tp`` instance gives the tight tier on its own."""
-    return slo_safe_capacity(perf, tp, demand).mixed_rps / tp
-
-
 def hybrid_plans(
     pool: int,
     perf: PerfModel,
@@ -367,8 +362,9 @@ def hybrid_plans(
     # until the loop re-cut (8B at 0.25x saturation: 52.6 req/s fenced, 55.6 not; round 19).
     rest = join_tiers({*demands, *tiers} - {tight})
     base, demand = tps[0], demands[tight]
-    best_higher = max(_tight_rps_per_gpu(perf, tp, demand) for tp in tps[1:])
-    if _tight_rps_per_gpu(perf, base, demand) >= HYBRID_GATE * best_higher:
+    # The tight tier's SLO-safe rate on one instance of each degree: the gate compares it per GPU.
+    cap = {tp: slo_safe_capacity(perf, tp, demand).mixed_rps for tp in tps}
+    if cap[base] / base >= HYBRID_GATE * max(cap[tp] / tp for tp in tps[1:]):
         return []
     best_per_degree: list[Plan] = []
     others: list[Plan] = []
@@ -377,15 +373,14 @@ def hybrid_plans(
         # pool. In overload that count exceeds the pool; clamped, the cuts that give the tight
         # tier most of the pool stay on offer (14B at 2x: 2 x TP 2 + 4 x TP 1 is the best static
         # hybrid, and unclamped only cuts with one TP 2 instance were weighed).
-        cap = slo_safe_capacity(perf, tp, demand).mixed_rps
-        need = math.ceil(demand.arrival_rps / cap) if cap > 0 else 1
+        need = math.ceil(demand.arrival_rps / cap[tp]) if cap[tp] > 0 else 1
         need = min(need, pool // tp - 1)
-        plans = [
-            Plan(cut, predicted_goodput(perf, cut, demands))
+        cuts = [
+            hybrid_cut(pool, tp, n, base, rest)
             for n in sorted({1, need - 1, need, need + 1})
             if 1 <= n < pool // tp
-            for cut in [hybrid_cut(pool, tp, n, base, rest)]
         ]
+        plans = [Plan(cut, predicted_goodput(perf, cut, demands)) for cut in cuts]
         if not plans:
             continue
         plans.sort(key=lambda plan: -plan.predicted_goodput_rps)
