@@ -151,6 +151,27 @@ def test_prefill_decode_handoff_and_dynamic_switching_run() -> None:
     assert dyn.timeline and all(r.error is None for r in dyn.records)
 
 
+def test_a_decode_instance_takes_hand_offs_only_into_free_seats() -> None:
+    # Four prefill GPUs feeding one decode GPU capped at 8 seats: the decode side is the
+    # bottleneck. Hand-offs wait for a seat (their KV held on the prefill side) instead of
+    # overfilling the batch, and every request still finishes.
+    pd = Plan([*(Assignment(s, 1, "prefill", "*") for s in range(4)), Assignment(4, 1, "decode", "*")])
+    wl = _workload(400, rate=40.0)
+    sim = Simulator(_perf(), 5, TIERS, Preset("static-pd"), pd, max_batch=8)
+    sim.run(wl, until_s=5.0)
+    *prefill, decode = sim.instances
+    assert decode.running + len(decode.in_transit) <= 8 and decode.kv_used <= decode.kv_cap
+    waiting = list(decode.handoffs)
+    assert len(waiting) > 10  # the overload the test is about
+    # Each waiting one still holds its prompt's and output's KV where it was prefilled.
+    for inst in prefill:
+        held = sum(r.prompt + r.output for r in waiting if r.kv_home is inst)
+        queued = sum(r.prompt + r.output for r in inst.prefilling)
+        assert inst.kv_used == held + queued
+    res = Simulator(_perf(), 5, TIERS, Preset("static-pd"), pd, max_batch=8).run(wl)
+    assert all(r.error is None and r.tpot_s is not None for r in res.records)
+
+
 def test_baseline_candidates_are_aligned_and_complete() -> None:
     from nitsum_core.baselines import candidates, prefill_decode, split_clusters
 

@@ -16,6 +16,7 @@ import heapq
 import itertools
 import math
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -78,6 +79,9 @@ class SimRequest:
     # Its place within its lane: the TTFT deadline in SLO order (earliest deadline first), the
     # arrival time for the baselines (vLLM's order). Set when it is routed.
     due: float = 0.0
+    # The prefill instance holding its KV between its first token and its arrival on a decode
+    # instance (a P/D hand-off): the decode side pulls the KV once it has a seat for it.
+    kv_home: SimInstance | None = None
 
 
 @dataclass
@@ -118,10 +122,17 @@ class SimInstance:
     late_safe_until: float = -math.inf
     late_s_per_token: float = 0.0
     late_tokens: int = 0
+    # P/D hand-offs: prefilled requests waiting for a decode seat here, first come first served
+    # (their KV stays on the prefill instance meanwhile), and those given a seat whose KV is on
+    # its way (they hold the seat and the KV room from the moment they are admitted).
+    handoffs: deque[SimRequest] = field(default_factory=deque)
+    in_transit: list[SimRequest] = field(default_factory=list)
+    in_transit_prompts: int = 0
 
     @property
     def load(self) -> int:
-        return len(self.queue) + len(self.late_queue) + len(self.prefilling) + self.running
+        waiting = len(self.queue) + len(self.late_queue) + len(self.handoffs)
+        return waiting + len(self.prefilling) + len(self.in_transit) + self.running
 
 
 @dataclass
@@ -259,6 +270,8 @@ class Simulator:
 
     # ---- instance steps --------------------------------------------------------------------------
     def _kick(self, inst: SimInstance) -> None:
+        if inst.handoffs:  # the KV transfers run beside the steps: admit even while one runs
+            self._admit_handoffs(inst)
         if inst.busy or not (inst.queue or inst.late_queue or inst.prefilling or inst.running):
             return
         start = max(self.now, inst.paused_until)
@@ -268,7 +281,7 @@ class Simulator:
         if slo and (inst.queue or inst.prefilling):  # most steps at light load: decodes only
             self._mark_late(inst, decode, target)
         # KV tokens the batch will decode over once the requests prefilling now join it.
-        batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
+        batch_ctx = inst.ctx_tokens + inst.prefilling_prompts + inst.in_transit_prompts
         # Admit queued requests into prefill while seats and KV allow (their whole KV is reserved);
         # late ones only when no on-time one waits, and an on-time one held back takes the seat
         # of a late one that has not started (``_unseat_late``).
@@ -277,7 +290,7 @@ class Simulator:
             r = queue[0][-1]
             if not self._seat_free(inst, r, target, batch_ctx):
                 if slo and queue is inst.queue and self._unseat_late(inst):
-                    batch_ctx = inst.ctx_tokens + inst.prefilling_prompts
+                    batch_ctx = inst.ctx_tokens + inst.prefilling_prompts + inst.in_transit_prompts
                     continue
                 break
             need = r.prompt + r.output
@@ -311,7 +324,7 @@ class Simulator:
     def _seat_free(self, inst: SimInstance, r: SimRequest, target: float | None, batch_ctx: int) -> bool:
         """Whether ``r`` can take a seat now: under ``max_batch``, within the KV, and (SLO order)
         with a decode step over the batch, ``r`` included, still within the TPOT ``target``."""
-        seats = inst.running + len(inst.prefilling) + 1
+        seats = inst.running + len(inst.prefilling) + len(inst.in_transit) + 1
         if seats > self.max_batch or inst.kv_used + r.prompt + r.output > inst.kv_cap:
             return False
         # SLO-safe seats (DESIGN §1), checked against this instance's own batch: a seat cap sized
@@ -478,14 +491,16 @@ class Simulator:
                 r.first_token = self.now
                 self.lanes.first_token(r.lane, self.now - r.arrival <= self.tiers[r.tier].ttft_s)
             if r.output <= 1 or inst.a.role == "prefill":
-                inst.kv_used -= r.prompt + r.output
+                if r.output <= 1:  # a hand-off's KV stays here until a decode instance pulls it
+                    inst.kv_used -= r.prompt + r.output
                 if inst.guests and r.tier in inst.guests:
                     _leave(inst, r.tier)
             if r.output <= 1:
                 r.finish = self.now
                 self._done(r)
             elif inst.a.role == "prefill":
-                self._handoff(r)
+                r.kv_home = inst
+                self._handoff(r, kick_home=False)  # this step's end kicks it
             else:
                 self._start_decode(inst, r)
         self._kick(inst)
@@ -514,21 +529,65 @@ class Simulator:
         assert self.control is not None
         self.control.finished(r.tier, good)
 
-    def _handoff(self, r: SimRequest) -> None:
+    def _handoff(self, r: SimRequest, kick_home: bool = True) -> None:
+        """Queue prefilled ``r`` for a decode seat on the least-loaded decode instance of its tier
+        (mixed ones if its tier has none) whose KV can hold it; if there is none, reject it and
+        free its KV on the prefill side (kicking that instance unless ``kick_home`` is False)."""
+        need = r.prompt + r.output
         targets = self._serving(r.tier, ("decode",)) or self._serving(r.tier, ("mixed",))
-        if not targets:
-            self._reject(r, "no decode instance for the hand-off")
+        fits = [i for i in targets if need <= i.kv_cap]
+        if not fits:
+            self._release_home(r, kick_home)
+            why = (
+                "no decode instance for the hand-off"
+                if not targets
+                else "prompt + output exceed the instance's KV capacity"
+            )
+            self._reject(r, why)
             return
-        inst = min(targets, key=lambda i: i.load)
+        inst = min(fits, key=lambda i: i.load)
+        inst.handoffs.append(r)
+        self._kick(inst)
+
+    def _admit_handoffs(self, inst: SimInstance) -> None:
+        """Give waiting hand-offs decode seats, in arrival order, while ``max_batch``, the KV and
+        (SLO order) the TPOT target allow -- the checks a prompt's seat passes (``_seat_free``);
+        each admitted one's KV then crosses the link (bytes / bandwidth + setup).
+
+        A decode instance that took every hand-off at once ran batches past its KV capacity and
+        its seat cap, and the static P/D baseline missed its TPOT targets for it."""
+        slo = self.preset.queue_order == "slo"
+        target = self._tpot_target(inst) if slo else None
+        batch_ctx = inst.ctx_tokens + inst.prefilling_prompts + inst.in_transit_prompts
         link = self.perf.hw.link_bw
-        dt = self.handoff_setup_s + r.prompt * self.perf.kv_bytes_per_token / link
-        self._push(self.now + dt, "arrive_decode", (inst, r))
+        while inst.handoffs:
+            r = inst.handoffs[0]
+            if not self._seat_free(inst, r, target, batch_ctx):
+                break
+            inst.handoffs.popleft()
+            batch_ctx += r.prompt
+            inst.kv_used += r.prompt + r.output
+            inst.in_transit.append(r)
+            inst.in_transit_prompts += r.prompt
+            dt = self.handoff_setup_s + r.prompt * self.perf.kv_bytes_per_token / link
+            self._push(self.now + dt, "arrive_decode", (inst, r))
+
+    def _release_home(self, r: SimRequest, kick: bool = True) -> None:
+        """Free the KV ``r`` held on the prefill instance it was prefilled on, which may then
+        admit more prompts (``kick``)."""
+        home, r.kv_home = r.kv_home, None
+        if home is not None:
+            home.kv_used -= r.prompt + r.output
+            if kick and not home.retired:
+                self._kick(home)
 
     def _arrive_decode(self, inst: SimInstance, r: SimRequest) -> None:
-        if inst.retired:
+        if inst.retired:  # re-cut while its KV was on the way: it waits for a seat elsewhere
             self._handoff(r)
             return
-        inst.kv_used += r.prompt + r.output
+        inst.in_transit.remove(r)
+        inst.in_transit_prompts -= r.prompt
+        self._release_home(r)
         self._start_decode(inst, r)
         self._kick(inst)
 
@@ -606,6 +665,11 @@ class Simulator:
                 else:
                     # Fast path: the KV migrates; decoding continues on the new instance.
                     self._resume_decode(r, max(1, r.done_step - inst.steps + 1), resume)
+            # Hand-offs still waiting for a seat here wait on another decode instance; their KV
+            # (on the prefill side, or moved with it if that was re-cut too) is pulled from there.
+            # Those in transit re-queue as they land (``_arrive_decode``).
+            for r in inst.handoffs:
+                self._handoff(r)
         for inst in relabelled:
             inst.guests = {}
             if inst.a.tier == SHARED:
@@ -679,6 +743,11 @@ class Simulator:
             for r in waiting:
                 ttft = None if r.first_token is None else r.first_token - r.arrival
                 out.append(InFlight(r.tier, r.prompt, r.output, self.now - r.arrival, ttft))
+            for r in [*inst.handoffs, *inst.in_transit]:  # prefilled, one token out, not yet decoding
+                assert r.first_token is not None
+                out.append(
+                    InFlight(r.tier, r.prompt, r.output, self.now - r.arrival, r.first_token - r.arrival, 1)
+                )
             for _, _, r in inst.finishing:
                 assert r.first_token is not None
                 generated = max(1, _decoded(r, inst))
