@@ -230,6 +230,33 @@ def test_nitsum_sim_cli_writes_results(tmp_path) -> None:
     assert table.startswith("# Goodput study") and f"| {rates[1]:g} | 0.30x |" in table
     assert (tmp_path / "sim-llama-3.1-8b-4xh100-sxm.png").exists()
 
+    # --update re-runs the named presets only and keeps the others' results (and the timeline).
+    def update(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "nitsum_cli.main", "sim", "--gpus", "4", "--duration", "8", "--rates", "10,0.3x",
+             "--presets", "vanilla", "--update", "--out", str(tmp_path), *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    res = update()
+    assert res.returncode == 0, res.stderr
+    merged = json.loads((tmp_path / "sim-llama-3.1-8b-4xh100-sxm.json").read_text())
+
+    def results(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "sim_seconds"} for r in rows]
+
+    assert results(merged["rows"]) == results(data["rows"]) and merged["timelines"] == data["timelines"]
+    kept = [r for r in merged["rows"] if r["preset"] == "nitsum"]
+    assert kept == [r for r in data["rows"] if r["preset"] == "nitsum"]  # not re-run: even its timing
+    assert (
+        "(vanilla re-run; nitsum kept from the earlier run)"
+        in (tmp_path / "sim-llama-3.1-8b-4xh100-sxm.md").read_text()
+    )
+    # ... and refuses to merge results of another workload, naming what differs.
+    res = update("--seed", "1")
+    assert res.returncode != 0 and "--seed" in res.stderr and "without --update" in res.stderr
+    assert json.loads((tmp_path / "sim-llama-3.1-8b-4xh100-sxm.json").read_text()) == merged
+
 
 def test_nitsum_sim_cli_says_what_is_wrong_with_a_rate(tmp_path) -> None:
     import subprocess

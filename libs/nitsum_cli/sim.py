@@ -54,6 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results", help="directory for results JSON, markdown and plots")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="re-run only --presets and keep every other preset's results from the JSON already in "
+        "--out (which must come from the same model, hardware, pool, tiers, traces, window, rates "
+        "and seed); the markdown and plots are rewritten from the merged rows",
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -95,8 +102,14 @@ def run(a: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown presets {sorted(unknown)}; choose from {list(PRESETS)}")
     rates = _rates(a, perf)
+    out = Path(a.out)
+    model_name = Path(a.model).parent.name if a.model.endswith(".json") else Path(a.model).name
+    stem = f"sim-{model_name}-{a.gpus}x{a.hardware}"
+    kept: list[dict] = []
+    timelines: dict = {}
+    if a.update:
+        kept, timelines = _kept_rows(out / f"{stem}.json", a, presets, rates)
     rows = []
-    timelines = {}
     loads = {}
     t_start = time.perf_counter()
     for rate in rates:
@@ -107,6 +120,12 @@ def run(a: argparse.Namespace) -> int:
             )
         sat = saturation(perf, a.gpus, workload)
         loads[rate] = len(workload) / a.duration / sat.rps
+        stale = [r["preset"] for r in kept if r["rate"] == rate and r["requests"] != len(workload)]
+        if stale:
+            raise ValueError(
+                f"--update: the kept {', '.join(stale)} results at {rate:g} req/s ran on another workload "
+                f"(not {len(workload)} requests); re-run every preset without --update"
+            )
         print(f"rate {rate:g} req/s: {len(workload)} requests, {len(workload) / a.duration:.1f} req/s offered = "
               f"{loads[rate]:.2f}x saturation ({sat.rps:.1f} req/s, TP {sat.tp} shared cut)", file=sys.stderr, flush=True)  # fmt: skip
         for name in presets:
@@ -133,21 +152,70 @@ def run(a: argparse.Namespace) -> int:
                 timelines[rate] = run_.result.timeline
             print(f"  rate {rate:>6.1f} req/s  {name:<14} goodput {rep.goodput_rps:7.2f} req/s  "
                   f"({run_.configs_tried} configs, best: {run_.config[:70]})", file=sys.stderr, flush=True)  # fmt: skip
-    out = Path(a.out)
+    seconds = time.perf_counter() - t_start
+    if a.update:
+        ran = presets
+        presets = [p for p in PRESETS if p in presets or any(r["preset"] == p for r in kept)]
+        rows = sorted(kept + rows, key=lambda r: (r["rate"], presets.index(r["preset"])))
+        a.presets = ",".join(presets)
     out.mkdir(parents=True, exist_ok=True)
-    model_name = Path(a.model).parent.name if a.model.endswith(".json") else Path(a.model).name
-    stem = f"sim-{model_name}-{a.gpus}x{a.hardware}"
     (out / f"{stem}.json").write_text(
         json.dumps(
             {"args": vars(a), "rows": rows, "timelines": {str(k): v for k, v in timelines.items()}}, indent=2
         )
     )
-    table = _markdown(a, rows, presets, rates, loads, time.perf_counter() - t_start)
+    table = _markdown(a, rows, presets, rates, loads, seconds)
+    if a.update:
+        others = [p for p in presets if p not in ran]
+        table = table.replace(
+            f"simulated in {seconds:.0f} s.",
+            f"simulated in {seconds:.0f} s ({', '.join(ran)} re-run; {', '.join(others)} kept from the earlier run).",
+        )
     (out / f"{stem}.md").write_text(table)
     print(table)
     _plots(out / stem, rows, presets, rates, timelines)
     print(f"results in {out}/{stem}.{{json,md,png}}")
     return 0
+
+
+# What must match for ``--update`` to merge new rows into an earlier run's.
+_SAME_RUN = ("model", "hardware", "gpus", "coefficients", "tiers", "trace", "start", "duration", "seed")
+
+
+def _kept_rows(
+    path: Path, a: argparse.Namespace, presets: list[str], rates: list[float]
+) -> tuple[list[dict], dict]:
+    """The rows (and the nitsum timelines, unless nitsum is re-run) of the earlier run in ``path``
+    that ``--update`` keeps: every preset not in ``presets``. Raises if that run differs from ``a``."""
+    if not path.exists():
+        raise ValueError(f"--update: no earlier results at {path}; run without --update first")
+    earlier = json.loads(path.read_text())
+    before = earlier["args"]
+
+    def same(key: str) -> bool:
+        old, new = before.get(key), getattr(a, key)
+        if key == "tiers" and old and new:
+            return Path(old).resolve() == Path(new).resolve()
+        if key == "trace":
+            return [Path(t).resolve() for t in old or []] == [Path(t).resolve() for t in new]
+        return old == new
+
+    differ = [k for k in _SAME_RUN if not same(k)]
+    if differ:
+        raise ValueError(
+            f"--update: {path} comes from another run ({', '.join(f'--{k} {before.get(k)!r}' for k in differ)}); "
+            "give the same arguments, or re-run every preset without --update"
+        )
+    kept = [r for r in earlier["rows"] if r["preset"] not in presets]
+    for name in {r["preset"] for r in kept}:
+        differing = sorted({r["rate"] for r in kept if r["preset"] == name} ^ set(rates))
+        if differing:
+            raise ValueError(
+                f"--update: {path} has {name} at other rates than --rates (differing: {differing}); "
+                "give the same --rates, or re-run every preset without --update"
+            )
+    timelines = {} if "nitsum" in presets else {float(k): v for k, v in earlier["timelines"].items()}
+    return kept, timelines
 
 
 def resolve_rate(a: argparse.Namespace, perf: PerfModel, spec: str) -> float:
