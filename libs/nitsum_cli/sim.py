@@ -169,7 +169,7 @@ def run(a: argparse.Namespace) -> int:
         others = [p for p in presets if p not in ran]
         table = table.replace(
             f"simulated in {seconds:.0f} s.",
-            f"simulated in {seconds:.0f} s ({', '.join(ran)} re-run; {', '.join(others)} kept from the earlier run).",
+            f"{', '.join(ran)} re-run in {seconds:.0f} s, {', '.join(others)} kept from the earlier run.",
         )
     (out / f"{stem}.md").write_text(table)
     print(table)
