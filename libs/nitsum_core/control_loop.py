@@ -57,15 +57,6 @@ SWITCH_MARGIN = 0.2
 # whose score moves less with one burst. The loop switches if that replay confirms the gain.
 CONFIRM_MARGIN = 0.05
 CONFIRM_WINDOWS = 15
-# Candidates whose replay scores are within TIE_MARGIN of the best are a tie: below the smallest
-# gain the loop acts on. When a switch is on the table, up to TIE_CANDIDATES of them are replayed
-# again on the same arrivals STRESS times as dense, and the one that keeps the most goodput wins.
-# At light load every cut serves nearly everything, so the scores tie within 1 % and noise
-# picked the cut; the 20 % margin then kept a worse one (14B at 0.5x: the TP 4 hybrid won by
-# 45.0 to 44.8 and later replayed 59 against 70; docs/simulator.md round 19).
-TIE_MARGIN = CONFIRM_MARGIN
-TIE_CANDIDATES = 3
-STRESS = 1.5
 
 
 class Arrival(NamedTuple):
@@ -249,8 +240,6 @@ class ControlLoop:
         now_rps = expected(now)
         decision.predicted_current_rps = now_rps
         best = max(candidates, key=expected)
-        if self.replay is not None and expected(best) > now_rps * (1 + CONFIRM_MARGIN):
-            best = self._most_headroom(backlog, candidates, expected)
         proposed = Plan(best.assignments, expected(best))
         # Debounce: a plan family must win two windows running. One second of a bursty trace often
         # favours a plan the next second does not, and every switch pauses the moved slots.
@@ -270,20 +259,6 @@ class ControlLoop:
                 decision.switch_to, decision.pause_s = Plan(proposed.assignments, longer(proposed)), pause
         return decision
 
-    def _most_headroom(
-        self, backlog: list[InFlight], candidates: list[Plan], expected: Callable[[Plan], float]
-    ) -> Plan:
-        """The best-scoring candidate, or among those tied with it (within ``TIE_MARGIN``) the one
-        that scores most on the same arrivals ``STRESS`` times as dense: the cut with room for the
-        next burst, which a replay the pool keeps up with cannot see."""
-        ranked = sorted(candidates, key=expected, reverse=True)
-        top = expected(ranked[0])
-        tied = [c for c in ranked[:TIE_CANDIDATES] if expected(c) >= top * (1 - TIE_MARGIN)]
-        if len(tied) < 2:
-            return ranked[0]
-        stressed = self._replay_scores(backlog, tied, stress=STRESS)
-        return max(tied, key=stressed)  # the first of equals: the best unstressed
-
     def _confirmable(self) -> bool:
         """Whether a small gain can be checked on a longer replay: replay scoring of the recent
         past (not a forecast), with that many windows seen."""
@@ -302,14 +277,13 @@ class ControlLoop:
         return finished > 0 and good == finished and finished >= arrived - 3 * math.sqrt(arrived)
 
     def _replay_scores(
-        self, backlog: list[InFlight], plans: list[Plan], windows: int | None = None, stress: float = 1.0
+        self, backlog: list[InFlight], plans: list[Plan], windows: int | None = None
     ) -> Callable[[Plan], float]:
         """Each of ``plans``' goodput over the next span, simulated (each distinct cut once, all
         through ``replay_map``).
 
         The span is the last ``replay_windows`` of arrivals replayed, or the ``forecast`` where the
-        driver gives one; ``stress`` > 1 compresses it, the same requests arriving that much
-        faster. The replay starts from ``backlog``, what the driver reported in flight,
+        driver gives one. The replay starts from ``backlog``, what the driver reported in flight,
         and counts what meets both targets (``PlanReplay`` runs on until it is decided): a plan
         that is falling behind carries its backlog into its own replay and scores what it will
         really deliver. (Replays that started from an empty pool and ran every request to its end
@@ -330,9 +304,6 @@ class ControlLoop:
                 for r in w
             ]
             span = self.window_s * len(replayed)
-        if stress != 1.0:  # the same requests, arriving ``stress`` times as fast
-            requests = [r if r.at_s is None else r._replace(at_s=r.at_s / stress) for r in requests]
-            span /= stress
         distinct = {tuple(plan.assignments): plan for plan in plans}
         scores = self.replay_map(_ReplayOf(replay, requests, span, backlog), distinct.values())
         seen: dict[tuple[Assignment, ...], float] = dict(zip(distinct, scores, strict=True))
