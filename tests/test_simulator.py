@@ -186,7 +186,15 @@ def test_baseline_candidates_are_aligned_and_complete() -> None:
     split = [p.describe() for p in candidates("split", 8, perf, ["a", "b", "c"])]
     assert len(split) == len(set(split)) == 78
     assert {p.describe() for tp in (1, 2) for p in split_clusters(8, tp, ["a", "b", "c"])} <= set(split)
-    assert [sum(a.role == "prefill" for a in p.assignments) for p in prefill_decode(8, 2)] == [1, 2, 3]
+    assert [sum(a.role == "prefill" for a in p.assignments) for p in prefill_decode(8, [2])] == [1, 2, 3]
+    # Static P/D picks each phase's degree (as DistServe does): 21 splits of 8 GPUs over TP 1-8,
+    # among them 2 GPUs of TP 1 prefill feeding 3 TP 2 decode instances (laid out first: aligned).
+    pd = [p.describe() for p in candidates("static-pd", 8, perf, ["a"])]
+    assert len(pd) == len(set(pd)) == 21
+    assert (
+        "[0:2] TP2 decode *, [2:4] TP2 decode *, [4:6] TP2 decode *, [6:7] TP1 prefill *, [7:8] TP1 prefill *"
+        in pd
+    )
     assert candidates("nitsum", 8, perf, ["a"]) == [None]
 
 

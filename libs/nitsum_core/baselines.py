@@ -5,7 +5,7 @@
 | vanilla       | uniform static TP, every tier everywhere     | FCFS, tier-blind (vLLM/SGLang)  |
 | priority      | uniform static TP                            | by tier priority                |
 | split         | static per-tier clusters (size, TP of each)  | FCFS inside a cluster           |
-| static-pd     | fixed prefill/decode split (DistServe-like)  | FCFS                            |
+| static-pd     | fixed P/D split, TP per phase (DistServe)    | FCFS                            |
 | nitsum-static | uniform static TP (best one)                 | feasible / best-effort / bg     |
 | nitsum-slow   | re-cut every window, weights reloaded        | feasible / best-effort / bg     |
 | nitsum        | re-cut every window, resident weights + KV migration | feasible / best-effort / bg |
@@ -77,11 +77,19 @@ def hybrid_cuts(pool: int, tps: list[int], tiers: dict[str, Tier]) -> Iterator[P
             yield Plan(hybrid_cut(pool, tp, n, tps[0], rest))
 
 
-def prefill_decode(pool: int, tp: int) -> Iterator[Plan]:
-    for n_pre in range(tp, pool, tp):
-        pre = [Assignment(s, tp, "prefill", "*") for s in range(0, n_pre, tp)]
-        dec = [Assignment(s, tp, "decode", "*") for s in range(n_pre, pool, tp)]
-        yield Plan(pre + dec)
+def prefill_decode(pool: int, tps: list[int]) -> Iterator[Plan]:
+    """Every fixed prefill/decode split of the pool (DistServe-like), each phase at its own degree
+    from ``tps``: DistServe picks the parallelism of prefill and of decode apart. The group of the
+    higher degree is laid out first, so every instance stays aligned."""
+    for n_pre in range(1, pool):
+        for tp_pre in (tp for tp in tps if n_pre % tp == 0):
+            for tp_dec in (tp for tp in tps if (pool - n_pre) % tp == 0):
+                groups = [("prefill", n_pre, tp_pre), ("decode", pool - n_pre, tp_dec)]
+                plan, start = [], 0
+                for role, size, tp in sorted(groups, key=lambda g: -g[2]):
+                    plan += [Assignment(s, tp, role, "*") for s in range(start, start + size, tp)]
+                    start += size
+                yield Plan(plan)
 
 
 def candidates(name: str, pool: int, perf: PerfModel, tiers: list[str]) -> list[Plan | None]:
@@ -92,7 +100,7 @@ def candidates(name: str, pool: int, perf: PerfModel, tiers: list[str]) -> list[
     if name == "split":
         return list(split_clusters_by_degree(pool, tps, tiers))
     if name == "static-pd":
-        return [p for tp in tps for p in prefill_decode(pool, tp)]
+        return list(prefill_decode(pool, tps))
     return [uniform(pool, tp) for tp in tps]
 
 
