@@ -40,13 +40,42 @@ def _times(ratio: float | None) -> str:
     return "n/a" if ratio is None else f"{ratio:.2f}×"
 
 
+# The arguments that must match for ``--update`` to keep an earlier run's results.
+_SAME_RUN = ("model", "hardware", "gpus", "rate", "duration", "tiers", "trace", "seed", "tier", "tpot_ms")
+
+
+def _earlier_rows(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[float, dict]:
+    """The rows of the earlier run at ``a.out`` by target, for ``--update``; exits with the reason
+    if there is none or it came from other arguments."""
+    path = Path(a.out)
+    if not path.exists():
+        p.error(f"--update: no earlier results at {path}; run without --update first")
+    before = json.loads(path.read_text())["args"]
+    differ = [k for k in _SAME_RUN if before.get(k) != getattr(a, k)]
+    if differ:
+        p.error(
+            f"--update: {path} comes from other arguments ({', '.join(f'--{k} {before.get(k)!r}' for k in differ)}); "
+            "give the same ones, or run without --update"
+        )
+    return {row["tpot_ms"]: row for row in json.loads(path.read_text())["rows"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_study_args(p, rate=400.0, out="bench_results/target_sweep.json")
     p.add_argument("--tier", default="interactive", help="the tier whose TPOT target is swept")
     p.add_argument("--tpot-ms", type=float, nargs="+", required=True, help="TPOT targets to run, in ms")
+    p.add_argument(
+        "--update",
+        nargs="+",
+        choices=NAMES,
+        metavar="PRESET",
+        help="re-run only these presets and keep the others' results from the JSON at --out (which "
+        "must come from the same arguments)",
+    )
     a = p.parse_args()
     workload, tiers, perf = load_study(a)
+    earlier = _earlier_rows(p, a) if a.update else {}
     if a.tier not in tiers:
         p.error(f"--tier {a.tier!r} is not in the tier file; it has {sorted(tiers)}")
     if any(ms <= 0 for ms in a.tpot_ms):
@@ -61,16 +90,28 @@ def main() -> None:
     for tpot_ms in a.tpot_ms:
         t0 = time.perf_counter()
         swept = {**tiers, a.tier: dataclasses.replace(tiers[a.tier], tpot_s=tpot_ms / 1e3)}
-        runs = {name: best_static(name, a.gpus, perf, swept, workload) for name in NAMES}
-        goodput = {name: run.report.goodput_rps for name, run in runs.items()}
+        names = a.update or NAMES
+        runs = {name: best_static(name, a.gpus, perf, swept, workload) for name in names}
+        kept = earlier.get(tpot_ms, {})
+        goodput = {
+            name: runs[name].report.goodput_rps if name in runs else kept["goodput_rps"][name]
+            for name in NAMES
+        }
+        configs = {name: runs[name].config if name in runs else kept["configs"][name] for name in NAMES[:-1]}
         best = max(BASELINES, key=lambda n: goodput[n])
         row = {
             "tpot_ms": tpot_ms,
             "lowest_tp_reaches_target": reachable_tpot(perf, min(steps), [tpot_ms / 1e3]) is not None,
             "goodput_rps": goodput,
-            "configs": {name: run.config for name, run in runs.items() if name != "nitsum"},
-            "nitsum_attainment": {t.tier: t.attainment for t in runs["nitsum"].report.tiers},
-            "nitsum_switches": runs["nitsum"].result.switches,
+            "configs": configs,
+            "nitsum_attainment": (
+                {t.tier: t.attainment for t in runs["nitsum"].report.tiers}
+                if "nitsum" in runs
+                else kept["nitsum_attainment"]
+            ),
+            "nitsum_switches": runs["nitsum"].result.switches
+            if "nitsum" in runs
+            else kept["nitsum_switches"],
             "best_baseline": best,
             "vs_best_baseline": _ratio(goodput["nitsum"], goodput[best]),
             "vs_nitsum_static": _ratio(goodput["nitsum"], goodput["nitsum-static"]),
