@@ -23,6 +23,7 @@ import json
 import time
 from pathlib import Path
 
+from nitsum_cli.sim import differing_args
 from nitsum_core.baselines import best_static
 from nitsum_core.configurator import reachable_tpot, smallest_decode_step, valid_tp_choices
 from study_setup import add_study_args, load_study
@@ -50,14 +51,14 @@ def _earlier_rows(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[flo
     path = Path(a.out)
     if not path.exists():
         p.error(f"--update: no earlier results at {path}; run without --update first")
-    before = json.loads(path.read_text())["args"]
-    differ = [k for k in _SAME_RUN if before.get(k) != getattr(a, k)]
+    earlier = json.loads(path.read_text())
+    differ = differing_args(earlier["args"], a, _SAME_RUN)
     if differ:
         p.error(
-            f"--update: {path} comes from other arguments ({', '.join(f'--{k} {before.get(k)!r}' for k in differ)}); "
+            f"--update: {path} comes from other arguments ({', '.join(differ)}); "
             "give the same ones, or run without --update"
         )
-    return {row["tpot_ms"]: row for row in json.loads(path.read_text())["rows"]}
+    return {row["tpot_ms"]: row for row in earlier["rows"]}
 
 
 def main() -> None:

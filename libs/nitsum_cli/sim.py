@@ -8,6 +8,7 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from nitsum_core import workload as wl
@@ -182,15 +183,9 @@ def run(a: argparse.Namespace) -> int:
 _SAME_RUN = ("model", "hardware", "gpus", "coefficients", "tiers", "trace", "start", "duration", "seed")
 
 
-def _kept_rows(
-    path: Path, a: argparse.Namespace, presets: list[str], rates: list[float]
-) -> tuple[list[dict], dict]:
-    """The rows (and the nitsum timelines, unless nitsum is re-run) of the earlier run in ``path``
-    that ``--update`` keeps: every preset not in ``presets``. Raises if that run differs from ``a``."""
-    if not path.exists():
-        raise ValueError(f"--update: no earlier results at {path}; run without --update first")
-    earlier = json.loads(path.read_text())
-    before = earlier["args"]
+def differing_args(before: dict, a: argparse.Namespace, keys: Sequence[str]) -> list[str]:
+    """``--key value`` for each of ``keys`` whose value in an earlier run's stored arguments
+    (``before``) differs from ``a``'s; tier and trace files compare as resolved paths."""
 
     def same(key: str) -> bool:
         old, new = before.get(key), getattr(a, key)
@@ -200,10 +195,21 @@ def _kept_rows(
             return [Path(t).resolve() for t in old or []] == [Path(t).resolve() for t in new]
         return old == new
 
-    differ = [k for k in _SAME_RUN if not same(k)]
+    return [f"--{k} {before.get(k)!r}" for k in keys if not same(k)]
+
+
+def _kept_rows(
+    path: Path, a: argparse.Namespace, presets: list[str], rates: list[float]
+) -> tuple[list[dict], dict]:
+    """The rows (and the nitsum timelines, unless nitsum is re-run) of the earlier run in ``path``
+    that ``--update`` keeps: every preset not in ``presets``. Raises if that run differs from ``a``."""
+    if not path.exists():
+        raise ValueError(f"--update: no earlier results at {path}; run without --update first")
+    earlier = json.loads(path.read_text())
+    differ = differing_args(earlier["args"], a, _SAME_RUN)
     if differ:
         raise ValueError(
-            f"--update: {path} comes from another run ({', '.join(f'--{k} {before.get(k)!r}' for k in differ)}); "
+            f"--update: {path} comes from another run ({', '.join(differ)}); "
             "give the same arguments, or re-run every preset without --update"
         )
     kept = [r for r in earlier["rows"] if r["preset"] not in presets]

@@ -130,6 +130,12 @@ class SimInstance:
     in_transit_prompts: int = 0
 
     @property
+    def seated_ctx(self) -> int:
+        """KV tokens the batch will decode over once the prompts prefilling now and the hand-offs
+        on their way join it."""
+        return self.ctx_tokens + self.prefilling_prompts + self.in_transit_prompts
+
+    @property
     def load(self) -> int:
         waiting = len(self.queue) + len(self.late_queue) + len(self.handoffs)
         return waiting + len(self.prefilling) + len(self.in_transit) + self.running
@@ -280,22 +286,17 @@ class Simulator:
         decode = inst.running if inst.a.role != "prefill" else 0
         if slo and (inst.queue or inst.prefilling):  # most steps at light load: decodes only
             self._mark_late(inst, decode, target)
-        # KV tokens the batch will decode over once the requests prefilling now join it.
-        batch_ctx = inst.ctx_tokens + inst.prefilling_prompts + inst.in_transit_prompts
         # Admit queued requests into prefill while seats and KV allow (their whole KV is reserved);
         # late ones only when no on-time one waits, and an on-time one held back takes the seat
         # of a late one that has not started (``_unseat_late``).
         while inst.queue or inst.late_queue:
             queue: list = inst.queue or inst.late_queue
             r = queue[0][-1]
-            if not self._seat_free(inst, r, target, batch_ctx):
+            if not self._seat_free(inst, r, target):
                 if slo and queue is inst.queue and self._unseat_late(inst):
-                    batch_ctx = inst.ctx_tokens + inst.prefilling_prompts + inst.in_transit_prompts
                     continue
                 break
             need = r.prompt + r.output
-            if slo:
-                batch_ctx += r.prompt
             heapq.heappop(queue)
             inst.kv_used += need
             inst.prefilling_prompts += r.prompt
@@ -321,7 +322,7 @@ class Simulator:
         inst.busy = True
         self._push(start + dt, "step", (inst, chunk))
 
-    def _seat_free(self, inst: SimInstance, r: SimRequest, target: float | None, batch_ctx: int) -> bool:
+    def _seat_free(self, inst: SimInstance, r: SimRequest, target: float | None) -> bool:
         """Whether ``r`` can take a seat now: under ``max_batch``, within the KV, and (SLO order)
         with a decode step over the batch, ``r`` included, still within the TPOT ``target``."""
         seats = inst.running + len(inst.prefilling) + len(inst.in_transit) + 1
@@ -331,7 +332,7 @@ class Simulator:
         # from a pool-wide mean context is wrong for per-tier instances and swings with every
         # window's length mix (it cost 18 % of goodput on 8B at 400 req/s: docs/simulator.md,
         # round 10).
-        return not target or self.perf.step_time(inst.a.tp, 0, seats, batch_ctx + r.prompt) <= target
+        return not target or self.perf.step_time(inst.a.tp, 0, seats, inst.seated_ctx + r.prompt) <= target
 
     def _unseat_late(self, inst: SimInstance) -> bool:
         """Give back the seat and KV of a late prompt that has not started prefilling, for an
@@ -558,14 +559,12 @@ class Simulator:
         its seat cap, and the static P/D baseline missed its TPOT targets for it."""
         slo = self.preset.queue_order == "slo"
         target = self._tpot_target(inst) if slo else None
-        batch_ctx = inst.ctx_tokens + inst.prefilling_prompts + inst.in_transit_prompts
         link = self.perf.hw.link_bw
         while inst.handoffs:
             r = inst.handoffs[0]
-            if not self._seat_free(inst, r, target, batch_ctx):
+            if not self._seat_free(inst, r, target):
                 break
             inst.handoffs.popleft()
-            batch_ctx += r.prompt
             inst.kv_used += r.prompt + r.output
             inst.in_transit.append(r)
             inst.in_transit_prompts += r.prompt
