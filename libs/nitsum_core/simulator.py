@@ -225,6 +225,7 @@ class Simulator:
         self.lanes = LanePolicy(tiers, preset.window_s)
         self.control: ControlLoop | None = None  # built with the initial plan in run()
         self.min_chunk = min_chunk
+        self._chunk_fits: dict[tuple[int, float], bool] = {}  # (tp, TPOT target): see ``_seat_free``
 
     # ---- plumbing -------------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: object) -> None:
@@ -324,15 +325,30 @@ class Simulator:
 
     def _seat_free(self, inst: SimInstance, r: SimRequest, target: float | None) -> bool:
         """Whether ``r`` can take a seat now: under ``max_batch``, within the KV, and (SLO order)
-        with a decode step over the batch, ``r`` included, still within the TPOT ``target``."""
+        with a step over the batch, ``r`` included, still within the TPOT ``target``. On a mixed
+        instance that step also prefills the smallest chunk a step carries (``min_chunk``), unless
+        ``r`` would be its only sequence or that chunk beside one sequence is already over."""
         seats = inst.running + len(inst.prefilling) + len(inst.in_transit) + 1
         if seats > self.max_batch or inst.kv_used + r.prompt + r.output > inst.kv_cap:
             return False
+        if not target:
+            return True
         # SLO-safe seats (DESIGN §1), checked against this instance's own batch: a seat cap sized
         # from a pool-wide mean context is wrong for per-tier instances and swings with every
         # window's length mix (it cost 18 % of goodput on 8B at 400 req/s: docs/simulator.md,
-        # round 10).
-        return not target or self.perf.step_time(inst.a.tp, 0, seats, inst.seated_ctx + r.prompt) <= target
+        # round 10). A mixed instance's steps never cut a prompt's chunk below ``min_chunk``
+        # (prompts always progress), so seats that fill a decode-only step to the target leave
+        # every step that prefills over it, and the next prompt no room (round 21).
+        # Where that chunk beside a single sequence is already over the target, seats were never
+        # going to keep it; reserving room there would leave the instance one sequence at a time.
+        reserve = 0
+        if inst.a.role == "mixed" and seats > 1:
+            key = inst.a.tp, target
+            fits = self._chunk_fits.get(key)
+            if fits is None:
+                fits = self._chunk_fits[key] = self.perf.step_time(inst.a.tp, self.min_chunk, 1, 0) <= target
+            reserve = self.min_chunk if fits else 0
+        return self.perf.step_time(inst.a.tp, reserve, seats, inst.seated_ctx + r.prompt) <= target
 
     def _unseat_late(self, inst: SimInstance) -> bool:
         """Give back the seat and KV of a late prompt that has not started prefilling, for an
