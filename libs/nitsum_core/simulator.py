@@ -225,7 +225,9 @@ class Simulator:
         self.lanes = LanePolicy(tiers, preset.window_s)
         self.control: ControlLoop | None = None  # built with the initial plan in run()
         self.min_chunk = min_chunk
-        self._chunk_fits: dict[tuple[int, float], bool] = {}  # (tp, TPOT target): see ``_seat_free``
+        # Seconds of a step that prefills ``min_chunk`` tokens beside one empty sequence, by TP
+        # degree: the least a mixed step with a decode can take (see ``_seat_free``).
+        self._min_mixed_step: dict[int, float] = {}
 
     # ---- plumbing -------------------------------------------------------------------------------
     def _push(self, t: float, kind: str, payload: object) -> None:
@@ -341,14 +343,14 @@ class Simulator:
         # every step that prefills over it, and the next prompt no room (round 21).
         # Where that chunk beside a single sequence is already over the target, seats were never
         # going to keep it; reserving room there would leave the instance one sequence at a time.
+        tp = inst.a.tp
         reserve = 0
         if inst.a.role == "mixed" and seats > 1:
-            key = inst.a.tp, target
-            fits = self._chunk_fits.get(key)
-            if fits is None:
-                fits = self._chunk_fits[key] = self.perf.step_time(inst.a.tp, self.min_chunk, 1, 0) <= target
-            reserve = self.min_chunk if fits else 0
-        return self.perf.step_time(inst.a.tp, reserve, seats, inst.seated_ctx + r.prompt) <= target
+            least = self._min_mixed_step.get(tp)
+            if least is None:
+                least = self._min_mixed_step[tp] = self.perf.step_time(tp, self.min_chunk, 1, 0)
+            reserve = self.min_chunk if least <= target else 0
+        return self.perf.step_time(tp, reserve, seats, inst.seated_ctx + r.prompt) <= target
 
     def _unseat_late(self, inst: SimInstance) -> bool:
         """Give back the seat and KV of a late prompt that has not started prefilling, for an
