@@ -53,8 +53,9 @@ BOOT_WINDOWS = REPLAY_WINDOWS + 1
 # round 10).
 SWITCH_MARGIN = 0.2
 # A cut that wins by less than SWITCH_MARGIN but at least CONFIRM_MARGIN is replayed again, with
-# the current one, on the last CONFIRM_WINDOWS windows of arrivals: a sample three times longer,
-# whose score moves less with one burst. The loop switches if that replay confirms the gain.
+# the current one, on the last CONFIRM_WINDOWS windows of arrivals (as many as have been seen, once
+# that is at least twice REPLAY_WINDOWS): a longer sample, whose score moves less with one burst.
+# The loop switches if that replay confirms the gain.
 CONFIRM_MARGIN = 0.05
 CONFIRM_WINDOWS = 15
 
@@ -154,7 +155,9 @@ class ControlLoop:
         # corrects its predictions (a family never run gets the mean factor of those that have).
         self.calibration: dict[str, float] = {}
         self._last_prediction: float | None = None  # for the current plan, made a window ago
-        self._pending: str | None = None  # last window's winning plan family (debounce)
+        # Plan families whose best cut beat the current plan by CONFIRM_MARGIN in last window's
+        # scoring (debounce: a switch needs the gain seen in two windows running).
+        self._beat_last: set[str] = set()
         self._family_seen: str | None = None
         self._warm = 0  # windows the current plan family has run
         self._windows_run = 0
@@ -228,7 +231,7 @@ class ControlLoop:
             # Goodput cannot exceed arrivals: a plan that meets every target for all that arrives
             # has nothing to gain from a re-cut, so the candidates are not scored (at light load,
             # most windows; a replay of every candidate costs a good part of a second).
-            self._pending = family
+            self._beat_last = set()
             return decision
 
         candidates = candidate_plans(self.pool, self.perf, demands, self.roles, tiers=self.tiers)
@@ -241,32 +244,58 @@ class ControlLoop:
         decision.predicted_current_rps = now_rps
         best = max(candidates, key=expected)
         proposed = Plan(best.assignments, expected(best))
-        # Debounce: a plan family must win two windows running. One second of a bursty trace often
-        # favours a plan the next second does not, and every switch pauses the moved slots.
-        # The family must win twice, not the exact cut: a per-tier cut changes shape with every
-        # window's demand and would otherwise never win twice running.
-        pending, self._pending = self._pending, plan_family(proposed.assignments)
-        if proposed.assignments == self.plan.assignments or pending != self._pending:
+        # Debounce: the proposed cut's family must also have beaten the current plan last window.
+        # One second of a bursty trace often favours a plan the next second does not, and every
+        # switch pauses the moved slots. It is the family that must have won, not the exact cut: a
+        # per-tier cut changes shape with every window's demand. Nor need it have been last
+        # window's best: near-equal families trade the lead from window to window, and asking for
+        # the same winner twice running held a bad boot plan for windows while every one of them
+        # beat it by 40 % (14B at 2x saturation, docs/simulator.md round 22).
+        beat_last, self._beat_last = (
+            self._beat_last,
+            {plan_family(c.assignments) for c in candidates if expected(c) > now_rps * (1 + CONFIRM_MARGIN)},
+        )
+        if (
+            proposed.assignments == self.plan.assignments
+            or plan_family(proposed.assignments) not in beat_last
+        ):
             return decision
         pause = switch_cost(proposed)
-        if should_switch(now_rps, proposed.predicted_goodput_rps, pause, self.window_s, SWITCH_MARGIN):
+        # The gain must pay for the pause within the span it was measured over (the replayed
+        # windows): it is expected to last that long, not one window. (A one-window payback kept
+        # the loop on a cut its 15-window replays scored 5-6 % below another for 11 windows in a
+        # row: 8B at 2x saturation, docs/simulator.md round 22.)
+        if should_switch(now_rps, proposed.predicted_goodput_rps, pause, self._span_s(), SWITCH_MARGIN):
             decision.switch_to, decision.pause_s = proposed, pause
+            self._beat_last = set()  # measured against the plan being left
         elif self._confirmable() and should_switch(
-            now_rps, proposed.predicted_goodput_rps, pause, self.window_s, CONFIRM_MARGIN
+            now_rps, proposed.predicted_goodput_rps, pause, self._span_s(), CONFIRM_MARGIN
         ):
             longer = self._replay_scores(backlog, [now, proposed], self.confirm_windows)
-            if should_switch(longer(now), longer(proposed), pause, self.window_s, CONFIRM_MARGIN):
+            longer_s = self._span_s(self.confirm_windows)
+            if should_switch(longer(now), longer(proposed), pause, longer_s, CONFIRM_MARGIN):
                 decision.switch_to, decision.pause_s = Plan(proposed.assignments, longer(proposed)), pause
+                self._beat_last = set()
         return decision
+
+    def _span_s(self, windows: int | None = None) -> float:
+        """Seconds of arrivals a window's scores were measured on: the replayed windows (at most
+        ``windows``, default ``replay_windows``, and as many as have been seen), or the demand's
+        ``history`` for roofline scores."""
+        if self.replay is None:
+            windows = self.history
+        elif windows is None:
+            windows = self.replay_windows
+        return self.window_s * max(1, min(windows, len(self._recent)))
 
     def _confirmable(self) -> bool:
         """Whether a small gain can be checked on a longer replay: replay scoring of the recent
-        past (not a forecast), with that many windows seen."""
+        past (not a forecast), with at least twice the windows a replay scores seen."""
         return (
             self.replay is not None
             and self.forecast is None
             and self.confirm_windows > self.replay_windows
-            and len(self._recent) >= self.confirm_windows
+            and len(self._recent) >= 2 * self.replay_windows
         )
 
     def _serving_everything(self) -> bool:
