@@ -161,6 +161,7 @@ class ControlLoop:
         self._family_seen: str | None = None
         self._warm = 0  # windows the current plan family has run
         self._windows_run = 0
+        self._scored_span_s = window_s  # seconds of arrivals the latest scores were measured on
 
     def arrival(self, tier: str, prompt: int, output: int, offset_s: float | None = None) -> None:
         """One request arrived, ``offset_s`` seconds into this window (None: not known)."""
@@ -240,6 +241,7 @@ class ControlLoop:
             expected = self._replay_scores(backlog, [now, *candidates])
         else:
             expected = self._calibrated(family, _roofline_score)
+            self._scored_span_s = self.window_s * len(recent)  # the demand it predicts from
         now_rps = expected(now)
         decision.predicted_current_rps = now_rps
         best = max(candidates, key=expected)
@@ -265,28 +267,18 @@ class ControlLoop:
         # windows): it is expected to last that long, not one window. (A one-window payback kept
         # the loop on a cut its 15-window replays scored 5-6 % below another for 11 windows in a
         # row: 8B at 2x saturation, docs/simulator.md round 22.)
-        if should_switch(now_rps, proposed.predicted_goodput_rps, pause, self._span_s(), SWITCH_MARGIN):
+        span_s = self._scored_span_s
+        if should_switch(now_rps, proposed.predicted_goodput_rps, pause, span_s, SWITCH_MARGIN):
             decision.switch_to, decision.pause_s = proposed, pause
             self._beat_last = set()  # measured against the plan being left
         elif self._confirmable() and should_switch(
-            now_rps, proposed.predicted_goodput_rps, pause, self._span_s(), CONFIRM_MARGIN
+            now_rps, proposed.predicted_goodput_rps, pause, span_s, CONFIRM_MARGIN
         ):
             longer = self._replay_scores(backlog, [now, proposed], self.confirm_windows)
-            longer_s = self._span_s(self.confirm_windows)
-            if should_switch(longer(now), longer(proposed), pause, longer_s, CONFIRM_MARGIN):
+            if should_switch(longer(now), longer(proposed), pause, self._scored_span_s, CONFIRM_MARGIN):
                 decision.switch_to, decision.pause_s = Plan(proposed.assignments, longer(proposed)), pause
                 self._beat_last = set()
         return decision
-
-    def _span_s(self, windows: int | None = None) -> float:
-        """Seconds of arrivals a window's scores were measured on: the replayed windows (at most
-        ``windows``, default ``replay_windows``, and as many as have been seen), or the demand's
-        ``history`` for roofline scores."""
-        if self.replay is None:
-            windows = self.history
-        elif windows is None:
-            windows = self.replay_windows
-        return self.window_s * max(1, min(windows, len(self._recent)))
 
     def _confirmable(self) -> bool:
         """Whether a small gain can be checked on a longer replay: replay scoring of the recent
@@ -333,6 +325,7 @@ class ControlLoop:
                 for r in w
             ]
             span = self.window_s * len(replayed)
+        self._scored_span_s = span
         distinct = {tuple(plan.assignments): plan for plan in plans}
         scores = self.replay_map(_ReplayOf(replay, requests, span, backlog), distinct.values())
         seen: dict[tuple[Assignment, ...], float] = dict(zip(distinct, scores, strict=True))
