@@ -258,11 +258,10 @@ def test_the_loop_follows_the_replay_where_the_roofline_misranks(scorer: str) ->
         assert {2} not in switched  # the roofline never goes to the plan it wrongly ranks low
 
 
-def _scripted_loop(
-    scores: list[dict[str, float]], pause_s: float = 0.01
-) -> tuple[ControlLoop, list[Plan | None]]:
-    """A replay-scored loop whose replay returns, in window i, ``scores[i]`` for a plan family
-    (50 for families not named); the current plan, shared TP 1, always scores 100."""
+def _scripted_switches(scores: list[dict[str, float]], pause_s: float = 0.01) -> list[Plan | None]:
+    """Each window's switch of a replay-scored loop whose replay returns, in window i,
+    ``scores[i]`` for a plan family (50 for families not named); the current plan, shared TP 1,
+    always scores 100."""
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
     this_window: dict[str, float] = {}
 
@@ -279,14 +278,14 @@ def _scripted_loop(
             loop.arrival("interactive", 500, 200)
             loop.finished("interactive", good=False)  # not serving everything: candidates are scored
         switches.append(loop.window(lambda _: pause_s).switch_to)
-    return loop, switches
+    return switches
 
 
 def test_a_gain_seen_two_windows_running_switches_even_when_the_leader_changes() -> None:
     # TP 2 and TP 4 both beat the current plan by ~50 % in both windows and trade the lead: the
     # loop switches in the second window, to that window's leader (waiting for one family to lead
     # twice running held a bad plan while every alternative beat it).
-    _, switches = _scripted_loop(
+    switches = _scripted_switches(
         [{"shared-tp2": 150, "shared-tp4": 145}, {"shared-tp2": 145, "shared-tp4": 150}]
     )
     assert switches[0] is None  # one window is never enough
@@ -296,7 +295,7 @@ def test_a_gain_seen_two_windows_running_switches_even_when_the_leader_changes()
 def test_a_gain_seen_in_one_window_only_does_not_switch() -> None:
     # TP 2 beats the current plan only in the second window (a burst): no switch until it has
     # beaten it two windows running.
-    _, switches = _scripted_loop([{"shared-tp2": 101}, {"shared-tp2": 150}, {"shared-tp2": 150}])
+    switches = _scripted_switches([{"shared-tp2": 101}, {"shared-tp2": 150}, {"shared-tp2": 150}])
     assert switches[:2] == [None, None]
     assert switches[2] is not None and plan_family(switches[2].assignments) == "shared-tp2"
 
@@ -306,7 +305,7 @@ def test_a_small_gain_is_confirmed_on_a_longer_replay_and_pays_its_pause_over_th
     # loop waits until it has twice the replayed windows to confirm it on (10), and switches
     # then. 8 % of 100 req/s over one second would not pay a 0.1 s pause of the whole pool
     # (10 requests); over the 10 s the gain was measured on, it does.
-    _, switches = _scripted_loop([{"shared-tp2": 108}] * 12, pause_s=0.1)
+    switches = _scripted_switches([{"shared-tp2": 108}] * 12, pause_s=0.1)
     assert switches[:9] == [None] * 9
     assert switches[9] is not None and plan_family(switches[9].assignments) == "shared-tp2"
 

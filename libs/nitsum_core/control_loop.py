@@ -264,9 +264,9 @@ class ControlLoop:
             return decision
         pause = switch_cost(proposed)
         # The gain must pay for the pause within the span it was measured over (the replayed
-        # windows): it is expected to last that long, not one window. (Paid back over one window,
-        # the pause (over 0.065 s) outweighed the 5-6 % gains that five confirming replays in a row gave
-        # another cut: 8B at 2x saturation, docs/simulator.md round 22.)
+        # windows): it is expected to last that long, not one window. Paid back over one window, a
+        # pause of over 0.065 s outweighed the 5-6 % gain five confirming replays in a row gave
+        # another cut (8B at 2x saturation, docs/simulator.md round 22).
         span_s = self._scored_span_s
         if should_switch(now_rps, proposed.predicted_goodput_rps, pause, span_s, SWITCH_MARGIN):
             decision.switch_to, decision.pause_s = proposed, pause
