@@ -161,7 +161,6 @@ class ControlLoop:
         self._family_seen: str | None = None
         self._warm = 0  # windows the current plan family has run
         self._windows_run = 0
-        self._scored_span_s = window_s  # seconds of arrivals the latest scores were measured on
 
     def arrival(self, tier: str, prompt: int, output: int, offset_s: float | None = None) -> None:
         """One request arrived, ``offset_s`` seconds into this window (None: not known)."""
@@ -237,11 +236,12 @@ class ControlLoop:
 
         candidates = candidate_plans(self.pool, self.perf, demands, self.roles, tiers=self.tiers)
         now = Plan(self.plan.assignments, current)
+        # ``span_s``: the seconds of arrivals the scores were measured on (for the roofline, the
+        # demand it predicts from).
         if self.replay is not None:
-            expected = self._replay_scores(backlog, [now, *candidates])
+            expected, span_s = self._replay_scores(backlog, [now, *candidates])
         else:
-            expected = self._calibrated(family, _roofline_score)
-            self._scored_span_s = self.window_s * len(recent)  # the demand it predicts from
+            expected, span_s = self._calibrated(family, _roofline_score), self.window_s * len(recent)
         now_rps = expected(now)
         decision.predicted_current_rps = now_rps
         best = max(candidates, key=expected)
@@ -267,15 +267,14 @@ class ControlLoop:
         # windows): it is expected to last that long, not one window. Paid back over one window, a
         # pause of over 0.065 s outweighed the 5-6 % gain five confirming replays in a row gave
         # another cut (8B at 2x saturation, docs/simulator.md round 22).
-        span_s = self._scored_span_s
         if should_switch(now_rps, proposed.predicted_goodput_rps, pause, span_s, SWITCH_MARGIN):
             decision.switch_to, decision.pause_s = proposed, pause
             self._beat_last = set()  # measured against the plan being left
         elif self._confirmable() and should_switch(
             now_rps, proposed.predicted_goodput_rps, pause, span_s, CONFIRM_MARGIN
         ):
-            longer = self._replay_scores(backlog, [now, proposed], self.confirm_windows)
-            if should_switch(longer(now), longer(proposed), pause, self._scored_span_s, CONFIRM_MARGIN):
+            longer, longer_s = self._replay_scores(backlog, [now, proposed], self.confirm_windows)
+            if should_switch(longer(now), longer(proposed), pause, longer_s, CONFIRM_MARGIN):
                 decision.switch_to, decision.pause_s = Plan(proposed.assignments, longer(proposed)), pause
                 self._beat_last = set()
         return decision
@@ -299,9 +298,9 @@ class ControlLoop:
 
     def _replay_scores(
         self, backlog: list[InFlight], plans: list[Plan], windows: int | None = None
-    ) -> Callable[[Plan], float]:
+    ) -> tuple[Callable[[Plan], float], float]:
         """Each of ``plans``' goodput over the next span, simulated (each distinct cut once, all
-        through ``replay_map``).
+        through ``replay_map``), and the span's length in seconds.
 
         The span is the last ``replay_windows`` of arrivals replayed, or the ``forecast`` where the
         driver gives one. The replay starts from ``backlog``, what the driver reported in flight,
@@ -325,11 +324,10 @@ class ControlLoop:
                 for r in w
             ]
             span = self.window_s * len(replayed)
-        self._scored_span_s = span
         distinct = {tuple(plan.assignments): plan for plan in plans}
         scores = self.replay_map(_ReplayOf(replay, requests, span, backlog), distinct.values())
         seen: dict[tuple[Assignment, ...], float] = dict(zip(distinct, scores, strict=True))
-        return lambda plan: seen[tuple(plan.assignments)]
+        return (lambda plan: seen[tuple(plan.assignments)]), span
 
     def _calibrated(self, family: str, raw: Callable[[Plan], float]) -> Callable[[Plan], float]:
         """Each plan's roofline score times its family's observed / predicted factor: the roofline
