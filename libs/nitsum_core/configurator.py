@@ -394,6 +394,36 @@ def hybrid_plans(
     return (chosen + leftover)[:keep]
 
 
+def fenced_cut(cut: Sequence[Assignment], demands: dict[str, TierDemand]) -> list[Assignment] | None:
+    """``cut`` (a hybrid cut) with every instance fenced to one tier: its high-TP instances serve
+    only the strictest-TPOT tier, and its low-TP ones are dealt one looser tier each, the tier
+    with the most arriving tokens first. None where there are fewer low-TP instances than looser
+    tiers (one would get none) or the cut is not a hybrid.
+
+    In a hybrid cut the looser tiers' bursts spill onto the high-TP instances, whose steps are
+    sized for the tight TPOT, and share the low-TP ones with each other's long prompts. Fenced,
+    each tier keeps its own: on 70B at 2x saturation this is the best static plan of any shape
+    (TP 4 interactive, TP 2 agent, TP 2 background: 36.5 req/s against 35.4 for the hybrid;
+    docs/simulator.md round 23). It starves a tier whose share moves, so it is one candidate
+    among the others, replayed like them, never a default.
+    """
+    high = [a for a in cut if a.tier == SHARED]
+    low = [a for a in cut if a.tier != SHARED]
+    looser = tier_set(low[0].tier) if low else None
+    if not high or not looser or len(low) < len(looser):
+        return None
+    tight, _ = tight_and_rest({name: d.tier.tpot_s for name, d in demands.items()})
+
+    def arriving_tokens(name: str) -> float:
+        d = demands.get(name)
+        return d.arrival_rps * (d.mean_prompt + d.mean_output) if d else 0.0
+
+    order = sorted(looser, key=lambda name: (-arriving_tokens(name), name))
+    return [replace(a, tier=tight) for a in high] + [
+        replace(a, tier=order[i % len(order)]) for i, a in enumerate(low)
+    ]
+
+
 def candidate_plans(
     pool: int,
     perf: PerfModel,
@@ -401,8 +431,9 @@ def candidate_plans(
     roles: Sequence[Role] = ("mixed", "prefill", "decode"),
     tiers: Iterable[str] = (),
 ) -> list[Plan]:
-    """Every plan the configurator weighs: each shared uniform cut, the best hybrid cuts, and
-    (where instances may split prefill from decode) the per-tier greedy cut. ``tiers`` names
+    """Every plan the configurator weighs: each shared uniform cut, the best hybrid cuts, the best
+    hybrid fenced one tier per instance (``fenced_cut``), and (where instances may split prefill
+    from decode) the per-tier greedy cut. ``tiers`` names
     every configured tier, so that hybrid cuts serve tiers quiet of late too.
 
     Shared cuts pool the capacity (no GPU idles while another tier queues); hybrid cuts give a
@@ -413,7 +444,11 @@ def candidate_plans(
     window's mix starves a tier when the mix moves (14B at 1x saturation with an 8 ms tier: 85.1
     req/s with it, 94.2 without; docs/simulator.md round 16).
     """
-    plans = [*shared_plans(pool, perf, demands), *hybrid_plans(pool, perf, demands, tiers=tiers)]
+    hybrids = hybrid_plans(pool, perf, demands, tiers=tiers)
+    plans = [*shared_plans(pool, perf, demands), *hybrids]
+    fenced = fenced_cut(hybrids[0].assignments, demands) if hybrids else None
+    if fenced:
+        plans.append(Plan(fenced, predicted_goodput(perf, fenced, demands)))
     if any(role != "mixed" for role in roles):
         plans.append(greedy(pool, perf, demands, roles=roles))
     return plans
