@@ -330,19 +330,32 @@ def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree(
         assert plan.predicted_goodput_rps > max(
             p.predicted_goodput_rps for p in candidate_plans(8, pm, demands)[:4]
         )
-    # With mixed instances only the per-tier greedy cut is not weighed (the last candidate is the
-    # best hybrid fenced one tier per instance, all mixed); with P/D roles it is.
-    mixed_only = candidate_plans(8, pm, demands, ("mixed",))
-    assert plan_family(mixed_only[-2].assignments).startswith("hybrid-tp1-")
-    assert plan_family(mixed_only[-1].assignments) == "per-tier"
-    assert all(a.role == "mixed" for p in mixed_only for a in p.assignments)
+    # With mixed instances only the per-tier greedy cut is not weighed; with P/D roles it is.
+    assert [plan_family(p.assignments) for p in candidate_plans(8, pm, demands, ("mixed",))][-1].startswith(
+        "hybrid-tp1-"
+    )
     assert plan_family(candidate_plans(8, pm, demands)[-1].assignments).startswith("per-tier")
 
 
-def test_a_fenced_cut_gives_every_instance_of_the_best_hybrid_one_tier() -> None:
-    from nitsum_core.configurator import candidate_plans, fenced_cut, hybrid_cut, hybrid_plans
+def _overloaded(demands: dict[str, TierDemand], factor: float) -> dict[str, TierDemand]:
+    from dataclasses import replace
 
-    pm, demands = _study_perf(), _study_demands()
+    return {name: replace(d, arrival_rps=d.arrival_rps * factor) for name, d in demands.items()}
+
+
+def test_a_fenced_cut_gives_every_instance_of_the_best_hybrid_one_tier() -> None:
+    from nitsum_core.configurator import (
+        candidate_plans,
+        fenced_cut,
+        hybrid_cut,
+        hybrid_plans,
+        over_saturation,
+        plan_family,
+    )
+
+    pm = _study_perf()
+    demands = _overloaded(_study_demands(), 4)
+    assert 1.3 < over_saturation(8, pm, demands) < 1.5
     best = hybrid_plans(8, pm, demands)[0].assignments
     fenced = fenced_cut(best, demands)
     assert fenced is not None
@@ -354,12 +367,26 @@ def test_a_fenced_cut_gives_every_instance_of_the_best_hybrid_one_tier() -> None
     # Dealt one tier each, the tier with the most arriving tokens first: agent asks for
     # 30 x 2030 tokens/s, background 25 x 1300, so agent gets the first and any odd one.
     assert [a.tier for a in low] == ["agent", "background"] * (len(low) // 2) + ["agent"] * (len(low) % 2)
-    assert any(p.assignments == fenced for p in candidate_plans(8, pm, demands, ("mixed",)))
+    offered = candidate_plans(8, pm, demands, ("mixed",))
+    assert offered[-1].assignments == fenced and plan_family(fenced) == "per-tier"
+    assert all(a.role == "mixed" for p in offered for a in p.assignments)
     # One low-TP instance cannot be dealt to two looser tiers: no fenced cut, rather than a
     # cut that leaves a tier nowhere to go.
     assert fenced_cut(hybrid_cut(4, 2, 1, 2, "agent+background"), demands) is None
     # A cut every instance of which serves every tier is not a hybrid.
     assert fenced_cut(hybrid_cut(8, 2, 4, 2, "agent+background"), demands) is None
+
+
+def test_a_fenced_cut_is_offered_only_where_the_arrivals_overload_the_pool() -> None:
+    from nitsum_core.configurator import FENCE_GATE, candidate_plans, over_saturation, plan_family
+
+    pm = _study_perf()
+    for factor in (1, 2, 2.5, 3, 4, 6):
+        demands = _overloaded(_study_demands(), factor)
+        families = [plan_family(p.assignments) for p in candidate_plans(8, pm, demands, ("mixed",))]
+        # Below saturation the pool can serve every request: a looser tier's burst then belongs on
+        # the shared high-TP instances, and a fenced cut would only starve it.
+        assert ("per-tier" in families) == (over_saturation(8, pm, demands) >= FENCE_GATE), factor
 
 
 def test_hybrid_cuts_are_offered_where_the_lowest_degree_serves_the_tight_tier_poorly() -> None:
@@ -407,10 +434,9 @@ def test_a_hybrid_cut_keeps_serving_a_tier_quiet_of_late_on_its_low_tp_instances
     # instances must still take agent when it returns, not only the tiers seen of late.
     quiet = {name: d for name, d in demands.items() if name != "agent"}
     tiers = ("interactive", "agent", "background")
-    hybrids = [p for p in candidate_plans(8, pm, quiet, ("mixed",), tiers) if "+" in p.describe()]
-    for plans in (hybrid_plans(8, pm, quiet, tiers=tiers), hybrids):
+    for plans in (hybrid_plans(8, pm, quiet, tiers=tiers), candidate_plans(8, pm, quiet, ("mixed",), tiers)):
         low = [a for plan in plans for a in plan.assignments if a.tier != SHARED]
         assert low and all(a.tier == "agent+background" for a in low)
-    # Fenced one tier per instance, the quiet tier still gets instances of its own.
-    fenced = candidate_plans(8, pm, quiet, ("mixed",), tiers)[-1]
+    # Fenced one tier per instance (in overload), the quiet tier still gets instances of its own.
+    fenced = candidate_plans(8, pm, _overloaded(quiet, 6), ("mixed",), tiers)[-1]
     assert {a.tier for a in fenced.assignments} == set(tiers)

@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 
 from nitsum_core.config import Tier
 from nitsum_core.perf_model import PerfModel
+from nitsum_core.saturation import saturation_tokens_per_s
 
 Role = Literal["mixed", "prefill", "decode"]
 
@@ -394,6 +395,16 @@ def hybrid_plans(
     return (chosen + leftover)[:keep]
 
 
+FENCE_GATE = 1.0  # offer fenced cuts where the recent arrivals bring this multiple of saturation
+
+
+def over_saturation(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) -> float:
+    """The recent arrivals' tokens per second as a multiple of what the pool computes with every
+    step full (``saturation.saturation_tokens_per_s``): above 1, not every request can be served."""
+    arriving = sum(d.arrival_rps * (d.mean_prompt + d.mean_output) for d in demands.values())
+    return arriving / saturation_tokens_per_s(perf, pool)[0]
+
+
 def fenced_cut(cut: Sequence[Assignment], demands: dict[str, TierDemand]) -> list[Assignment] | None:
     """``cut`` (a hybrid cut) with every instance fenced to one tier: its high-TP instances serve
     only the strictest-TPOT tier, and its low-TP ones are dealt one looser tier each, the tier
@@ -432,7 +443,7 @@ def candidate_plans(
     tiers: Iterable[str] = (),
 ) -> list[Plan]:
     """Every plan the configurator weighs: each shared uniform cut, the best hybrid cuts, the best
-    hybrid fenced one tier per instance (``fenced_cut``), and (where instances may split prefill
+    hybrid fenced one tier per instance (``fenced_cut``; in overload only), and (where instances may split prefill
     from decode) the per-tier greedy cut. ``tiers`` names
     every configured tier, so that hybrid cuts serve tiers quiet of late too.
 
@@ -446,7 +457,11 @@ def candidate_plans(
     """
     hybrids = hybrid_plans(pool, perf, demands, tiers=tiers)
     plans = [*shared_plans(pool, perf, demands), *hybrids]
-    fenced = fenced_cut(hybrids[0].assignments, demands) if hybrids else None
+    # Fencing pays only where the pool cannot serve everyone; below saturation the shared high-TP
+    # instances absorb a looser tier's burst, and a fenced cut starves it (14B at 0.5x: 61.8
+    # req/s offered it, 64.3 not; 70B 15.9 vs 16.8; docs/simulator.md round 23).
+    overloaded = over_saturation(pool, perf, demands) >= FENCE_GATE
+    fenced = fenced_cut(hybrids[0].assignments, demands) if hybrids and overloaded else None
     if fenced:
         plans.append(Plan(fenced, predicted_goodput(perf, fenced, demands)))
     if any(role != "mixed" for role in roles):

@@ -25,6 +25,28 @@ class Saturation(NamedTuple):
     tokens_per_request: float  # mean prompt + output tokens of the mix
 
 
+def saturation_tokens_per_s(perf: PerfModel, gpus: int, chunk_tokens: int = 2048) -> tuple[float, int]:
+    """Tokens per second ``gpus`` GPUs compute with every step a full chunk, on the TP degree
+    that computes the most, and that degree (a power of two dividing ``gpus`` whose instances
+    hold the weights and a chunk of KV cache)."""
+    if gpus < 1 or chunk_tokens < 1:
+        raise ValueError(f"gpus ({gpus}) and chunk_tokens ({chunk_tokens}) must be >= 1")
+    best: tuple[float, int] | None = None
+    tp = 1
+    while tp <= gpus:
+        if gpus % tp == 0 and perf.kv_capacity_tokens(tp) >= chunk_tokens:
+            tokens_per_s = (gpus // tp) * chunk_tokens / perf.step_time(tp, chunk_tokens)
+            if best is None or tokens_per_s > best[0]:
+                best = (tokens_per_s, tp)
+        tp *= 2
+    if best is None:
+        raise ValueError(
+            f"the model's weights leave no room for a {chunk_tokens}-token chunk of KV cache on "
+            f"any TP cut of {gpus} x {perf.hw.name}; use more or larger GPUs"
+        )
+    return best
+
+
 def saturation(
     perf: PerfModel, gpus: int, requests: Sequence[TraceRequest], chunk_tokens: int = 2048
 ) -> Saturation:
@@ -36,23 +58,9 @@ def saturation(
     """
     if not requests:
         raise ValueError("saturation needs at least one request to take the length mix from")
-    if gpus < 1 or chunk_tokens < 1:
-        raise ValueError(f"gpus ({gpus}) and chunk_tokens ({chunk_tokens}) must be >= 1")
     tokens = sum(r.prompt_tokens + r.output_tokens for r in requests) / len(requests)
-    best: Saturation | None = None
-    tp = 1
-    while tp <= gpus:
-        if gpus % tp == 0 and perf.kv_capacity_tokens(tp) >= chunk_tokens:
-            tokens_per_s = (gpus // tp) * chunk_tokens / perf.step_time(tp, chunk_tokens)
-            if best is None or tokens_per_s / tokens > best.rps:
-                best = Saturation(tokens_per_s / tokens, tp, tokens)
-        tp *= 2
-    if best is None:
-        raise ValueError(
-            f"the model's weights leave no room for a {chunk_tokens}-token chunk of KV cache on "
-            f"any TP cut of {gpus} x {perf.hw.name}; use more or larger GPUs"
-        )
-    return best
+    tokens_per_s, tp = saturation_tokens_per_s(perf, gpus, chunk_tokens)
+    return Saturation(tokens_per_s / tokens, tp, tokens)
 
 
 def offered_load(perf: PerfModel, gpus: int, requests: Sequence[TraceRequest], duration_s: float) -> float:
