@@ -387,6 +387,10 @@ def test_a_fenced_cut_is_offered_only_where_the_arrivals_overload_the_pool() -> 
         # Below saturation the pool can serve every request: a looser tier's burst then belongs on
         # the shared high-TP instances, and a fenced cut would only starve it.
         assert ("per-tier" in families) == (over_saturation(8, pm, demands) >= FENCE_GATE), factor
+    # A pool no degree of which holds the weights and a chunk of KV has no saturation point: no
+    # fenced cut rather than an error in the control loop.
+    no_room = PerfModel(model_spec("llama-3.1-70b"), HARDWARE["h100-sxm"], Coefficients())
+    assert over_saturation(1, no_room, _overloaded(_study_demands(), 6)) == 0.0
 
 
 def test_hybrid_cuts_are_offered_where_the_lowest_degree_serves_the_tight_tier_poorly() -> None:

@@ -402,7 +402,10 @@ def over_saturation(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) 
     """The recent arrivals' tokens per second as a multiple of what the pool computes with every
     step full (``saturation.saturation_tokens_per_s``): above 1, not every request can be served."""
     arriving = sum(d.arrival_rps * (d.mean_prompt + d.mean_output) for d in demands.values())
-    return arriving / saturation_tokens_per_s(perf, pool)[0]
+    try:
+        return arriving / saturation_tokens_per_s(perf, pool)[0]
+    except ValueError:  # no degree holds a full chunk of KV: saturation is not defined there
+        return 0.0
 
 
 def fenced_cut(cut: Sequence[Assignment], demands: dict[str, TierDemand]) -> list[Assignment] | None:
@@ -460,8 +463,8 @@ def candidate_plans(
     # Fencing pays only where the pool cannot serve everyone; below saturation the shared high-TP
     # instances absorb a looser tier's burst, and a fenced cut starves it (14B at 0.5x: 61.8
     # req/s offered it, 64.3 not; 70B 15.9 vs 16.8; docs/simulator.md round 23).
-    overloaded = over_saturation(pool, perf, demands) >= FENCE_GATE
-    fenced = fenced_cut(hybrids[0].assignments, demands) if hybrids and overloaded else None
+    overloaded = bool(hybrids) and over_saturation(pool, perf, demands) >= FENCE_GATE
+    fenced = fenced_cut(hybrids[0].assignments, demands) if overloaded else None
     if fenced:
         plans.append(Plan(fenced, predicted_goodput(perf, fenced, demands)))
     if any(role != "mixed" for role in roles):
