@@ -419,7 +419,7 @@ def fenced_cut(cut: Sequence[Assignment], demands: dict[str, TierDemand]) -> lis
     each tier keeps its own: on 70B at 2x saturation this is the best static plan of any shape
     (TP 4 interactive, TP 2 agent, TP 2 background: 36.5 req/s against 35.4 for the hybrid;
     docs/simulator.md round 23). It starves a tier whose share moves, so it is one candidate
-    among the others, replayed like them, never a default.
+    among the others, replayed like them, and offered only in overload (``candidate_plans``).
     """
     high = [a for a in cut if a.tier == SHARED]
     low = [a for a in cut if a.tier != SHARED]
@@ -445,10 +445,10 @@ def candidate_plans(
     roles: Sequence[Role] = ("mixed", "prefill", "decode"),
     tiers: Iterable[str] = (),
 ) -> list[Plan]:
-    """Every plan the configurator weighs: each shared uniform cut, the best hybrid cuts, the best
-    hybrid fenced one tier per instance (``fenced_cut``; in overload only), and (where instances may split prefill
-    from decode) the per-tier greedy cut. ``tiers`` names
-    every configured tier, so that hybrid cuts serve tiers quiet of late too.
+    """Every plan the configurator weighs: each shared uniform cut, the best hybrid cuts, in
+    overload the best hybrid fenced one tier per instance (``fenced_cut``), and (where instances
+    may split prefill from decode) the per-tier greedy cut. ``tiers`` names every configured
+    tier, so that hybrid cuts serve tiers quiet of late too.
 
     Shared cuts pool the capacity (no GPU idles while another tier queues); hybrid cuts give a
     tight-TPOT tier high-TP instances and the rest of the pool the lowest degree.
