@@ -34,6 +34,11 @@ class TierDemand:
     served_rps: float | None = None  # None: assume served as much as arrived
 
     @property
+    def tokens_per_s(self) -> float:
+        """Prompt and output tokens per second this tier brings."""
+        return self.arrival_rps * (self.mean_prompt + self.mean_output)
+
+    @property
     def starvation(self) -> float:
         """arrivals / served (>= 1): a tier that got less than it asked for weighs more."""
         if self.served_rps is None or self.arrival_rps <= 0:
@@ -401,7 +406,7 @@ FENCE_GATE = 1.0  # offer fenced cuts where the recent arrivals bring this multi
 def over_saturation(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) -> float:
     """The recent arrivals' tokens per second as a multiple of what the pool computes with every
     step full (``saturation.saturation_tokens_per_s``): above 1, not every request can be served."""
-    arriving = sum(d.arrival_rps * (d.mean_prompt + d.mean_output) for d in demands.values())
+    arriving = sum(d.tokens_per_s for d in demands.values())
     try:
         return arriving / saturation_tokens_per_s(perf, pool)[0]
     except ValueError:  # no degree holds a full chunk of KV: saturation is not defined there
@@ -427,12 +432,8 @@ def fenced_cut(cut: Sequence[Assignment], demands: dict[str, TierDemand]) -> lis
     if not high or not looser or len(low) < len(looser):
         return None
     tight, _ = tight_and_rest({name: d.tier.tpot_s for name, d in demands.items()})
-
-    def arriving_tokens(name: str) -> float:
-        d = demands.get(name)
-        return d.arrival_rps * (d.mean_prompt + d.mean_output) if d else 0.0
-
-    order = sorted(looser, key=lambda name: (-arriving_tokens(name), name))
+    # A tier quiet of late (not in ``demands``) brings no tokens: it is dealt last.
+    order = sorted(looser, key=lambda name: (-(demands[name].tokens_per_s if name in demands else 0.0), name))
     return [replace(a, tier=tight) for a in high] + [
         replace(a, tier=order[i % len(order)]) for i, a in enumerate(low)
     ]
