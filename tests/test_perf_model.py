@@ -364,9 +364,10 @@ def test_a_fenced_cut_gives_every_instance_of_the_best_hybrid_one_tier() -> None
     high = [a for a in fenced if a.tp > 1]
     low = [a for a in fenced if a.tp == 1]
     assert high and all(a.tier == "interactive" for a in high)
-    # Dealt one tier each, the tier with the most arriving tokens first: agent asks for
-    # 30 x 2030 tokens/s, background 25 x 1300, so agent gets the first and any odd one.
-    assert [a.tier for a in low] == ["agent", "background"] * (len(low) // 2) + ["agent"] * (len(low) % 2)
+    # Dealt by share of arriving tokens, one each first: agent asks for 30 x 2030 tokens/s,
+    # background 25 x 1300, about 65 % and 35 %.
+    assert len(low) == 6
+    assert [a.tier for a in low] == ["agent"] * 4 + ["background"] * 2
     offered = candidate_plans(8, pm, demands, ("mixed",))
     assert offered[-1].assignments == fenced and plan_family(fenced) == "per-tier"
     assert all(a.role == "mixed" for p in offered for a in p.assignments)
@@ -375,6 +376,22 @@ def test_a_fenced_cut_gives_every_instance_of_the_best_hybrid_one_tier() -> None
     assert fenced_cut(hybrid_cut(4, 2, 1, 2, "agent+background"), demands) is None
     # A cut every instance of which serves every tier is not a hybrid.
     assert fenced_cut(hybrid_cut(8, 2, 4, 2, "agent+background"), demands) is None
+
+
+def test_low_tp_instances_are_dealt_by_share_of_arriving_tokens_one_each_first() -> None:
+    from nitsum_core.configurator import deal_by_tokens
+
+    # The rest after one each goes by largest remainder: 4 spare at 80/20 is 3.2 and 0.8.
+    assert deal_by_tokens(6, {"background": 20.0, "agent": 80.0}) == ["agent"] * 4 + ["background"] * 2
+    # A tier with no tokens keeps its one instance, so it is served when it returns.
+    assert deal_by_tokens(4, {"agent": 0.0, "background": 50.0}) == ["background"] * 3 + ["agent"]
+    # No tokens at all: an even deal, the odd one by name.
+    assert deal_by_tokens(5, {"b": 0.0, "a": 0.0}) == ["a"] * 3 + ["b"] * 2
+    # Equal remainders (2 spare at 75/25: 1.5 and 0.5) go to the busier tier.
+    assert deal_by_tokens(4, {"b": 1.0, "a": 3.0}) == ["a"] * 3 + ["b"]
+    for instances in range(3, 12):
+        dealt = deal_by_tokens(instances, {"a": 7.0, "b": 3.0, "c": 1.0})
+        assert len(dealt) == instances and set(dealt) == {"a", "b", "c"}
 
 
 def test_a_fenced_cut_is_offered_only_where_the_arrivals_overload_the_pool() -> None:

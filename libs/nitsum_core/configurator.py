@@ -415,9 +415,9 @@ def over_saturation(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) 
 
 def fenced_cut(cut: Sequence[Assignment], demands: dict[str, TierDemand]) -> list[Assignment] | None:
     """``cut`` (a hybrid cut) with every instance fenced to one tier: its high-TP instances serve
-    only the strictest-TPOT tier, and its low-TP ones are dealt one looser tier each, the tier
-    with the most arriving tokens first. None where there are fewer low-TP instances than looser
-    tiers (one would get none) or the cut is not a hybrid.
+    only the strictest-TPOT tier, and its low-TP ones are dealt to the looser tiers by their share
+    of arriving tokens, at least one each (``deal_by_tokens``). None where there are fewer low-TP
+    instances than looser tiers (one would get none) or the cut is not a hybrid.
 
     In a hybrid cut the looser tiers' bursts spill onto the high-TP instances, whose steps are
     sized for the tight TPOT, and share the low-TP ones with each other's long prompts. Fenced,
@@ -432,11 +432,32 @@ def fenced_cut(cut: Sequence[Assignment], demands: dict[str, TierDemand]) -> lis
     if not high or not looser or len(low) < len(looser):
         return None
     tight, _ = tight_and_rest({name: d.tier.tpot_s for name, d in demands.items()})
-    # A tier quiet of late (not in ``demands``) brings no tokens: it is dealt last.
-    order = sorted(looser, key=lambda name: (-(demands[name].tokens_per_s if name in demands else 0.0), name))
+    # A tier quiet of late (not in ``demands``) brings no tokens: it gets its one instance only.
+    tokens = {name: demands[name].tokens_per_s if name in demands else 0.0 for name in looser}
+    dealt = deal_by_tokens(len(low), tokens)
     return [replace(a, tier=tight) for a in high] + [
-        replace(a, tier=order[i % len(order)]) for i, a in enumerate(low)
+        replace(a, tier=t) for a, t in zip(low, dealt, strict=True)
     ]
+
+
+def deal_by_tokens(instances: int, tokens: dict[str, float]) -> list[str]:
+    """Deal ``instances`` (at least one per tier) among the tiers: one each, then the rest by
+    largest remainder of each tier's share of ``tokens`` (ties to the busier tier, then by name).
+    The tier with the most tokens comes first in the returned list.
+
+    Round-robin dealing gave 8B at 2x saturation 3 agent + 3 background TP 1 instances (333.1
+    req/s as a static plan) where the arrivals ask for 4 + 2 (339.1, the best static plan of any
+    shape; docs/simulator.md round 24).
+    """
+    order = sorted(tokens, key=lambda name: (-tokens[name], name))
+    spare = instances - len(order)
+    total = sum(tokens.values())
+    quota = {name: spare * (tokens[name] / total if total > 0 else 1 / len(order)) for name in order}
+    counts = {name: 1 + math.floor(quota[name]) for name in order}
+    left = instances - sum(counts.values())
+    for name in sorted(order, key=lambda name: -(quota[name] - math.floor(quota[name])))[:left]:
+        counts[name] += 1
+    return [name for name in order for _ in range(counts[name])]
 
 
 def candidate_plans(
