@@ -392,6 +392,9 @@ def test_low_tp_instances_are_dealt_by_share_of_arriving_tokens_one_each_first()
     for instances in range(3, 12):
         dealt = deal_by_tokens(instances, {"a": 7.0, "b": 3.0, "c": 1.0})
         assert len(dealt) == instances and set(dealt) == {"a", "b", "c"}
+    # Fewer instances than tiers is the caller's error, not a tier silently left out.
+    with pytest.raises(ValueError, match="2 instances to 3 tiers"):
+        deal_by_tokens(2, {"a": 1.0, "b": 1.0, "c": 1.0})
 
 
 def test_a_fenced_cut_is_offered_only_where_the_arrivals_overload_the_pool() -> None:

@@ -449,6 +449,8 @@ def deal_by_tokens(instances: int, tokens: dict[str, float]) -> list[str]:
     req/s as a static plan) where the arrivals ask for 4 + 2 (339.1, the best static plan of any
     shape; docs/simulator.md round 24).
     """
+    if not tokens or instances < len(tokens):
+        raise ValueError(f"cannot deal {instances} instances to {len(tokens)} tiers with at least one each")
     order = sorted(tokens, key=lambda name: (-tokens[name], name))
     spare = instances - len(order)
     total = sum(tokens.values())
