@@ -12,7 +12,7 @@ import pytest
 from nitsum_core.baselines import Preset
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan, plan_family
-from nitsum_core.control_loop import Arrival, ControlLoop, InFlight, ReplayMap
+from nitsum_core.control_loop import POOLED_TIE, Arrival, ControlLoop, InFlight, ReplayMap, pooled_on_a_tie
 from nitsum_core.goodput import summarize
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.reconfig import plan_topology, topology_plan
@@ -290,6 +290,34 @@ def test_a_gain_seen_two_windows_running_switches_even_when_the_leader_changes()
     )
     assert switches[0] is None  # one window is never enough
     assert switches[1] is not None and plan_family(switches[1].assignments) == "shared-tp4"
+
+
+def test_a_fenced_cut_loses_a_near_tie_to_the_pooled_cut_of_the_same_instances() -> None:
+    # TP 2 interactive + six TP 1 instances, fenced per tier or pooled for the two looser tiers.
+    fenced = Plan(
+        [Assignment(0, 2, "mixed", "interactive")]
+        + [Assignment(s, 1, "mixed", "agent" if s < 6 else "background") for s in range(2, 8)]
+    )
+    pooled = Plan(
+        [Assignment(0, 2, "mixed", "*")]
+        + [Assignment(s, 1, "mixed", "agent+background") for s in range(2, 8)]
+    )
+    shared_tp1 = Plan([Assignment(s, 1, "mixed", "*") for s in range(8)])  # other instances
+    assert plan_family(fenced.assignments) == "per-tier"
+    candidates = [fenced, pooled, shared_tp1]
+
+    def scored(scores: dict[int, float]):
+        return lambda plan: scores[id(plan)]
+
+    near = scored({id(fenced): 100.0, id(pooled): 100.0 * (1 - POOLED_TIE) + 0.01, id(shared_tp1): 99.5})
+    assert pooled_on_a_tie(fenced, candidates, near) is pooled
+    # A clear lead keeps the fenced cut; so does a near tie with a cut of other instances only.
+    clear = scored({id(fenced): 100.0, id(pooled): 100.0 * (1 - POOLED_TIE) - 0.01, id(shared_tp1): 99.5})
+    assert pooled_on_a_tie(fenced, candidates, clear) is fenced
+    assert pooled_on_a_tie(fenced, [fenced, shared_tp1], near) is fenced
+    # A pooled winner is never traded for a fenced cut, however close.
+    flipped = scored({id(fenced): 99.9, id(pooled): 100.0, id(shared_tp1): 0.0})
+    assert pooled_on_a_tie(pooled, candidates, flipped) is pooled
 
 
 def test_a_gain_seen_in_one_window_only_does_not_switch() -> None:
