@@ -6,9 +6,11 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import random
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+from nitsum_core import control_loop
 from nitsum_core.baselines import Preset
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan, plan_family
@@ -292,32 +294,46 @@ def test_a_gain_seen_two_windows_running_switches_even_when_the_leader_changes()
     assert switches[1] is not None and plan_family(switches[1].assignments) == "shared-tp4"
 
 
-def test_a_fenced_cut_loses_a_near_tie_to_the_pooled_cut_of_the_same_instances() -> None:
-    # TP 2 interactive + six TP 1 instances, fenced per tier or pooled for the two looser tiers.
-    fenced = Plan(
-        [Assignment(0, 2, "mixed", "interactive")]
-        + [Assignment(s, 1, "mixed", "agent" if s < 6 else "background") for s in range(2, 8)]
-    )
-    pooled = Plan(
-        [Assignment(0, 2, "mixed", "*")]
-        + [Assignment(s, 1, "mixed", "agent+background") for s in range(2, 8)]
-    )
-    shared_tp1 = Plan([Assignment(s, 1, "mixed", "*") for s in range(8)])  # other instances
-    assert plan_family(fenced.assignments) == "per-tier"
-    candidates = [fenced, pooled, shared_tp1]
+# TP 2 interactive + six TP 1 instances, fenced one tier each or pooled for the two looser tiers.
+FENCED = Plan(
+    [Assignment(0, 2, "mixed", "interactive")]
+    + [Assignment(s, 1, "mixed", "agent" if s < 6 else "background") for s in range(2, 8)]
+)
+POOLED = Plan(
+    [Assignment(0, 2, "mixed", "*")] + [Assignment(s, 1, "mixed", "agent+background") for s in range(2, 8)]
+)
 
-    def scored(scores: dict[int, float]):
+
+def test_a_fenced_cut_loses_a_near_tie_to_the_pooled_cut_of_the_same_instances() -> None:
+    shared_tp1 = Plan([Assignment(s, 1, "mixed", "*") for s in range(8)])  # other instances
+    assert plan_family(FENCED.assignments) == "per-tier"
+    candidates = [FENCED, POOLED, shared_tp1]
+
+    def scored(scores: dict[int, float]) -> Callable[[Plan], float]:
         return lambda plan: scores[id(plan)]
 
-    near = scored({id(fenced): 100.0, id(pooled): 100.0 * (1 - POOLED_TIE) + 0.01, id(shared_tp1): 99.5})
-    assert pooled_on_a_tie(fenced, candidates, near) is pooled
+    near = scored({id(FENCED): 100.0, id(POOLED): 100.0 * (1 - POOLED_TIE) + 0.01, id(shared_tp1): 99.5})
+    assert pooled_on_a_tie(FENCED, candidates, near) is POOLED
     # A clear lead keeps the fenced cut; so does a near tie with a cut of other instances only.
-    clear = scored({id(fenced): 100.0, id(pooled): 100.0 * (1 - POOLED_TIE) - 0.01, id(shared_tp1): 99.5})
-    assert pooled_on_a_tie(fenced, candidates, clear) is fenced
-    assert pooled_on_a_tie(fenced, [fenced, shared_tp1], near) is fenced
+    clear = scored({id(FENCED): 100.0, id(POOLED): 100.0 * (1 - POOLED_TIE) - 0.01, id(shared_tp1): 99.5})
+    assert pooled_on_a_tie(FENCED, candidates, clear) is FENCED
+    assert pooled_on_a_tie(FENCED, [FENCED, shared_tp1], near) is FENCED
     # A pooled winner is never traded for a fenced cut, however close.
-    flipped = scored({id(fenced): 99.9, id(pooled): 100.0, id(shared_tp1): 0.0})
-    assert pooled_on_a_tie(pooled, candidates, flipped) is pooled
+    flipped = scored({id(FENCED): 99.9, id(POOLED): 100.0, id(shared_tp1): 0.0})
+    assert pooled_on_a_tie(POOLED, candidates, flipped) is POOLED
+
+
+@pytest.mark.parametrize(("fenced_score", "winner"), [(130.0, POOLED), (135.0, FENCED)])
+def test_the_loop_switches_to_the_pooled_cut_where_the_fenced_one_leads_by_under_the_tie(
+    monkeypatch: pytest.MonkeyPatch, fenced_score: float, winner: Plan
+) -> None:
+    # The loop on shared TP 1 (100) is offered the two cuts of the same instances; the pooled one
+    # scores 128: 1.5 % behind a fenced 130 (a tie), 5 % behind a fenced 135 (not one).
+    monkeypatch.setattr(control_loop, "candidate_plans", lambda *_, **__: [FENCED, POOLED])
+    hybrid = plan_family(POOLED.assignments)
+    switches = _scripted_switches([{"per-tier": fenced_score, hybrid: 128.0}] * 2)
+    assert switches[0] is None  # one window is never enough
+    assert switches[1] is not None and switches[1].assignments == winner.assignments
 
 
 def test_a_gain_seen_in_one_window_only_does_not_switch() -> None:
