@@ -134,10 +134,11 @@ def pooled_on_a_tie(best: Plan, candidates: Sequence[Plan], score: Callable[[Pla
     if that scores within ``POOLED_TIE`` of it (see ``POOLED_TIE``)."""
     if not plan_family(best.assignments).startswith("per-tier"):
         return best
+    layout = _layout(best)
     same = [
         c
         for c in candidates
-        if not plan_family(c.assignments).startswith("per-tier") and _layout(c) == _layout(best)
+        if not plan_family(c.assignments).startswith("per-tier") and _layout(c) == layout
     ]
     if not same:
         return best
