@@ -260,10 +260,12 @@ def test_the_loop_follows_the_replay_where_the_roofline_misranks(scorer: str) ->
         assert {2} not in switched  # the roofline never goes to the plan it wrongly ranks low
 
 
-def _scripted_switches(scores: list[dict[str, float]], pause_s: float = 0.01) -> list[Plan | None]:
+def _scripted_switches(
+    scores: list[dict[str, float]], pause_s: float = 0.01, placeholder: bool = False
+) -> list[Plan | None]:
     """Each window's switch of a replay-scored loop whose replay returns, in window i,
     ``scores[i]`` for a plan family (50 for families not named); the current plan, shared TP 1,
-    always scores 100."""
+    always scores 100. The loop applies each switch."""
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
     this_window: dict[str, float] = {}
 
@@ -271,7 +273,9 @@ def _scripted_switches(scores: list[dict[str, float]], pause_s: float = 0.01) ->
         family = plan_family(plan.assignments)
         return 100.0 if family == "shared-tp1" else this_window.get(family, 50.0)
 
-    loop = ControlLoop(8, perf, TIERS, _shared(1), window_s=1.0, roles=("mixed",), replay=replay)
+    loop = ControlLoop(
+        8, perf, TIERS, _shared(1), window_s=1.0, roles=("mixed",), replay=replay, placeholder=placeholder
+    )
     switches: list[Plan | None] = []
     for window_scores in scores:
         this_window.clear()
@@ -279,7 +283,10 @@ def _scripted_switches(scores: list[dict[str, float]], pause_s: float = 0.01) ->
         for _ in range(40):
             loop.arrival("interactive", 500, 200)
             loop.finished("interactive", good=False)  # not serving everything: candidates are scored
-        switches.append(loop.window(lambda _: pause_s).switch_to)
+        switch = loop.window(lambda _: pause_s).switch_to
+        if switch is not None:
+            loop.plan = switch
+        switches.append(switch)
     return switches
 
 
@@ -292,6 +299,20 @@ def test_a_gain_seen_two_windows_running_switches_even_when_the_leader_changes()
     )
     assert switches[0] is None  # one window is never enough
     assert switches[1] is not None and plan_family(switches[1].assignments) == "shared-tp4"
+
+
+def test_a_boot_placeholder_is_left_in_the_first_window_a_cut_clearly_beats_it() -> None:
+    # A cut the pool booted on by default (placeholder) is left as soon as a candidate beats it
+    # by the switch margin; a cut that was chosen waits for the gain to show in a second window.
+    # Once the loop has switched, the debounce applies again.
+    clear_win = [{"shared-tp2": 150.0}] * 2
+    assert [s is not None for s in _scripted_switches(clear_win, placeholder=True)][:1] == [True]
+    assert [s is not None for s in _scripted_switches(clear_win)] == [False, True]
+    # Away from the placeholder (now shared TP 2, scoring 50 by the script) the loop again needs
+    # a gain seen two windows running before it switches back to TP 1's family.
+    assert _scripted_switches([{"shared-tp2": 150.0}, {"shared-tp2": 50.0}], placeholder=True)[1] is None
+    # A placeholder does not lower the margin: a 10 % gain does not leave it in the first window.
+    assert _scripted_switches([{"shared-tp2": 110.0}], placeholder=True) == [None]
 
 
 # TP 2 interactive + six TP 1 instances, fenced one tier each or pooled for the two looser tiers.

@@ -162,7 +162,10 @@ class ControlLoop:
         forecast: Forecast | None = None,
         replay_map: ReplayMap = map,
         confirm_windows: int = CONFIRM_WINDOWS,
+        placeholder: bool = False,
     ) -> None:
+        """``placeholder``: ``plan`` is a default the pool booted on, not a cut anyone chose (the
+        simulator's smallest-degree cut), so the first switch away from it skips the debounce."""
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
         self.replay, self.forecast, self.replay_map = replay, forecast, replay_map
@@ -188,6 +191,7 @@ class ControlLoop:
         self._family_seen: str | None = None
         self._warm = 0  # windows the current plan family has run
         self._windows_run = 0
+        self._placeholder = placeholder
 
     def arrival(self, tier: str, prompt: int, output: int, offset_s: float | None = None) -> None:
         """One request arrived, ``offset_s`` seconds into this window (None: not known)."""
@@ -279,14 +283,16 @@ class ControlLoop:
         # per-tier cut changes shape with every window's demand. Nor need it have been last
         # window's best: near-equal families trade the lead from window to window, and asking for
         # the same winner twice running held a bad boot plan for windows while every one of them
-        # beat it by 40 % (14B at 2x saturation, docs/simulator.md round 22).
+        # beat it by 40 % (14B at 2x saturation, docs/simulator.md round 22). A boot placeholder
+        # has no such standing: it was never the best of anything, and every window on it is
+        # spent on a cut that may not serve a tier at all (the first window's switch: 8B at 1x
+        # 173.3 -> 178.4 req/s, relaxed 14B at 2x 189.3 -> 191.9; docs/simulator.md round 27).
         beat_last, self._beat_last = (
             self._beat_last,
             {plan_family(c.assignments) for c in candidates if expected(c) > now_rps * (1 + CONFIRM_MARGIN)},
         )
-        if (
-            proposed.assignments == self.plan.assignments
-            or plan_family(proposed.assignments) not in beat_last
+        if proposed.assignments == self.plan.assignments or (
+            plan_family(proposed.assignments) not in beat_last and not self._placeholder
         ):
             return decision
         pause = switch_cost(proposed)
@@ -297,6 +303,7 @@ class ControlLoop:
         if should_switch(now_rps, proposed.predicted_goodput_rps, pause, span_s, SWITCH_MARGIN):
             decision.switch_to, decision.pause_s = proposed, pause
             self._beat_last = set()  # measured against the plan being left
+            self._placeholder = False
         elif self._confirmable() and should_switch(
             now_rps, proposed.predicted_goodput_rps, pause, span_s, CONFIRM_MARGIN
         ):
@@ -304,6 +311,7 @@ class ControlLoop:
             if should_switch(longer(now), longer(proposed), pause, longer_s, CONFIRM_MARGIN):
                 decision.switch_to, decision.pause_s = Plan(proposed.assignments, longer(proposed)), pause
                 self._beat_last = set()
+                self._placeholder = False
         return decision
 
     def _confirmable(self) -> bool:

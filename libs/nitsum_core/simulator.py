@@ -831,6 +831,7 @@ class Simulator:
             roles=self.preset.roles,
             replay=self._plan_replay() if self.preset.dynamic and self.preset.score == "replay" else None,
             forecast=self._foresight(workload) if self.foresight_s > 0 else None,
+            placeholder=self._initial_plan is None,
         )
         resumed = [SimRequest(i, f.tier, -f.age_s, f.prompt, f.output) for i, f in enumerate(in_flight)]
         reqs = resumed + [
