@@ -163,3 +163,28 @@ def test_in_flight_reports_are_snapshots_and_arrivals_add_up() -> None:
     pilot._feed(loop)
     assert len(loop.arrivals) == 3
     assert sorted(f.age_s for f in loop._in_flight) == [2.0, 3.0]
+
+
+@pytest.mark.parametrize(("tps", "placeholder"), [((1, 1, 1, 1), True), ((2, 1, 1), False)])
+def test_the_loop_treats_the_controllers_boot_topology_as_a_placeholder(
+    tps: tuple[int, ...], placeholder: bool
+) -> None:
+    # The controller's own TP-1-per-worker topology (at boot, or after the pool changed) was not
+    # chosen by anyone: the loop may leave it in its first window. A cut made by hand or by an
+    # earlier switch keeps the debounce.
+    tiers = {"interactive": Tier("interactive", 1.0, 0.05, 0)}
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    starts = [sum(tps[:i]) for i in range(len(tps))]
+    current = m.Topology(
+        epoch=1,
+        instances=[
+            m.Instance(instance_id=i, slots=list(range(s, s + tp)))
+            for i, (s, tp) in enumerate(zip(starts, tps, strict=True))
+        ],
+        written_at=0.0,
+        reason="test",
+    )
+    controller = SimpleNamespace(log=structlog.get_logger(), current=current)
+    pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
+    assert pilot._sync_plan() is not None and pilot.loop is not None
+    assert pilot.loop._placeholder is placeholder

@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nitsum_core import messages as m
 from nitsum_core import reconfig, subjects
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Plan, plan_shape
+from nitsum_core.configurator import SHARED, Plan, plan_shape
 from nitsum_core.control_loop import ControlLoop, InFlight
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.service import decode_or_drop
@@ -134,6 +134,10 @@ class AutoPilot:
                 if self.config.score == "replay"
                 else None,
                 replay_map=self._pool.map if self._pool is not None else map,
+                # The controller boots the pool, and re-boots it when the live workers change, as
+                # one TP-1 instance per worker serving every tier: a default no one chose, which
+                # the loop may leave without the debounce (as the simulator's boot cut).
+                placeholder=all(a.tp == 1 and a.tier == SHARED for a in plan.assignments),
             )
         self.loop.plan = plan
         return plan
