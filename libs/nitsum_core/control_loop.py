@@ -165,7 +165,8 @@ class ControlLoop:
         placeholder: bool = False,
     ) -> None:
         """``placeholder``: ``plan`` is a default the pool booted on, not a cut anyone chose (the
-        simulator's smallest-degree cut), so the first switch away from it skips the debounce."""
+        simulator's smallest-degree cut, the controller's TP 1 per worker), so the first switch
+        away from it skips the debounce."""
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
         self.replay, self.forecast, self.replay_map = replay, forecast, replay_map
