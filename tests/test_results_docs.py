@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+from nitsum_cli.sim import goodput_row
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 SWEEPS = sorted(RESULTS.glob("**/sim-*.json"))
@@ -41,9 +42,7 @@ def test_each_sweep_markdown_table_matches_its_json(sweep: Path) -> None:
         at = {r["preset"]: r for r in rows if r["rate"] == rate}
         first = at[presets[0]]
         load = first["offered_rps"] / first["saturation_rps"]
-        expected = (
-            f"| {rate:g} | {load:.2f}x | " + " | ".join(f"{at[p]['goodput_rps']:.2f}" for p in presets) + " |"
-        )
+        expected = goodput_row(rate, load, [at[p]["goodput_rps"] for p in presets])
         assert line == expected, f"{sweep.with_suffix('.md')}: table row differs from the JSON"
 
 

@@ -253,6 +253,11 @@ def _rates(a: argparse.Namespace, perf: PerfModel) -> list[float]:
     return sorted(set(rates))
 
 
+def goodput_row(rate: float, load: float, goodputs: Sequence[float]) -> str:
+    """One row of a sweep's goodput table: the rate, its load and each preset's goodput."""
+    return f"| {rate:g} | {load:.2f}x | " + " | ".join(f"{g:.2f}" for g in goodputs) + " |"
+
+
 def _markdown(
     a: argparse.Namespace,
     rows: list[dict],
@@ -278,7 +283,7 @@ def _markdown(
         cells = [
             next(r for r in rows if r["rate"] == rate and r["preset"] == p)["goodput_rps"] for p in presets
         ]
-        lines.append(f"| {rate:g} | {loads[rate]:.2f}x | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        lines.append(goodput_row(rate, loads[rate], cells))
     lines += ["", "Best static configuration of each preset at the highest load:", ""]
     for p in presets:
         r = next(r for r in rows if r["rate"] == rates[-1] and r["preset"] == p)

@@ -304,7 +304,6 @@ class ControlLoop:
         if should_switch(now_rps, proposed.predicted_goodput_rps, pause, span_s, SWITCH_MARGIN):
             decision.switch_to, decision.pause_s = proposed, pause
             self._beat_last = set()  # measured against the plan being left
-            self._placeholder = False
         elif self._confirmable() and should_switch(
             now_rps, proposed.predicted_goodput_rps, pause, span_s, CONFIRM_MARGIN
         ):
@@ -312,7 +311,8 @@ class ControlLoop:
             if should_switch(longer(now), longer(proposed), pause, longer_s, CONFIRM_MARGIN):
                 decision.switch_to, decision.pause_s = Plan(proposed.assignments, longer(proposed)), pause
                 self._beat_last = set()
-                self._placeholder = False
+        if decision.switch_to is not None:
+            self._placeholder = False  # the next cut is one the loop chose
         return decision
 
     def _confirmable(self) -> bool:
