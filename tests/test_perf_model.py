@@ -337,6 +337,29 @@ def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree(
     assert plan_family(candidate_plans(8, pm, demands)[-1].assignments).startswith("per-tier")
 
 
+def test_the_boot_cut_gives_a_tier_the_lowest_degree_cannot_decode_one_instance_that_can() -> None:
+    from dataclasses import replace
+
+    from nitsum_core.configurator import SHARED, Assignment, boot_plan, smallest_decode_step
+
+    pm = _study_perf()
+    tiers = {name: d.tier for name, d in _study_demands().items()}
+    # Interactive's 5.5 ms is below TP 1's smallest decode step: one TP 2 instance serves every
+    # tier, and the rest of the pool, at TP 1, agent and background.
+    boot = boot_plan(8, pm, tiers).assignments
+    assert boot[0] == Assignment(0, 2, "mixed", SHARED)
+    assert boot[1:] == [Assignment(s, 1, "mixed", "agent+background") for s in range(2, 8)]
+    # Where TP 1 reaches every target, every instance is TP 1 and serves every tier.
+    relaxed = {**tiers, "interactive": replace(tiers["interactive"], tpot_s=0.012)}
+    assert boot_plan(8, pm, relaxed).assignments == [Assignment(s, 1, "mixed", SHARED) for s in range(8)]
+    # Where no degree reaches the tight target, no cut serves it: the uniform cut, as above.
+    assert smallest_decode_step(pm, 8) > 0.001
+    hopeless = {**tiers, "interactive": replace(tiers["interactive"], tpot_s=0.001)}
+    assert boot_plan(8, pm, hopeless).assignments == [Assignment(s, 1, "mixed", SHARED) for s in range(8)]
+    # A pool of one instance at the degree the tight tier needs serves every tier on it.
+    assert boot_plan(2, pm, tiers).assignments == [Assignment(0, 2, "mixed", SHARED)]
+
+
 def _overloaded(demands: dict[str, TierDemand], factor: float) -> dict[str, TierDemand]:
     from dataclasses import replace
 

@@ -496,6 +496,35 @@ def candidate_plans(
     return plans
 
 
+def boot_plan(pool: int, perf: PerfModel, tiers: dict[str, Tier]) -> Plan:
+    """The cut a pool boots on before any request has arrived, from the tier targets alone.
+
+    The smallest degree the model fits at, every instance serving every tier, where that degree
+    can decode within every tier's TPOT target. Where it cannot decode the strictest one at all
+    (its smallest decode step is above the target), one instance of the smallest degree that can
+    serves every tier and the rest of the pool, at the smallest degree, the others (a hybrid cut
+    with one high-TP instance): no tier boots on a cut that cannot serve it. How many instances
+    the tight tier needs depends on the traffic, which the control loop sees from its first
+    window on; this cut is its placeholder until then.
+    """
+    tps = valid_tp_choices(pool, perf) or [1]
+    base = tps[0]
+    uniform = Plan([Assignment(s, base, "mixed", SHARED) for s in range(0, pool - base + 1, base)])
+    if len(tiers) < 2:
+        return uniform
+    tight, rest = tight_and_rest({name: t.tpot_s for name, t in tiers.items()})
+    target = tiers[tight].tpot_s
+    if smallest_decode_step(perf, base) <= target:
+        return uniform
+    reaching = [tp for tp in tps[1:] if smallest_decode_step(perf, tp) <= target]
+    if not reaching:  # no degree meets it: the tier runs best-effort wherever it lands
+        return uniform
+    high = reaching[0]
+    if high == pool:
+        return Plan([Assignment(0, high, "mixed", SHARED)])
+    return Plan(hybrid_cut(pool, high, 1, base, rest))
+
+
 def _capacities(
     perf: PerfModel, demands: dict[str, TierDemand], tp_choices: Sequence[int]
 ) -> dict[tuple[str, int], Capacity]:

@@ -27,11 +27,11 @@ from nitsum_core.configurator import (
     Assignment,
     Plan,
     Role,
+    boot_plan,
     plan_shape,
     reachable_tpot,
     serves,
     smallest_decode_step,
-    valid_tp_choices,
 )
 from nitsum_core.control_loop import Arrival, ControlLoop, Forecast, InFlight
 from nitsum_core.goodput import RequestRecord, meets_slo
@@ -815,12 +815,9 @@ class Simulator:
         unfinished), starting from a pool that already holds ``in_flight`` (a replay's warm start:
         queued ones are routed at time 0, decoding ones resume on an instance that decodes their
         tier); records cover both, in_flight first."""
-        # Dynamic presets start from a uniform cut of the smallest degree the model fits at,
-        # serving every tier (what a deployment boots with); the configurator re-cuts it from the
-        # first window on.
-        tp = min(valid_tp_choices(self.pool, self.perf) or [1])
-        boot = Plan([Assignment(s, tp, "mixed", "*") for s in range(0, self.pool - tp + 1, tp)])
-        self._build(self._initial_plan or boot)
+        # Dynamic presets boot on the cut the tier targets alone suggest (``boot_plan``); the
+        # control loop re-cuts it from the first window on.
+        self._build(self._initial_plan or boot_plan(self.pool, self.perf, self.tiers))
         self.control = ControlLoop(
             self.pool,
             self.perf,
