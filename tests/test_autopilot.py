@@ -3,13 +3,17 @@ the controller re-cuts the pool with the switch protocol, requests in flight kee
 
 The tiers are sized against the CPU roofline for this small Llama (perf_model: ~2.7 ms per
 decode step at TP 1, ~2.0 ms at TP 2): an interactive TPOT target of 2.3 ms is reachable only
-at TP 2, so the configurator must move the pool from four TP-1 instances to two TP-2 ones. The
-test checks the control path (reports -> decision -> switch -> budgets), not CPU speed.
+at TP 2. So the controller moves its four TP-1 instances to the boot cut before any traffic
+(one TP-2 instance for every tier, two TP-1 ones for background), and, once an operator has cut
+the pool back to TP 1 by hand, interactive traffic makes the configurator re-cut it into two TP-2
+instances. The test checks the control path (reports -> decision -> switch -> budgets), not CPU
+speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +22,7 @@ import structlog
 from conftest import hf_greedy, load_hf
 from nitsum_cli.stack import Stack, StackConfig
 from nitsum_core import messages as m
-from nitsum_core import subjects
+from nitsum_core import reconfig, subjects
 from nitsum_core.bus import connect
 from nitsum_core.client import NitsumClient
 from nitsum_core.config import Tier
@@ -70,6 +74,23 @@ async def test_configurator_recuts_the_pool_and_requests_survive(
 
         await nc.subscribe(subjects.CONTROLLER_BUDGETS, cb=on_budgets)
         async with NitsumClient(s.nats_url) as c:
+            booted = None
+            for _ in range(200):  # no traffic yet: the boot cut comes from the tier file alone
+                topo = m.decode(
+                    m.Topology, (await nc.request(subjects.CONTROLLER_TOPOLOGY, b"", timeout=2)).data
+                )
+                if topo.reason.startswith("boot cut"):
+                    booted = topo
+                    break
+                await asyncio.sleep(0.1)
+            assert booted is not None, "the controller never left its TP-1 boot topology"
+            assert [(i.slots, i.tiers) for i in booted.instances] == [
+                ([0, 1], []),
+                ([2], ["background"]),
+                ([3], ["background"]),
+            ]
+            # An operator's cut that cannot decode interactive at all; the traffic below re-cuts it.
+            await c.reconfigure(tp=[1, 1, 1, 1], reason="by hand")
             start = await c.status()
             assert len(start.workers) == 4
 
@@ -163,6 +184,58 @@ def test_in_flight_reports_are_snapshots_and_arrivals_add_up() -> None:
     pilot._feed(loop)
     assert len(loop.arrivals) == 3
     assert sorted(f.age_s for f in loop._in_flight) == [2.0, 3.0]
+
+
+def _tp1_topology(workers: int) -> m.Topology:
+    return m.Topology(
+        epoch=1,
+        instances=[m.Instance(instance_id=i, slots=[i]) for i in range(workers)],
+        written_at=0.0,
+        reason="pool changed",
+    )
+
+
+@pytest.mark.parametrize(("tpot_s", "boots"), [(0.004, True), (0.05, False)])
+def test_a_pool_booted_on_tp1_moves_to_the_tier_files_boot_cut(tpot_s: float, boots: bool) -> None:
+    # 8B on H100 decodes no faster than ~4.5 ms a step at TP 1: a 4 ms tier needs the boot cut
+    # (one TP-2 instance for every tier, TP 1 for the rest); at 50 ms TP 1 serves every tier.
+    tiers = {"interactive": Tier("interactive", 1.0, tpot_s, 0), "batch": Tier("batch", 10.0, 0.1, 1)}
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    controller = SimpleNamespace(log=structlog.get_logger(), current=_tp1_topology(4))
+    pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
+    assert pilot._sync_plan() is not None
+    if not boots:
+        assert pilot._boot is None
+        return
+    assert pilot._boot is not None
+    assert pilot._boot.assignments == [
+        Assignment(0, 2, "mixed", "*"),
+        Assignment(2, 1, "mixed", "batch"),
+        Assignment(3, 1, "mixed", "batch"),
+    ]
+    # Only a loop built on a new pool boots it: a TP-1 cut written later on the same pool (by
+    # hand) is left to the traffic.
+    pilot._boot = None
+    pilot.controller.current = _tp1_topology(4)
+    pilot._sync_plan()
+    assert pilot._boot is None
+
+
+async def test_the_controller_refuses_a_plan_that_does_not_cover_the_live_pool() -> None:
+    # Slot 2's worker died: the pool is 0, 1, 3. A plan cut over slots 0..2 would put an
+    # instance on a dead worker; it is refused with what to do, and nothing is written.
+    from nitsum_tp_controller.controller import Controller, static_tp1
+
+    controller = Controller("nats://127.0.0.1:1")  # never connects: the refusal comes first
+    controller.last_seen = {s: time.monotonic() for s in (0, 1, 3)}
+    controller.current = static_tp1([0, 1, 3], 3, "pool changed")
+    target = reconfig.plan_topology(
+        Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 1, "mixed", "*")]), 4, "configurator"
+    )
+    result = await controller.switch_to(target)
+    assert not result.ok and result.error is not None
+    assert "live pool is [0, 1, 3]" in result.error.message
+    assert controller.current.epoch == 3
 
 
 @pytest.mark.parametrize(("tps", "placeholder"), [((1, 1, 1, 1), True), ((2, 1, 1), False)])

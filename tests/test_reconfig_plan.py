@@ -72,6 +72,24 @@ def test_only_changed_instances_pause() -> None:
     assert reconfig.changed_slots(old, old) == []
 
 
+def test_a_plan_needs_kv_units_only_from_the_slots_that_change() -> None:
+    # The switch driver reports KV units for the paused slots only; an instance the switch leaves
+    # as it is ([2], [3] here) is not in the request, and its requests are not in the plan.
+    old, new = _topo([0], [1], [2], [3]), _topo([0, 1], [2], [3], epoch=2)
+    plan = reconfig.plan_migration(
+        m.KvPlanRequest(
+            old=old,
+            new=new,
+            requests=[_state("a", 1, 20, [0, 1])],
+            kv_units={0: 64, 1: 64},
+            num_kv_heads=H,
+            block_size=BS,
+        )
+    )
+    assert [(a.request_id, a.leader) for a in plan.assignments] == [("a", 0)]
+    assert plan.assignments[0].block_table and not plan.recomputed
+
+
 def test_merge_moves_exactly_the_other_half_of_the_heads() -> None:
     plan = _plan(_topo([0], [1]), _topo([0, 1]), [_state("a", 0, 40, [0, 1, 2]), _state("b", 1, 20, [5, 6])])
     assert [a.leader for a in plan.assignments] == [0, 0]

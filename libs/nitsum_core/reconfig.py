@@ -92,7 +92,12 @@ def plan_migration(req: m.KvPlanRequest) -> m.KvPlan:
             raise InvalidRequest(f"TP {inst.tp} does not divide the model's {h} KV heads")
     pools: dict[int, BlockManager] = {}
     load: dict[int, int] = {}
+    # Only the paused slots report their KV units: an instance the switch leaves as it is keeps
+    # its own requests and blocks, and no paused request can land on it (it overlaps no old
+    # instance that changed).
     for inst in req.new.instances:
+        if not all(s in req.kv_units for s in inst.slots):
+            continue
         units = min(req.kv_units[s] for s in inst.slots)
         pools[inst.instance_id] = BlockManager(max(1, units // (h // inst.tp)), bs)
         load[inst.instance_id] = 0
@@ -106,6 +111,11 @@ def plan_migration(req: m.KvPlanRequest) -> m.KvPlan:
         candidates = [i for i in req.new.instances if set(i.slots) & set(old.slots)]
         if not candidates:
             raise InvalidRequest(f"no new instance overlaps slots {old.slots}")
+        if any(i.instance_id not in pools for i in candidates):
+            raise InvalidRequest(
+                f"request {state.request_id} moves to slots no KV units were reported for "
+                f"(reported: {sorted(req.kv_units)})"
+            )
         target = min(candidates, key=lambda i: (load[i.instance_id], i.instance_id))
         load[target.instance_id] += len(state.token_ids)
         pool = pools[target.instance_id]

@@ -14,7 +14,7 @@ from nats.micro.request import Request
 from nitsum_core import messages as m
 from nitsum_core import reconfig, subjects
 from nitsum_core.bus import connect
-from nitsum_core.errors import NitsumError, ProtocolError
+from nitsum_core.errors import NitsumError, ProtocolError, ReconfigFailed
 from nitsum_core.logs import setup_logging
 from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
 
@@ -125,6 +125,11 @@ class KvBroker:
             plan = reconfig.plan_migration(req)
         except NitsumError as exc:
             await request.respond(m.encode(m.KvPlan(error=m.ErrorInfo.from_exc(exc))))
+            return
+        except Exception as exc:  # a bug here must reach the controller as an error, not silence
+            self.log.exception("migration planning failed")
+            err = ReconfigFailed(f"kv_broker could not plan the switch: {type(exc).__name__}: {exc}")
+            await request.respond(m.encode(m.KvPlan(error=m.ErrorInfo.from_exc(err))))
             return
         stale = [
             r.request_id

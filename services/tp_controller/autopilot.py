@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nitsum_core import messages as m
 from nitsum_core import reconfig, subjects
 from nitsum_core.config import Tier
-from nitsum_core.configurator import SHARED, Plan, plan_shape
+from nitsum_core.configurator import SHARED, Plan, boot_plan, plan_shape
 from nitsum_core.control_loop import ControlLoop, InFlight
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.service import decode_or_drop
@@ -54,6 +54,7 @@ class AutoPilot:
         self.loop: ControlLoop | None = None
         self.switch_s = config.initial_switch_s
         self.switches = 0
+        self._boot: Plan | None = None  # the cut to move a freshly booted pool to, before any traffic
         self._routers: set[str] = set()  # routers that reported this window
         # Stats wait here until the window closes: the loop's window runs in a thread (replaying
         # candidate plans through the simulator takes a while) and must not be fed meanwhile.
@@ -123,6 +124,9 @@ class AutoPilot:
         plan = reconfig.topology_plan(current)
         pool = sum(a.tp for a in plan.assignments)
         if self.loop is None or self.loop.pool != pool:
+            # The controller boots the pool, and re-boots it when the live workers change, as one
+            # TP-1 instance per worker serving every tier: a default no one chose.
+            placeholder = all(a.tp == 1 and a.tier == SHARED for a in plan.assignments)
             self.loop = ControlLoop(
                 pool,
                 self.config.perf,
@@ -134,11 +138,14 @@ class AutoPilot:
                 if self.config.score == "replay"
                 else None,
                 replay_map=self._pool.map if self._pool is not None else map,
-                # The controller boots the pool, and re-boots it when the live workers change, as
-                # one TP-1 instance per worker serving every tier: a default no one chose, which
-                # the loop may leave without the debounce (as the simulator's boot cut).
-                placeholder=all(a.tp == 1 and a.tier == SHARED for a in plan.assignments),
+                # The loop may leave it without the debounce, as the simulator's boot cut.
+                placeholder=placeholder,
             )
+            # Where TP 1 cannot decode a tier at all, the pool moves at once to the cut the tier
+            # targets suggest (``boot_plan``), rather than serve that tier nothing until traffic
+            # has shown the loop the way; that cut is a placeholder for the loop too.
+            boot = boot_plan(pool, self.config.perf, self.config.tiers) if placeholder else None
+            self._boot = boot if boot is not None and boot.assignments != plan.assignments else None
         self.loop.plan = plan
         return plan
 
@@ -148,6 +155,16 @@ class AutoPilot:
             return
         if self._task is not None and not self._task.done():
             return  # a switch is still running: its window's decision waits
+        if self._boot is not None:
+            boot, self._boot = self._boot, None
+            current = self.controller.current
+            assert current is not None
+            reason = "boot cut from the tier targets: TP 1 cannot decode every tier"
+            self.log.info("switching to the boot cut", plan=boot.describe())
+            self._task = asyncio.create_task(
+                self._apply(reconfig.plan_topology(boot, current.epoch + 1, reason))
+            )
+            return  # this window's traffic is fed to the loop once the pool has moved
         self._feed(self.loop)
         decision = await asyncio.to_thread(self.loop.window, switch_cost(self.loop.plan, self.switch_s))
         routers, self._routers = max(1, len(self._routers)), set()

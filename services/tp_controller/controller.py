@@ -178,10 +178,18 @@ class Controller:
         """Move to ``target`` (built on the current epoch + 1) unless the pool or topology moved on."""
         async with self._switch_lock:
             try:
-                self._settled_pool()
+                live = self._settled_pool()
                 assert self.current is not None
                 if target.epoch != self.current.epoch + 1:
                     raise InvalidRequest("the topology changed since the plan was made")
+                # The configurator cuts slots 0..n-1; a pool with a gap (a worker died mid-range)
+                # cannot take such a cut until the gap is filled.
+                planned = sorted(s for i in target.instances for s in i.slots)
+                if planned != live:
+                    raise InvalidRequest(
+                        f"the plan covers slots {planned} but the live pool is {live}; "
+                        "start workers on the missing slots (or restart the pool) to re-cut it"
+                    )
             except NitsumError as exc:
                 return self._refused(exc)
             return await self._switch(target, timeout_s)
