@@ -45,7 +45,8 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--auto",
         action="store_true",
-        help="let the configurator re-cut the pool (TP degrees, tiers per instance) every second",
+        help="let the configurator re-cut the pool (TP degrees, tiers per instance) every second; "
+        "where TP 1 cannot decode a tier within its TPOT target, the pool first moves to the tier file's boot cut",
     )
     p.add_argument(
         "--coefficients",

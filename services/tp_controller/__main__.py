@@ -28,7 +28,12 @@ def main() -> None:
         default=2.0,
         help="seconds without heartbeat before a worker leaves the pool",
     )
-    p.add_argument("--auto", action="store_true", help="let the configurator drive the topology")
+    p.add_argument(
+        "--auto",
+        action="store_true",
+        help="let the configurator drive the topology (first, where TP 1 cannot decode a tier within "
+        "its TPOT target, the boot cut of the tier file: configurator.boot_plan)",
+    )
     p.add_argument(
         "--model", default="smollm2", help="served model (checkpoint dir, .gguf or name), for --auto"
     )
