@@ -31,6 +31,7 @@ from nitsum_core.control_loop import ControlLoop
 from nitsum_core.perf_model import HARDWARE, PerfModel, model_spec
 from nitsum_core.tokenizer import Tokenizer
 from nitsum_tp_controller.autopilot import AutoPilot, AutoPilotConfig, switch_cost
+from nitsum_tp_controller.controller import Controller, static_tp1
 
 TIERS = """
 [tiers.interactive]
@@ -224,8 +225,6 @@ def test_a_pool_booted_on_tp1_moves_to_the_tier_files_boot_cut(tpot_s: float, bo
 async def test_the_controller_refuses_a_plan_that_does_not_cover_the_live_pool() -> None:
     # Slot 2's worker died: the pool is 0, 1, 3. A plan cut over slots 0..2 would put an
     # instance on a dead worker; it is refused with what to do, and nothing is written.
-    from nitsum_tp_controller.controller import Controller, static_tp1
-
     controller = Controller("nats://127.0.0.1:1")  # never connects: the refusal comes first
     controller.last_seen = {s: time.monotonic() for s in (0, 1, 3)}
     controller.current = static_tp1([0, 1, 3], 3, "pool changed")
