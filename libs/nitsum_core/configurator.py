@@ -519,10 +519,7 @@ def boot_plan(pool: int, perf: PerfModel, tiers: dict[str, Tier]) -> Plan:
     reaching = [tp for tp in tps[1:] if smallest_decode_step(perf, tp) <= target]
     if not reaching:  # no degree meets it: the tier runs best-effort wherever it lands
         return uniform
-    high = reaching[0]
-    if high == pool:
-        return Plan([Assignment(0, high, "mixed", SHARED)])
-    return Plan(hybrid_cut(pool, high, 1, base, rest))
+    return Plan(hybrid_cut(pool, reaching[0], 1, base, rest))  # the whole pool where that is one instance
 
 
 def _capacities(
