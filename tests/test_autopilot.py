@@ -187,22 +187,15 @@ def test_in_flight_reports_are_snapshots_and_arrivals_add_up() -> None:
     assert sorted(f.age_s for f in loop._in_flight) == [2.0, 3.0]
 
 
-def _tp1_topology(workers: int) -> m.Topology:
-    return m.Topology(
-        epoch=1,
-        instances=[m.Instance(instance_id=i, slots=[i]) for i in range(workers)],
-        written_at=0.0,
-        reason="pool changed",
-    )
-
-
 @pytest.mark.parametrize(("tpot_s", "boots"), [(0.004, True), (0.05, False)])
 def test_a_pool_booted_on_tp1_moves_to_the_tier_files_boot_cut(tpot_s: float, boots: bool) -> None:
     # 8B on H100 decodes no faster than ~4.5 ms a step at TP 1: a 4 ms tier needs the boot cut
     # (one TP-2 instance for every tier, TP 1 for the rest); at 50 ms TP 1 serves every tier.
     tiers = {"interactive": Tier("interactive", 1.0, tpot_s, 0), "batch": Tier("batch", 10.0, 0.1, 1)}
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
-    controller = SimpleNamespace(log=structlog.get_logger(), current=_tp1_topology(4))
+    controller = SimpleNamespace(
+        log=structlog.get_logger(), current=static_tp1([0, 1, 2, 3], 1, "pool changed")
+    )
     pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
     assert pilot._sync_plan() is not None
     if not boots:
@@ -217,7 +210,7 @@ def test_a_pool_booted_on_tp1_moves_to_the_tier_files_boot_cut(tpot_s: float, bo
     # Only a loop built on a new pool boots it: a TP-1 cut written later on the same pool (by
     # hand) is left to the traffic.
     pilot._boot = None
-    pilot.controller.current = _tp1_topology(4)
+    pilot.controller.current = static_tp1([0, 1, 2, 3], 1, "pool changed")
     pilot._sync_plan()
     assert pilot._boot is None
 

@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan, hybrid_cut, tight_and_rest, valid_tp_choices
+from nitsum_core.configurator import (
+    Assignment,
+    Plan,
+    hybrid_cut,
+    tight_and_rest,
+    uniform_cut,
+    valid_tp_choices,
+)
 from nitsum_core.goodput import GoodputReport, summarize
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.simulator import Preset, SimResult, Simulator
@@ -36,7 +43,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def uniform(pool: int, tp: int) -> Plan:
-    return Plan([Assignment(s, tp, "mixed", "*") for s in range(0, pool, tp)])
+    return Plan(uniform_cut(pool, tp))
 
 
 def split_clusters(pool: int, tp: int, tiers: list[str]) -> Iterator[Plan]:

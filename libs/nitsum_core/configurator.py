@@ -227,17 +227,16 @@ def shared_goodput(perf: PerfModel, tps: Sequence[int], demands: dict[str, TierD
     return total
 
 
+def uniform_cut(pool: int, tp: int) -> list[Assignment]:
+    """The pool cut into TP-``tp`` instances (``tp`` divides it), every one serving every tier."""
+    return [Assignment(s, tp, "mixed", SHARED) for s in range(0, pool - pool % tp, tp)]
+
+
 def shared_plans(pool: int, perf: PerfModel, demands: dict[str, TierDemand]) -> list[Plan]:
     """Uniform cuts of TP k with every instance serving every tier, each with its predicted goodput."""
     plans = []
     for tp in valid_tp_choices(pool, perf):
-        n = pool // tp
-        plans.append(
-            Plan(
-                [Assignment(s, tp, "mixed", SHARED) for s in range(0, n * tp, tp)],
-                shared_goodput(perf, [tp] * n, demands),
-            )
-        )
+        plans.append(Plan(uniform_cut(pool, tp), shared_goodput(perf, [tp] * (pool // tp), demands)))
     return plans
 
 
@@ -509,16 +508,13 @@ def boot_plan(pool: int, perf: PerfModel, tiers: dict[str, Tier]) -> Plan:
     """
     tps = valid_tp_choices(pool, perf) or [1]
     base = tps[0]
-    uniform = Plan([Assignment(s, base, "mixed", SHARED) for s in range(0, pool - base + 1, base)])
     if len(tiers) < 2:
-        return uniform
+        return Plan(uniform_cut(pool, base))
     tight, rest = tight_and_rest({name: t.tpot_s for name, t in tiers.items()})
-    target = tiers[tight].tpot_s
-    if smallest_decode_step(perf, base) <= target:
-        return uniform
-    reaching = [tp for tp in tps[1:] if smallest_decode_step(perf, tp) <= target]
-    if not reaching:  # no degree meets it: the tier runs best-effort wherever it lands
-        return uniform
+    reaching = [tp for tp in tps if reachable_tpot(perf, tp, [tiers[tight].tpot_s]) is not None]
+    # Where no degree meets it, the tier runs best-effort wherever it lands.
+    if not reaching or reaching[0] == base:
+        return Plan(uniform_cut(pool, base))
     return Plan(hybrid_cut(pool, reaching[0], 1, base, rest))  # the whole pool where that is one instance
 
 

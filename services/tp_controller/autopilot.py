@@ -157,13 +157,7 @@ class AutoPilot:
             return  # a switch is still running: its window's decision waits
         if self._boot is not None:
             boot, self._boot = self._boot, None
-            current = self.controller.current
-            assert current is not None
-            reason = "boot cut from the tier targets: TP 1 cannot decode every tier"
-            self.log.info("switching to the boot cut", plan=boot.describe())
-            self._task = asyncio.create_task(
-                self._apply(reconfig.plan_topology(boot, current.epoch + 1, reason))
-            )
+            self._start_switch(boot, "boot cut from the tier targets: TP 1 cannot decode every tier")
             return  # this window's traffic is fed to the loop once the pool has moved
         self._feed(self.loop)
         decision = await asyncio.to_thread(self.loop.window, switch_cost(self.loop.plan, self.switch_s))
@@ -177,13 +171,18 @@ class AutoPilot:
             )
         if decision.switch_to is None:
             return
-        reason = (
+        self._start_switch(
+            decision.switch_to,
             f"configurator: predicted {decision.switch_to.predicted_goodput_rps:.2f} req/s "
-            f"vs {decision.predicted_current_rps:.2f} now"
+            f"vs {decision.predicted_current_rps:.2f} now",
         )
-        target = reconfig.plan_topology(decision.switch_to, current.epoch + 1, reason)
-        self.log.info("switching", plan=decision.switch_to.describe(), reason=reason)
-        self._task = asyncio.create_task(self._apply(target))
+
+    def _start_switch(self, plan: Plan, reason: str) -> None:
+        """Switch to ``plan`` in the background (the next windows wait for it)."""
+        current = self.controller.current
+        assert current is not None
+        self.log.info("switching", plan=plan.describe(), reason=reason)
+        self._task = asyncio.create_task(self._apply(reconfig.plan_topology(plan, current.epoch + 1, reason)))
 
     async def _apply(self, target: m.Topology) -> None:
         assert self.controller.current is not None
