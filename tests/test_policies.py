@@ -14,7 +14,15 @@ from nitsum_core import control_loop
 from nitsum_core.baselines import Preset
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan, plan_family
-from nitsum_core.control_loop import POOLED_TIE, Arrival, ControlLoop, InFlight, ReplayMap, pooled_on_a_tie
+from nitsum_core.control_loop import (
+    POOLED_TIE,
+    REPLAY_WINDOWS,
+    Arrival,
+    ControlLoop,
+    InFlight,
+    ReplayMap,
+    pooled_on_a_tie,
+)
 from nitsum_core.goodput import summarize
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.reconfig import plan_topology, topology_plan
@@ -313,6 +321,18 @@ def test_a_boot_placeholder_is_left_in_the_first_window_a_cut_clearly_beats_it()
     assert _scripted_switches([{"shared-tp2": 150.0}, {"shared-tp2": 50.0}], placeholder=True)[1] is None
     # A placeholder does not lower the margin: a 10 % gain does not leave it in the first window.
     assert _scripted_switches([{"shared-tp2": 110.0}], placeholder=True) == [None]
+
+
+def test_a_placeholder_kept_through_a_whole_replay_span_needs_the_debounce_to_be_left() -> None:
+    # Kept for REPLAY_WINDOWS windows in which nothing beat it, the boot cut has been weighed on
+    # a full replay span and kept: a cut that wins one window only (a noisy replay) does not move
+    # the loop off it any more, while the same win in the first window of the run does.
+    quiet = [{}] * REPLAY_WINDOWS
+    one_win = [{"shared-tp2": 150.0}]
+    assert _scripted_switches(quiet + one_win, placeholder=True) == [None] * (REPLAY_WINDOWS + 1)
+    assert _scripted_switches(one_win, placeholder=True)[0] is not None
+    # A gain seen two windows running still moves it.
+    assert _scripted_switches(quiet + one_win * 2, placeholder=True)[-1] is not None
 
 
 # TP 2 interactive + six TP 1 instances, fenced one tier each or pooled for the two looser tiers.

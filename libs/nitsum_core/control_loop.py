@@ -238,6 +238,13 @@ class ControlLoop:
             self._family_seen, self._warm = family, 0
         self._warm += 1
         self._windows_run += 1
+        if self._windows_run > self.replay_windows:
+            # A placeholder kept through a whole replay span has been weighed against every
+            # candidate on that span and kept: it is now a cut the loop chose, and leaving it needs
+            # the debounce like any other. Left undebounced, one noisy replay moved 8B off its
+            # best cut (uniform TP 1 at a 10 ms target) at 12 s and back at 23 s: 375.5 -> 355.5
+            # req/s (docs/simulator.md round 29).
+            self._placeholder = False
         # The roofline's calibration compares this window's goodput with last window's prediction
         # (a replay needs no calibration: see ``_replay_scores``).
         predicted, self._last_prediction = self._last_prediction, None
