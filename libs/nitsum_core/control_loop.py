@@ -165,8 +165,8 @@ class ControlLoop:
         placeholder: bool = False,
     ) -> None:
         """``placeholder``: ``plan`` is a default the pool booted on, not a cut anyone chose (the
-        simulator's smallest-degree cut, the controller's TP 1 per worker), so the first switch
-        away from it skips the debounce."""
+        tier file's boot cut, the controller's TP 1 per worker), so a switch away
+        from it within the first ``replay_windows`` windows skips the debounce."""
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
         self.replay, self.forecast, self.replay_map = replay, forecast, replay_map
@@ -292,9 +292,10 @@ class ControlLoop:
         # window's best: near-equal families trade the lead from window to window, and asking for
         # the same winner twice running held a bad boot plan for windows while every one of them
         # beat it by 40 % (14B at 2x saturation, docs/simulator.md round 22). A boot placeholder
-        # has no such standing: it was never the best of anything, and every window on it is
-        # spent on a cut that may not serve a tier at all (the first window's switch: 8B at 1x
-        # 173.3 -> 178.4 req/s, relaxed 14B at 2x 189.3 -> 191.9; docs/simulator.md round 27).
+        # has no such standing in its first replay span: it was never the best of anything, and
+        # every window on it is spent on a cut that may not serve a tier at all (the first
+        # window's switch: 8B at 1x 173.3 -> 178.4 req/s, relaxed 14B at 2x 189.3 -> 191.9;
+        # docs/simulator.md round 27).
         beat_last, self._beat_last = (
             self._beat_last,
             {plan_family(c.assignments) for c in candidates if expected(c) > now_rps * (1 + CONFIRM_MARGIN)},
