@@ -28,6 +28,7 @@ from nitsum_core.client import NitsumClient
 from nitsum_core.config import Tier
 from nitsum_core.configurator import Assignment, Plan
 from nitsum_core.control_loop import ControlLoop
+from nitsum_core.errors import InvalidRequest
 from nitsum_core.perf_model import HARDWARE, PerfModel, model_spec
 from nitsum_core.tokenizer import Tokenizer
 from nitsum_tp_controller.autopilot import AutoPilot, AutoPilotConfig, switch_cost
@@ -215,9 +216,38 @@ def test_a_pool_booted_on_tp1_moves_to_the_tier_files_boot_cut(tpot_s: float, bo
     assert pilot._boot is None
 
 
+def test_the_autopilot_cuts_a_pool_with_a_gap_onto_its_live_slots() -> None:
+    # Slot 4's worker died and the controller re-booted the pool on slots 0-3, 5, 6. The loop
+    # cuts a pool of six; the autopilot places its positions on the live slots in order, so the
+    # boot cut's TP-2 instance lands on slots 0-1 and its TP-1 ones on 2, 3, 5 and 6: exactly the
+    # live pool, which the controller accepts.
+    tiers = {"interactive": Tier("interactive", 1.0, 0.004, 0), "batch": Tier("batch", 10.0, 0.1, 1)}
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    live = [0, 1, 2, 3, 5, 6]
+    controller = SimpleNamespace(log=structlog.get_logger(), current=static_tp1(live, 3, "slot 4 died"))
+    pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
+    plan = pilot._sync_plan()
+    assert plan is not None and pilot.loop is not None and pilot.loop.pool == 6
+    assert [a.start for a in plan.assignments] == [0, 1, 2, 3, 4, 5]  # positions, not slot ids
+    assert pilot._boot is not None
+    target = reconfig.plan_topology(pilot._boot, 4, "boot", pilot._slots)
+    assert [i.slots for i in target.instances] == [[0, 1], [2], [3], [5], [6]]
+    # With slot 1 dead instead, positions 0-1 are slots 0 and 2, not an aligned block (the
+    # weight and KV slices of a TP-2 instance live on a pair [2j, 2j+1]): that cut is refused
+    # with what to do, and the autopilot starts no switch.
+    pilot.controller.current = static_tp1([0, 2, 3, 4, 5, 6], 5, "slot 1 died")
+    pilot._sync_plan()
+    assert pilot._boot is not None and pilot._boot.assignments[0].tp == 2
+    with pytest.raises(InvalidRequest, match=r"slots \[0, 2\], not an aligned block"):
+        reconfig.plan_topology(pilot._boot, 6, "boot", pilot._slots)
+    pilot._start_switch(pilot._boot, "boot")
+    assert pilot._task is None
+
+
 async def test_the_controller_refuses_a_plan_that_does_not_cover_the_live_pool() -> None:
-    # Slot 2's worker died: the pool is 0, 1, 3. A plan cut over slots 0..2 would put an
-    # instance on a dead worker; it is refused with what to do, and nothing is written.
+    # Slot 2's worker died: the pool is 0, 1, 3. A plan made for slots 0..2 (before the pool
+    # changed) would put an instance on a dead worker; it is refused with what to do, and nothing
+    # is written.
     controller = Controller("nats://127.0.0.1:1")  # never connects: the refusal comes first
     controller.last_seen = {s: time.monotonic() for s in (0, 1, 3)}
     controller.current = static_tp1([0, 1, 3], 3, "pool changed")

@@ -7,6 +7,7 @@ workers derive the exact units of each transfer here, so every side agrees by co
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from nitsum_core import messages as m
@@ -40,24 +41,42 @@ def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: s
     return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
 
-def plan_topology(plan: Plan, epoch: int, reason: str) -> m.Topology:
-    """The topology of a configurator plan: one instance per assignment, in slot order."""
-    instances = [
-        m.Instance(
-            instance_id=i,
-            slots=a.slots,
-            role=a.role,
-            tiers=sorted(tier_set(a.tier) or ()),
+def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | None = None) -> m.Topology:
+    """The topology of a configurator plan: one instance per assignment, in slot order.
+
+    ``slots``: the live slots that the plan's positions 0..n-1 stand for, in order (the
+    configurator cuts a pool of n; after a worker died mid-range the pool is, say, 0, 1, 3).
+    Each instance must land on an aligned block of them, or the cut is refused.
+    """
+    instances = []
+    for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start)):
+        placed = a.slots if slots is None else [slots[p] for p in a.slots]
+        if placed != list(range(placed[0], placed[0] + a.tp)) or placed[0] % a.tp:
+            raise InvalidRequest(
+                f"TP {a.tp} on positions {a.slots} would run on slots {placed}, not an aligned block "
+                f"[j*{a.tp}, (j+1)*{a.tp}): the pool's live slots {list(slots or [])} have a gap there; "
+                "start a worker on the missing slot to allow this cut"
+            )
+        instances.append(
+            m.Instance(instance_id=i, slots=placed, role=a.role, tiers=sorted(tier_set(a.tier) or ()))
         )
-        for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start))
-    ]
     return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
 
-def topology_plan(topo: m.Topology) -> Plan:
-    """The configurator's view of a topology (an instance serves every tier, one, or a set)."""
+def topology_plan(topo: m.Topology, slots: Sequence[int] | None = None) -> Plan:
+    """The configurator's view of a topology (an instance serves every tier, one, or a set).
+
+    ``slots``: the topology's live slots in order; an instance's start is then its position among
+    them (the inverse of ``plan_topology``'s mapping).
+    """
+    position = {s: i for i, s in enumerate(slots)} if slots is not None else None
     out = [
-        Assignment(inst.slots[0], inst.tp, inst.role, join_tiers(inst.tiers) if inst.tiers else SHARED)
+        Assignment(
+            inst.slots[0] if position is None else position[inst.slots[0]],
+            inst.tp,
+            inst.role,
+            join_tiers(inst.tiers) if inst.tiers else SHARED,
+        )
         for inst in topo.instances
     ]
     return Plan(sorted(out, key=lambda a: a.start))

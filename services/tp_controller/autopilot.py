@@ -28,6 +28,7 @@ from nitsum_core import reconfig, subjects
 from nitsum_core.config import Tier
 from nitsum_core.configurator import SHARED, Plan, boot_plan, plan_shape
 from nitsum_core.control_loop import ControlLoop, InFlight
+from nitsum_core.errors import InvalidRequest
 from nitsum_core.perf_model import PerfModel
 from nitsum_core.service import decode_or_drop
 from nitsum_core.simulator import PlanReplay
@@ -55,6 +56,9 @@ class AutoPilot:
         self.switch_s = config.initial_switch_s
         self.switches = 0
         self._boot: Plan | None = None  # the cut to move a freshly booted pool to, before any traffic
+        # The live slots the loop's positions 0..n-1 stand for: the configurator cuts a pool of n,
+        # and after a worker died mid-range the pool is, say, 0, 1, 3.
+        self._slots: list[int] = []
         self._routers: set[str] = set()  # routers that reported this window
         # Stats wait here until the window closes: the loop's window runs in a thread (replaying
         # candidate plans through the simulator takes a while) and must not be fed meanwhile.
@@ -121,9 +125,11 @@ class AutoPilot:
         current = self.controller.current
         if current is None or not current.instances:
             return None
-        plan = reconfig.topology_plan(current)
-        pool = sum(a.tp for a in plan.assignments)
-        if self.loop is None or self.loop.pool != pool:
+        slots = sorted(s for inst in current.instances for s in inst.slots)
+        plan = reconfig.topology_plan(current, slots)
+        pool = len(slots)
+        if self.loop is None or slots != self._slots:
+            self._slots = slots
             # The controller boots the pool, and re-boots it when the live workers change, as one
             # TP-1 instance per worker serving every tier: a default no one chose.
             placeholder = all(a.tp == 1 and a.tier == SHARED for a in plan.assignments)
@@ -181,8 +187,13 @@ class AutoPilot:
         """Switch to ``plan`` in the background (the next windows wait for it)."""
         current = self.controller.current
         assert current is not None
-        self.log.info("switching", plan=plan.describe(), reason=reason)
-        self._task = asyncio.create_task(self._apply(reconfig.plan_topology(plan, current.epoch + 1, reason)))
+        try:
+            target = reconfig.plan_topology(plan, current.epoch + 1, reason, self._slots)
+        except InvalidRequest as exc:  # a cut that the gap in the live slots does not allow
+            self.log.warning("cut not applied", plan=plan.describe(), slots=self._slots, error=str(exc))
+            return
+        self.log.info("switching", plan=plan.describe(), slots=self._slots, reason=reason)
+        self._task = asyncio.create_task(self._apply(target))
 
     async def _apply(self, target: m.Topology) -> None:
         assert self.controller.current is not None

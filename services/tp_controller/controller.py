@@ -182,13 +182,13 @@ class Controller:
                 assert self.current is not None
                 if target.epoch != self.current.epoch + 1:
                     raise InvalidRequest("the topology changed since the plan was made")
-                # The configurator cuts slots 0..n-1; a pool with a gap (a worker died mid-range)
-                # cannot take such a cut until the gap is filled.
+                # A plan made for another pool (a worker died or joined since) would put an
+                # instance on a dead worker or leave a live one out.
                 planned = sorted(s for i in target.instances for s in i.slots)
                 if planned != live:
                     raise InvalidRequest(
                         f"the plan covers slots {planned} but the live pool is {live}; "
-                        "start workers on the missing slots (or restart the pool) to re-cut it"
+                        "it was made for another pool: make it again for the live slots"
                     )
             except NitsumError as exc:
                 return self._refused(exc)
