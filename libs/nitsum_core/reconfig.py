@@ -52,10 +52,14 @@ def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | No
     for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start)):
         placed = a.slots if slots is None else [slots[p] for p in a.slots]
         if placed != list(range(placed[0], placed[0] + a.tp)) or placed[0] % a.tp:
+            fix = (
+                f"the live slots {list(slots)} have a gap there; start a worker on the missing slot"
+                if slots is not None
+                else "start it at a multiple of its degree"
+            )
             raise InvalidRequest(
-                f"TP {a.tp} on positions {a.slots} would run on slots {placed}, not an aligned block "
-                f"[j*{a.tp}, (j+1)*{a.tp}): the pool's live slots {list(slots or [])} have a gap there; "
-                "start a worker on the missing slot to allow this cut"
+                f"TP {a.tp} on positions {a.slots} would run on slots {placed}, "
+                f"not an aligned block [j*{a.tp}, (j+1)*{a.tp}): {fix}"
             )
         instances.append(
             m.Instance(instance_id=i, slots=placed, role=a.role, tiers=sorted(tier_set(a.tier) or ()))
