@@ -133,7 +133,7 @@ class Stack:
                     pooled = self.config.workers == 1 or not self.config.tp_pool
                     joined = pooled or sum(w.pool_joined for w in status.workers) >= self.config.workers
                     topo = await nc.request(subjects.CONTROLLER_TOPOLOGY, b"", timeout=1.0)
-                    slots = {s for i in m.decode(m.Topology, topo.data).instances for s in i.slots}
+                    slots = m.decode(m.Topology, topo.data).slots
                     if (
                         alive >= self.config.workers
                         and len(slots) >= self.config.workers

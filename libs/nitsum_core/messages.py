@@ -215,6 +215,11 @@ class Topology(msgspec.Struct, kw_only=True):
     written_at: float
     reason: str = ""
 
+    @property
+    def slots(self) -> list[int]:
+        """Every slot the cut uses, in order."""
+        return sorted(s for i in self.instances for s in i.slots)
+
 
 class TopologyRequest(msgspec.Struct):
     pass

@@ -16,6 +16,15 @@ from nitsum_core.errors import InvalidRequest
 from nitsum_core.kv_cache import BlockManager, blocks_needed
 
 
+def is_aligned_block(slots: Sequence[int]) -> bool:
+    """Whether ``slots`` are [j*k, (j+1)*k) for k = their count, a power of two: the only blocks
+    a TP-k instance may run on, as its weight and KV slices nest only there."""
+    k = len(slots)
+    return (
+        k > 0 and not k & (k - 1) and slots[0] % k == 0 and list(slots) == list(range(slots[0], slots[0] + k))
+    )
+
+
 def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: str) -> m.Topology:
     """Instances of TP ``degrees[i]`` laid out in slot order, each on an aligned block.
 
@@ -31,7 +40,7 @@ def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: s
     instances = []
     start = 0
     for i, k in enumerate(degrees):
-        if k & (k - 1) or start % k:
+        if not is_aligned_block(range(start, start + k)):
             raise InvalidRequest(
                 f"instance {i} (TP {k}) would start at slot {start}: an instance of TP k must sit on an "
                 f"aligned block [j*k, (j+1)*k) with k a power of two; reorder the degrees, e.g. largest first"
@@ -51,7 +60,7 @@ def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | No
     instances = []
     for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start)):
         placed = a.slots if slots is None else [slots[p] for p in a.slots]
-        if placed != list(range(placed[0], placed[0] + a.tp)) or placed[0] % a.tp:
+        if not is_aligned_block(placed):
             fix = (
                 f"the live slots {list(slots)} have a gap there; start a worker on the missing slot"
                 if slots is not None

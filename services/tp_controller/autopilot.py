@@ -125,7 +125,7 @@ class AutoPilot:
         current = self.controller.current
         if current is None or not current.instances:
             return None
-        slots = sorted(s for inst in current.instances for s in inst.slots)
+        slots = current.slots
         plan = reconfig.topology_plan(current, slots)
         pool = len(slots)
         if self.loop is None or slots != self._slots:

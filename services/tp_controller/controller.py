@@ -123,7 +123,7 @@ class Controller:
 
     def _topology_slots(self) -> list[int]:
         assert self.current is not None
-        return sorted(s for i in self.current.instances for s in i.slots)
+        return self.current.slots
 
     def _settled_pool(self) -> list[int]:
         """The live slots, provided they are exactly the topology's (no pool change under way)."""
@@ -150,8 +150,7 @@ class Controller:
             raise InvalidRequest("give either tp (degrees in slot order) or instances")
         used: set[int] = set()
         for i, inst in enumerate(req.instances):
-            k, first = inst.tp, inst.slots[0] if inst.slots else -1
-            if not inst.slots or k & (k - 1) or first % k or inst.slots != list(range(first, first + k)):
+            if not reconfig.is_aligned_block(inst.slots):
                 raise InvalidRequest(
                     f"instance {i} {inst.slots} is not an aligned block [j*k, (j+1)*k), k a power of two"
                 )
@@ -184,7 +183,7 @@ class Controller:
                     raise InvalidRequest("the topology changed since the plan was made")
                 # A plan made for another pool (a worker died or joined since) would put an
                 # instance on a dead worker or leave a live one out.
-                planned = sorted(s for i in target.instances for s in i.slots)
+                planned = target.slots
                 if planned != live:
                     raise InvalidRequest(
                         f"the plan covers slots {planned} but the live pool is {live}; "
