@@ -26,7 +26,7 @@ from nitsum_core import reconfig, subjects
 from nitsum_core.bus import connect
 from nitsum_core.client import NitsumClient
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan
+from nitsum_core.configurator import Assignment, Plan, boot_plan
 from nitsum_core.control_loop import ControlLoop
 from nitsum_core.errors import InvalidRequest
 from nitsum_core.perf_model import HARDWARE, PerfModel, model_spec
@@ -233,15 +233,52 @@ def test_the_autopilot_cuts_a_pool_with_a_gap_onto_its_live_slots() -> None:
     target = reconfig.plan_topology(pilot._boot, 4, "boot", pilot._slots)
     assert [i.slots for i in target.instances] == [[0, 1], [2], [3], [5], [6]]
     # With slot 1 dead instead, positions 0-1 are slots 0 and 2, not an aligned block (the
-    # weight and KV slices of a TP-2 instance live on a pair [2j, 2j+1]): that cut is refused
-    # with what to do, and the autopilot starts no switch.
+    # weight and KV slices of a TP-2 instance live on a pair [2j, 2j+1]): the boot cut is refused
+    # with what to do, so the autopilot neither proposes it nor starts a switch.
     pilot.controller.current = static_tp1([0, 2, 3, 4, 5, 6], 5, "slot 1 died")
     pilot._sync_plan()
-    assert pilot._boot is not None and pilot._boot.assignments[0].tp == 2
+    boot = boot_plan(6, perf, tiers)
+    assert boot is not None and boot.assignments[0].tp == 2
     with pytest.raises(InvalidRequest, match=r"slots \[0, 2\], not an aligned block"):
-        reconfig.plan_topology(pilot._boot, 6, "boot", pilot._slots)
-    pilot._start_switch(pilot._boot, "boot")
+        reconfig.plan_topology(boot, 6, "boot", pilot._slots)
+    assert pilot._boot is None
+    pilot._start_switch(boot, "boot")
     assert pilot._task is None
+
+
+def _first_switch(live: list[int]) -> Plan | None:
+    """The first cut the autopilot's loop proposes on the live slots ``live`` under traffic that
+    only TP >= 2 can decode within its TPOT target (roofline scoring)."""
+    tiers = {"interactive": Tier("interactive", 1.0, 0.004, 0), "batch": Tier("batch", 10.0, 0.1, 1)}
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    controller = SimpleNamespace(log=structlog.get_logger(), current=static_tp1(live, 3, "pool changed"))
+    pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
+    pilot._sync_plan()
+    assert pilot.loop is not None
+    for _ in range(4):
+        for i in range(60):
+            pilot.loop.arrival("interactive", 500, 200, i / 60)
+            pilot.loop.arrival("batch", 1000, 300, i / 60)
+            pilot.loop.finished("interactive", good=False)
+        switch = pilot.loop.window(lambda _: 0.1).switch_to
+        if switch is not None:
+            return switch
+    return None
+
+
+def test_the_loop_scores_only_the_cuts_a_gap_in_the_live_slots_allows() -> None:
+    # On six contiguous slots the loop re-cuts to 3 x TP 2. With slot 4 dead (live 0-3, 5, 6),
+    # positions 4-5 are slots 5 and 6, where a TP-2 instance cannot run: that cut would be refused
+    # every window. The loop scores only the cuts it can place, and picks one with TP 2 where the
+    # live slots allow it and TP 1 across the gap.
+    contiguous = _first_switch([0, 1, 2, 3, 4, 5])
+    assert contiguous is not None and [a.tp for a in contiguous.assignments] == [2, 2, 2]
+    live = [0, 1, 2, 3, 5, 6]
+    gapped = _first_switch(live)
+    assert gapped is not None and reconfig.placement_error(gapped, live) is None
+    assert any(a.tp == 2 for a in gapped.assignments)
+    placed = reconfig.plan_topology(gapped, 4, "configurator", live)
+    assert sorted(s for i in placed.instances for s in i.slots) == live
 
 
 async def test_the_controller_refuses_a_plan_that_does_not_cover_the_live_pool() -> None:

@@ -163,10 +163,15 @@ class ControlLoop:
         replay_map: ReplayMap = map,
         confirm_windows: int = CONFIRM_WINDOWS,
         placeholder: bool = False,
+        fits: Callable[[Plan], bool] | None = None,
     ) -> None:
         """``placeholder``: ``plan`` is a default the pool booted on, not a cut anyone chose (the
         tier file's boot cut, the controller's TP 1 per worker), so a switch away
-        from it within the first ``replay_windows`` windows skips the debounce."""
+        from it within the first ``replay_windows`` windows skips the debounce.
+
+        ``fits``: which cuts the driver can apply (None: every aligned cut of the pool). The
+        serving path passes it when the live slots have a gap: a cut it cannot place is then not
+        scored at all, rather than win a window and be refused (``reconfig.placement_error``)."""
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
         self.replay, self.forecast, self.replay_map = replay, forecast, replay_map
@@ -193,6 +198,7 @@ class ControlLoop:
         self._warm = 0  # windows the current plan family has run
         self._windows_run = 0
         self._placeholder = placeholder
+        self.fits = fits
 
     def arrival(self, tier: str, prompt: int, output: int, offset_s: float | None = None) -> None:
         """One request arrived, ``offset_s`` seconds into this window (None: not known)."""
@@ -274,6 +280,11 @@ class ControlLoop:
             return decision
 
         candidates = candidate_plans(self.pool, self.perf, demands, self.roles, tiers=self.tiers)
+        if self.fits is not None:
+            candidates = [c for c in candidates if self.fits(c)]
+            if not candidates:
+                self._beat_last = set()
+                return decision
         now = Plan(self.plan.assignments, current)
         # ``span_s``: the seconds of arrivals the scores were measured on (for the roofline, the
         # demand it predicts from).

@@ -50,15 +50,10 @@ def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: s
     return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
 
-def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | None = None) -> m.Topology:
-    """The topology of a configurator plan: one instance per assignment, in slot order.
-
-    ``slots``: the live slots that the plan's positions 0..n-1 stand for, in order (the
-    configurator cuts a pool of n; after a worker died mid-range the pool is, say, 0, 1, 3).
-    Each instance must land on an aligned block of them, or the cut is refused.
-    """
-    instances = []
-    for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start)):
+def placement_error(plan: Plan, slots: Sequence[int] | None = None) -> str | None:
+    """Why ``plan`` cannot run on ``slots`` (see ``plan_topology``), or None where it can: each
+    instance must land on an aligned block of the live slots its positions stand for."""
+    for a in sorted(plan.assignments, key=lambda a: a.start):
         placed = a.slots if slots is None else [slots[p] for p in a.slots]
         if not is_aligned_block(placed):
             fix = (
@@ -66,13 +61,32 @@ def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | No
                 if slots is not None
                 else "start it at a multiple of its degree"
             )
-            raise InvalidRequest(
+            return (
                 f"TP {a.tp} on positions {a.slots} would run on slots {placed}, "
                 f"not an aligned block [j*{a.tp}, (j+1)*{a.tp}): {fix}"
             )
-        instances.append(
-            m.Instance(instance_id=i, slots=placed, role=a.role, tiers=sorted(tier_set(a.tier) or ()))
+    return None
+
+
+def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | None = None) -> m.Topology:
+    """The topology of a configurator plan: one instance per assignment, in slot order.
+
+    ``slots``: the live slots that the plan's positions 0..n-1 stand for, in order (the
+    configurator cuts a pool of n; after a worker died mid-range the pool is, say, 0, 1, 3).
+    Each instance must land on an aligned block of them, or the cut is refused.
+    """
+    error = placement_error(plan, slots)
+    if error is not None:
+        raise InvalidRequest(error)
+    instances = [
+        m.Instance(
+            instance_id=i,
+            slots=a.slots if slots is None else [slots[p] for p in a.slots],
+            role=a.role,
+            tiers=sorted(tier_set(a.tier) or ()),
         )
+        for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start))
+    ]
     return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
 

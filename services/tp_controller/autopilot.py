@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 from nats.aio.msg import Msg
@@ -146,11 +147,22 @@ class AutoPilot:
                 replay_map=self._pool.map if self._pool is not None else map,
                 # The loop may leave it without the debounce, as the simulator's boot cut.
                 placeholder=placeholder,
+                # With a gap in the live slots, some aligned cuts of n positions land a TP-k
+                # instance across it: those are not scored, so the loop picks among cuts it can apply.
+                fits=None if slots == list(range(pool)) else partial(_fits, slots=slots),
             )
             # Where TP 1 cannot decode a tier at all, the pool moves at once to the cut the tier
             # targets suggest (``boot_plan``), rather than serve that tier nothing until traffic
             # has shown the loop the way; that cut is a placeholder for the loop too.
             boot = boot_plan(pool, self.config.perf, self.config.tiers) if placeholder else None
+            if boot is not None and not _fits(boot, slots):
+                self.log.warning(
+                    "boot cut not applied",
+                    plan=boot.describe(),
+                    slots=slots,
+                    error=reconfig.placement_error(boot, slots),
+                )
+                boot = None
             self._boot = boot if boot is not None and boot.assignments != plan.assignments else None
         self.loop.plan = plan
         return plan
@@ -208,6 +220,11 @@ class AutoPilot:
             self.log.info("switched", epoch=result.epoch, seconds=round(took, 3))
         else:
             self.log.warning("switch not applied", error=result.error.message if result.error else None)
+
+
+def _fits(plan: Plan, slots: list[int]) -> bool:
+    """Whether every instance of ``plan`` lands on an aligned block of the live ``slots``."""
+    return reconfig.placement_error(plan, slots) is None
 
 
 def switch_cost(current: Plan, measured_s: float) -> Callable[[Plan], float]:
