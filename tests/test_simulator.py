@@ -264,6 +264,42 @@ def test_nitsum_sim_cli_writes_results(tmp_path) -> None:
     assert json.loads((tmp_path / "sim-llama-3.1-8b-4xh100-sxm.json").read_text()) == merged
 
 
+def test_nitsum_sim_sweep_runs_the_study_load_axis(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    base = [
+        sys.executable,
+        "-m",
+        "nitsum_cli.main",
+        "sim",
+        "--gpus",
+        "4",
+        "--duration",
+        "4",
+        "--presets",
+        "vanilla",
+    ]
+    res = subprocess.run(
+        [*base, "--sweep", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "sim-llama-3.1-8b-4xh100-sxm.json").read_text())
+    assert data["args"]["rates"] == "0.1x,0.25x,0.5x,1x,1.5x,2x"
+    loads = [r["offered_rps"] / r["saturation_rps"] for r in sorted(data["rows"], key=lambda r: r["rate"])]
+    assert len(loads) == 6 and loads[0] < 0.15 and loads[-1] == pytest.approx(2.0, rel=0.05)
+    # Both ways of naming the rates at once is a mistake: refused, saying why, nothing written.
+    res = subprocess.run(
+        [*base, "--sweep", "--rates", "10", "--out", str(tmp_path / "both")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode != 0 and "--sweep" in res.stderr and "not both" in res.stderr
+    assert not (tmp_path / "both").exists()
+
+
 def test_nitsum_sim_cli_says_what_is_wrong_with_a_rate(tmp_path) -> None:
     import subprocess
     import sys

@@ -17,6 +17,9 @@ from nitsum_core.config import load_tiers
 from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.saturation import rate_for_load, saturation
 
+DEFAULT_RATES = "10,20,40,80"  # req/s: a quick look, well below an 8-GPU pool's saturation
+STUDY_LOADS = "0.1x,0.25x,0.5x,1x,1.5x,2x"  # docs/results: light load to 2x saturation
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -47,10 +50,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, default=120.0, help="seconds of trace to simulate per run")
     p.add_argument(
         "--rates",
-        default="10,20,40,80",
+        default=None,
         help="comma-separated total arrival rates to sweep: req/s (40), or multiples of the pool's "
-        "saturation (2x: the rate at which the simulated window offers twice the work the pool "
-        "computes with every step a full chunk)",
+        f"saturation (2x: the rate at which the simulated window offers twice the work the pool "
+        f"computes with every step a full chunk). Default: {DEFAULT_RATES}",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help=f"sweep the study's load axis, light load to 2x saturation: the same as --rates {STUDY_LOADS}",
     )
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated presets")
     p.add_argument("--seed", type=int, default=0)
@@ -102,6 +110,10 @@ def run(a: argparse.Namespace) -> int:
     unknown = set(presets) - set(PRESETS)
     if unknown:
         raise ValueError(f"unknown presets {sorted(unknown)}; choose from {list(PRESETS)}")
+    if a.sweep and a.rates is not None:
+        raise ValueError(f"give --sweep (the rates {STUDY_LOADS}) or --rates, not both")
+    # Resolved before anything reads it: the results JSON and --update's check record the rates.
+    a.rates = STUDY_LOADS if a.sweep else a.rates or DEFAULT_RATES
     rates = _rates(a, perf)
     out = Path(a.out)
     model_name = Path(a.model).parent.name if a.model.endswith(".json") else Path(a.model).name
