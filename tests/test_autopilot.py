@@ -166,10 +166,12 @@ def test_a_switch_that_only_changes_tiers_is_weighed_as_free() -> None:
     assert cost(Plan([Assignment(0, 1, "prefill", "*"), Assignment(1, 1, "decode", "*")])) == 2.5
 
 
-def test_in_flight_reports_are_snapshots_and_arrivals_add_up() -> None:
-    # A router's windows are not aligned with the controller's, so two of its reports can land in
-    # one controller window: both windows' arrivals count, but only its latest in-flight snapshot
-    # (counting both would replay its backlog twice).
+def test_reports_waiting_from_several_router_windows_go_to_a_loop_window_each() -> None:
+    # A router's windows are not aligned with the controller's, and a long decision leaves several
+    # of its reports waiting: two of router a's land in one controller window. Each goes to its
+    # own loop window (added up, they read as twice a's rate, their arrival times piled into one
+    # second), router b's one report to the latest; only each router's latest in-flight snapshot
+    # counts (both would replay its backlog twice).
     tiers = {"interactive": Tier("interactive", 1.0, 0.05, 0)}
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
     pilot = AutoPilot(SimpleNamespace(log=structlog.get_logger()), AutoPilotConfig(perf, tiers))  # type: ignore[arg-type]
@@ -184,8 +186,12 @@ def test_in_flight_reports_are_snapshots_and_arrivals_add_up() -> None:
 
     pilot._stats = [report("a", 1.0), report("b", 3.0), report("a", 2.0)]
     pilot._feed(loop)
-    assert len(loop.arrivals) == 3
+    assert loop._windows_run == 1 and len(loop._recent[-1]) == 1  # a's first window, closed
+    assert len(loop.arrivals) == 2  # a's second and b's: the window about to be decided
     assert sorted(f.age_s for f in loop._in_flight) == [2.0, 3.0]
+    decision = loop.window(lambda _: 0.0)
+    # Demand over the two windows seen: three arrivals in two seconds, not three in one.
+    assert decision.demands["interactive"].arrival_rps == pytest.approx(1.5)
 
 
 @pytest.mark.parametrize(("tpot_s", "boots"), [(0.004, True), (0.05, False)])

@@ -229,10 +229,13 @@ class ControlLoop:
             )
         return out
 
-    def window(self, switch_cost: Callable[[Plan], float]) -> Decision:
+    def window(self, switch_cost: Callable[[Plan], float], decide: bool = True) -> Decision:
         """Close the window: demand, budgets for the current plan, and a switch if it pays.
 
         The driver applies ``switch_to`` and then sets ``plan`` (a failed switch keeps the old one).
+        ``decide=False`` closes it without scoring any cut: a driver that has several windows'
+        traffic to hand over at once (its last decision ran long) closes all but the last this
+        way, so that each window keeps its own length and arrival times.
         """
         window, self.arrivals = self.arrivals, []
         backlog, self._in_flight = self._in_flight, []  # what this window's replays start from
@@ -270,7 +273,7 @@ class ControlLoop:
         current = predicted_goodput(self.perf, self.plan.assignments, demands)
         self._last_prediction = current  # what the roofline's calibration compares next window with
         decision.predicted_current_rps = current
-        if not self.dynamic or not window:  # no re-cut in a window without arrivals
+        if not self.dynamic or not window or not decide:  # no re-cut in a window without arrivals
             return decision
         if self._serving_everything():
             # Goodput cannot exceed arrivals: a plan that meets every target for all that arrives

@@ -99,27 +99,46 @@ class AutoPilot:
             self._stats.append(stats)
 
     def _feed(self, loop: ControlLoop) -> None:
+        """Hand the routers' reports since the last window to the loop, one loop window per
+        router window: every window but the last is closed here, without a decision."""
         stats, self._stats = self._stats, []
-        # A router's windows are not aligned with this one's: two of its reports can land in one
-        # window. Arrivals and finishes add up; what is in flight is a snapshot, so only its latest.
-        latest = {s.router_id: s for s in stats}
+        # A router reports once per its own window, not aligned with this one's, and a decision
+        # that ran long (replays at high load take over a second) or a running switch leaves
+        # several of its reports waiting. Added up as one window they read as that many times the
+        # real rate, with their arrival times piled into one second. So each router's reports
+        # fill the last windows in order (its latest in the window about to be decided), and what
+        # is in flight, a snapshot, comes from its latest report only.
+        by_router: dict[str, list[m.RouterWindowStats]] = {}
         for s in stats:
-            for name, t in s.tiers.items():
-                if name not in self.config.tiers:
-                    self.log.warning("stats for an unknown tier dropped", tier=name, router=s.router_id)
-                    continue
-                # Offsets are optional (an older router sends none): the replay then re-spaces.
-                offsets: list[float | None] = list(t.arrival_offsets_s)
-                if len(offsets) != len(t.prompt_tokens):
-                    offsets = [None] * len(t.prompt_tokens)
-                for prompt, output, offset in zip(t.prompt_tokens, t.output_tokens, offsets, strict=False):
-                    loop.arrival(name, prompt, output, offset)
-                for i in range(t.finished):
-                    loop.finished(name, i < t.good)
-                for f in t.in_flight if latest[s.router_id] is s else ():
-                    loop.in_flight(
-                        InFlight(name, f.prompt_tokens, f.output_tokens, f.age_s, f.ttft_s, f.generated)
-                    )
+            by_router.setdefault(s.router_id, []).append(s)
+        windows = max((len(reports) for reports in by_router.values()), default=1)
+        if windows > 1:
+            self.log.debug("several router windows handed over at once", windows=windows)
+        for k in range(windows):
+            if k:
+                loop.window(lambda _: 0.0, decide=False)
+            for reports in by_router.values():
+                first = windows - len(reports)  # this router's reports fill the last windows
+                if k >= first:
+                    self._feed_report(loop, reports[k - first], latest=k == windows - 1)
+
+    def _feed_report(self, loop: ControlLoop, report: m.RouterWindowStats, latest: bool) -> None:
+        for name, t in report.tiers.items():
+            if name not in self.config.tiers:
+                self.log.warning("stats for an unknown tier dropped", tier=name, router=report.router_id)
+                continue
+            # Offsets are optional (an older router sends none): the replay then re-spaces.
+            offsets: list[float | None] = list(t.arrival_offsets_s)
+            if len(offsets) != len(t.prompt_tokens):
+                offsets = [None] * len(t.prompt_tokens)
+            for prompt, output, offset in zip(t.prompt_tokens, t.output_tokens, offsets, strict=False):
+                loop.arrival(name, prompt, output, offset)
+            for i in range(t.finished):
+                loop.finished(name, i < t.good)
+            for f in t.in_flight if latest else ():
+                loop.in_flight(
+                    InFlight(name, f.prompt_tokens, f.output_tokens, f.age_s, f.ttft_s, f.generated)
+                )
 
     def _sync_plan(self) -> Plan | None:
         """The loop follows the written topology (a hand-made switch or a pool change moves it too)."""
