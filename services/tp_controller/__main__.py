@@ -50,7 +50,8 @@ def main() -> None:
         default="replay",
         choices=["replay", "roofline"],
         help="how --auto ranks candidate cuts: replay them through the simulator on the recent requests "
-        "(default; ~0.2-0.9 s of CPU per window on 8 GPUs, grows with the pool) or the calibrated "
+        "(default; 0.2-1.3 s of CPU per window on 8 GPUs at 50-400 req/s on a 2-core VM, docs/benchmarks.md "
+        "section 7; grows with the pool) or the calibrated "
         "roofline capacity model (milliseconds at any pool size, ranks less well)",
     )
     p.add_argument(
@@ -58,7 +59,8 @@ def main() -> None:
         type=int,
         default=0,
         help="processes that replay a window's candidate cuts side by side (default 0: one after "
-        "another in a thread); a window's replays take ~0.9 s of CPU at 400 req/s on 8 GPUs",
+        "another in a thread); a window's replays take over 1 s of CPU at 400 req/s on 8 GPUs on a "
+        "2-core VM, longer than the 1 s window, so give 2 or more where the controller has the cores",
     )
     a = p.parse_args()
     if a.replay_workers < 0:
