@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,7 @@ async def test_bad_topologies_are_refused_with_a_reason(pool4: Stack) -> None:
         assert len(done.token_ids) == 5
 
 
-async def test_worker_killed_during_migration_aborts_and_survivors_resume(
+async def test_worker_killed_during_migration_aborts_and_survivors_resume_and_switch_again(
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
     # Slot 3 stalls 3 s before its migrate step, so it is mid-switch when it is killed.
@@ -144,8 +145,27 @@ async def test_worker_killed_during_migration_aborts_and_survivors_resume(
             alive = [w for w in status.workers if w.alive]
             assert sorted(w.slot for w in alive) == [0, 1, 2]
             assert all(w.tp == 1 for w in alive)
+            # The gloo world lost a rank, but the communicator of a block without it still works:
+            # the survivors switch to TP 2 on slots 0-1 and generate what they did at TP 1.
+            expected = [t async for t in _greedy(c, PROMPTS[0])]
+            await c.reconfigure(tp=[2, 1], timeout_s=30)
+            again = [t async for t in _greedy(c, PROMPTS[0])]
+            assert again == expected
+            for _ in range(40):  # workers report their new degree with their next heartbeat
+                status = await c.status()
+                if [(w.slot, w.tp) for w in status.workers if w.alive] == [(0, 2), (1, 2), (2, 1)]:
+                    break
+                await asyncio.sleep(0.25)
+            assert [(w.slot, w.tp) for w in status.workers if w.alive] == [(0, 2), (1, 2), (2, 1)]
     finally:
         s.stop()
+
+
+async def _greedy(c: NitsumClient, prompt: str) -> AsyncIterator[int]:
+    """The tokens of one short greedy generation of ``prompt``."""
+    async for chunk in c.generate(prompt, max_tokens=20, ignore_eos=True, timeout_s=60):
+        for token in chunk.token_ids:
+            yield token
 
 
 async def test_cancel_during_a_switch_stops_the_request_on_its_new_leader(
