@@ -273,7 +273,8 @@ class ControlLoop:
         current = predicted_goodput(self.perf, self.plan.assignments, demands)
         self._last_prediction = current  # what the roofline's calibration compares next window with
         decision.predicted_current_rps = current
-        if not self.dynamic or not window or not decide:  # no re-cut in a window without arrivals
+        # No re-cut in a window without arrivals, nor in one the driver closes without a decision.
+        if not self.dynamic or not window or not decide:
             return decision
         if self._serving_everything():
             # Goodput cannot exceed arrivals: a plan that meets every target for all that arrives

@@ -406,9 +406,9 @@ class Simulator:
         safe_until = math.inf
         ahead = 0  # prompt tokens of the on-time prompts before this one
         # Those that could give way, as a heap (longest first; ``rid`` breaks ties, so the one
-        # popped does not depend on the heap's layout). Most checks move no one, so the prompts
-        # counted are only heaped at the first miss (``uncounted``): a push per prompt was a
-        # quarter of this check's cost.
+        # popped does not depend on the heap's layout). The heap is needed only from the first
+        # miss on: the prompts before it wait in ``uncounted`` and are heaped then, in one
+        # heapify, where a push per prompt was a quarter of this check's cost.
         counted: list[tuple[int, int, SimRequest]] = []
         uncounted: list[tuple[int, int, SimRequest]] = []
         moved = False

@@ -123,6 +123,7 @@ class AutoPilot:
                     self._feed_report(loop, reports[k - first], latest=k == windows - 1)
 
     def _feed_report(self, loop: ControlLoop, report: m.RouterWindowStats, latest: bool) -> None:
+        """One router window's arrivals and finishes; its in-flight list only if ``latest``."""
         for name, t in report.tiers.items():
             if name not in self.config.tiers:
                 self.log.warning("stats for an unknown tier dropped", tier=name, router=report.router_id)
