@@ -174,7 +174,9 @@ def test_reports_waiting_from_several_router_windows_go_to_a_loop_window_each() 
     # counts (both would replay its backlog twice).
     tiers = {"interactive": Tier("interactive", 1.0, 0.05, 0)}
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
-    pilot = AutoPilot(SimpleNamespace(log=structlog.get_logger()), AutoPilotConfig(perf, tiers))  # type: ignore[arg-type]
+    pilot = AutoPilot(
+        SimpleNamespace(log=structlog.get_logger(), pool_joined={0, 1}), AutoPilotConfig(perf, tiers)
+    )  # type: ignore[arg-type]
     loop = ControlLoop(2, perf, tiers, Plan([Assignment(0, 1, "mixed", "*"), Assignment(1, 1, "mixed", "*")]))
 
     def report(router: str, age: float) -> m.RouterWindowStats:
@@ -201,7 +203,9 @@ def test_a_pool_booted_on_tp1_moves_to_the_tier_files_boot_cut(tpot_s: float, bo
     tiers = {"interactive": Tier("interactive", 1.0, tpot_s, 0), "batch": Tier("batch", 10.0, 0.1, 1)}
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
     controller = SimpleNamespace(
-        log=structlog.get_logger(), current=static_tp1([0, 1, 2, 3], 1, "pool changed")
+        log=structlog.get_logger(),
+        current=static_tp1([0, 1, 2, 3], 1, "pool changed"),
+        pool_joined={0, 1, 2, 3},
     )
     pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
     assert pilot._sync_plan() is not None
@@ -230,7 +234,9 @@ def test_the_autopilot_cuts_a_pool_with_a_gap_onto_its_live_slots() -> None:
     tiers = {"interactive": Tier("interactive", 1.0, 0.004, 0), "batch": Tier("batch", 10.0, 0.1, 1)}
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
     live = [0, 1, 2, 3, 5, 6]
-    controller = SimpleNamespace(log=structlog.get_logger(), current=static_tp1(live, 3, "slot 4 died"))
+    controller = SimpleNamespace(
+        log=structlog.get_logger(), current=static_tp1(live, 3, "slot 4 died"), pool_joined=set(live)
+    )
     pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
     plan = pilot._sync_plan()
     assert plan is not None and pilot.loop is not None and pilot.loop.pool == 6
@@ -252,12 +258,17 @@ def test_the_autopilot_cuts_a_pool_with_a_gap_onto_its_live_slots() -> None:
     assert pilot._task is None
 
 
-def _first_switch(live: list[int]) -> Plan | None:
-    """The first cut the autopilot's loop proposes on the live slots ``live`` under traffic that
-    only TP >= 2 can decode within its TPOT target (roofline scoring)."""
+def _first_switch(live: list[int], joined: set[int] | None = None) -> Plan | None:
+    """The first cut the autopilot's loop proposes on the live slots ``live`` (of which ``joined``
+    hold TP communicators; default: all) under traffic that only TP >= 2 can decode within its
+    TPOT target (roofline scoring)."""
     tiers = {"interactive": Tier("interactive", 1.0, 0.004, 0), "batch": Tier("batch", 10.0, 0.1, 1)}
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
-    controller = SimpleNamespace(log=structlog.get_logger(), current=static_tp1(live, 3, "pool changed"))
+    controller = SimpleNamespace(
+        log=structlog.get_logger(),
+        current=static_tp1(live, 3, "pool changed"),
+        pool_joined=set(live) if joined is None else joined,
+    )
     pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
     pilot._sync_plan()
     assert pilot.loop is not None
@@ -285,6 +296,38 @@ def test_the_loop_scores_only_the_cuts_a_gap_in_the_live_slots_allows() -> None:
     assert any(a.tp == 2 for a in gapped.assignments)
     placed = reconfig.plan_topology(gapped, 4, "configurator", live)
     assert sorted(s for i in placed.instances for s in i.slots) == live
+
+
+def test_the_loop_keeps_tp_above_1_to_slots_in_the_tp_world() -> None:
+    # Slot 5's worker was restarted after the pool formed: it serves, but holds no TP
+    # communicators (its heartbeat says pool_joined=False), so a TP-2 instance on slots 4-5 would
+    # be refused by the worker at every switch. The loop scores only cuts with TP 1 there.
+    cut = _first_switch([0, 1, 2, 3, 4, 5], joined={0, 1, 2, 3, 4})
+    assert cut is not None and any(a.tp == 2 for a in cut.assignments)
+    assert all(a.tp == 1 for a in cut.assignments if 5 in a.slots)
+
+
+def test_the_boot_cut_waits_for_the_tp_world_and_only_replaces_the_cut_booted_on() -> None:
+    # Workers join the pool's TP world a few seconds after they start serving: until they have,
+    # a boot cut with TP 2 waits (said once), and the loop serves on meanwhile.
+    tiers = {"interactive": Tier("interactive", 1.0, 0.004, 0), "batch": Tier("batch", 10.0, 0.1, 1)}
+    perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
+    controller = SimpleNamespace(
+        log=structlog.get_logger(), current=static_tp1([0, 1, 2, 3], 1, "pool changed"), pool_joined=set()
+    )
+    pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
+    pilot._sync_plan()
+    assert pilot._boot is not None and pilot._boot_now() is None and pilot._boot_waits
+    controller.pool_joined = {0, 1, 2, 3}
+    boot = pilot._boot_now()
+    assert boot is not None and boot.assignments[0] == Assignment(0, 2, "mixed", "*")
+    # A cut written meanwhile (by hand, or by the loop) is not overridden by a late boot cut.
+    pilot._boot = boot
+    controller.current = m.Topology(
+        epoch=2, instances=[m.Instance(instance_id=0, slots=[0, 1, 2, 3])], written_at=0.0, reason="by hand"
+    )
+    pilot._sync_plan()
+    assert pilot._boot_now() is None and pilot._boot is None
 
 
 async def test_the_controller_refuses_a_plan_that_does_not_cover_the_live_pool() -> None:
@@ -322,7 +365,7 @@ def test_the_loop_treats_the_controllers_boot_topology_as_a_placeholder(
         written_at=0.0,
         reason="test",
     )
-    controller = SimpleNamespace(log=structlog.get_logger(), current=current)
+    controller = SimpleNamespace(log=structlog.get_logger(), current=current, pool_joined={0, 1, 2, 3})
     pilot = AutoPilot(controller, AutoPilotConfig(perf, tiers, score="roofline"))  # type: ignore[arg-type]
     assert pilot._sync_plan() is not None and pilot.loop is not None
     assert pilot.loop._placeholder is placeholder

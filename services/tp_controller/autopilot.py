@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nitsum_core import messages as m
 from nitsum_core import reconfig, subjects
 from nitsum_core.config import Tier
-from nitsum_core.configurator import SHARED, Plan, boot_plan, plan_shape
+from nitsum_core.configurator import SHARED, Assignment, Plan, boot_plan, plan_shape
 from nitsum_core.control_loop import ControlLoop, InFlight
 from nitsum_core.errors import InvalidRequest
 from nitsum_core.perf_model import PerfModel
@@ -57,6 +57,8 @@ class AutoPilot:
         self.switch_s = config.initial_switch_s
         self.switches = 0
         self._boot: Plan | None = None  # the cut to move a freshly booted pool to, before any traffic
+        self._boot_from: list[Assignment] = []  # the cut the pool booted on: the boot cut replaces only it
+        self._boot_waits = False  # the boot cut waits for slots to join the TP world (logged once)
         # The live slots the loop's positions 0..n-1 stand for: the configurator cuts a pool of n,
         # and after a worker died mid-range the pool is, say, 0, 1, 3.
         self._slots: list[int] = []
@@ -167,15 +169,16 @@ class AutoPilot:
                 replay_map=self._pool.map if self._pool is not None else map,
                 # The loop may leave it without the debounce, as the simulator's boot cut.
                 placeholder=placeholder,
-                # With a gap in the live slots, some aligned cuts of n positions land a TP-k
-                # instance across it: those are not scored, so the loop picks among cuts it can apply.
-                fits=None if slots == list(range(pool)) else partial(_fits, slots=slots),
+                # A cut the pool cannot take now is not scored, so the loop picks among the cuts it
+                # can apply: with a gap in the live slots some aligned cuts of n positions land a
+                # TP-k instance across it, and a slot outside the TP world runs TP 1 only.
+                fits=partial(self._fits, slots=slots),
             )
             # Where TP 1 cannot decode a tier at all, the pool moves at once to the cut the tier
             # targets suggest (``boot_plan``), rather than serve that tier nothing until traffic
             # has shown the loop the way; that cut is a placeholder for the loop too.
             boot = boot_plan(pool, self.config.perf, self.config.tiers) if placeholder else None
-            if boot is not None and not _fits(boot, slots):
+            if boot is not None and reconfig.placement_error(boot, slots) is not None:
                 self.log.warning(
                     "boot cut not applied",
                     plan=boot.describe(),
@@ -184,8 +187,44 @@ class AutoPilot:
                 )
                 boot = None
             self._boot = boot if boot is not None and boot.assignments != plan.assignments else None
+            self._boot_from = plan.assignments
+            self._boot_waits = False
         self.loop.plan = plan
         return plan
+
+    def _unplaceable(self, plan: Plan, slots: list[int]) -> str | None:
+        """Why the pool cannot take ``plan`` now (None where it can): each instance must land on an
+        aligned block of the live ``slots`` (``reconfig.placement_error``), and a TP > 1 one only
+        on slots that joined the pool's TP world (still joining at start, or started after it)."""
+        error = reconfig.placement_error(plan, slots)
+        if error is not None:
+            return error
+        for a in plan.assignments:
+            placed = [slots[p] for p in a.slots]
+            outside = [s for s in placed if s not in self.controller.pool_joined]
+            if a.tp > 1 and outside:
+                return (
+                    f"TP {a.tp} on slots {placed}: slots {outside} have no TP communicators "
+                    "(still joining the pool, or started after it formed: restart the pool to bring them in)"
+                )
+        return None
+
+    def _fits(self, plan: Plan, slots: list[int]) -> bool:
+        return self._unplaceable(plan, slots) is None
+
+    def _boot_now(self) -> Plan | None:
+        """The boot cut, once the pool can take it, if the pool still runs the cut it booted on."""
+        if self._boot is None or self.loop is None or self.loop.plan.assignments != self._boot_from:
+            self._boot = None  # the loop or a hand-made switch has moved the pool since
+            return None
+        why = self._unplaceable(self._boot, self._slots)
+        if why is None:
+            boot, self._boot = self._boot, None
+            return boot
+        if not self._boot_waits:  # say it once; the loop serves on meanwhile
+            self._boot_waits = True
+            self.log.info("boot cut waits", plan=self._boot.describe(), why=why)
+        return None
 
     async def _window(self) -> None:
         if self._sync_plan() is None or self.loop is None:
@@ -193,8 +232,8 @@ class AutoPilot:
             return
         if self._task is not None and not self._task.done():
             return  # a switch is still running: its window's decision waits
-        if self._boot is not None:
-            boot, self._boot = self._boot, None
+        boot = self._boot_now()
+        if boot is not None:
             self._start_switch(boot, "boot cut from the tier targets: TP 1 cannot decode every tier")
             return  # this window's traffic is fed to the loop once the pool has moved
         self._feed(self.loop)
@@ -240,11 +279,6 @@ class AutoPilot:
             self.log.info("switched", epoch=result.epoch, seconds=round(took, 3))
         else:
             self.log.warning("switch not applied", error=result.error.message if result.error else None)
-
-
-def _fits(plan: Plan, slots: list[int]) -> bool:
-    """Whether every instance of ``plan`` lands on an aligned block of the live ``slots``."""
-    return reconfig.placement_error(plan, slots) is None
 
 
 def switch_cost(current: Plan, measured_s: float) -> Callable[[Plan], float]:

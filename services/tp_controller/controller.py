@@ -50,6 +50,9 @@ class Controller:
         self.log = setup_logging("tp_controller")
         self.nc: Client | None = None
         self.last_seen: dict[int, float] = {}
+        # Slots whose latest heartbeat says they hold the pool's TP communicators: only those can
+        # run in a TP > 1 instance (a worker restarted after the pool formed never joins it).
+        self.pool_joined: set[int] = set()
         self.current: m.Topology | None = None
         self.revision = 0
         self.kv = None
@@ -87,6 +90,10 @@ class Controller:
         if hb is None:
             return
         self.last_seen[hb.slot] = time.monotonic()
+        if hb.pool_joined:
+            self.pool_joined.add(hb.slot)
+        else:
+            self.pool_joined.discard(hb.slot)
 
     def _live_slots(self) -> list[int]:
         now = time.monotonic()
