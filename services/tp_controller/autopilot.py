@@ -210,6 +210,7 @@ class AutoPilot:
         return None
 
     def _fits(self, plan: Plan, slots: list[int]) -> bool:
+        """The loop's ``fits`` check: whether the pool can take ``plan`` now."""
         return self._unplaceable(plan, slots) is None
 
     def _boot_now(self) -> Plan | None:
