@@ -18,7 +18,7 @@ from nitsum_core.configurator import (
     should_switch,
     slo_safe_capacity,
 )
-from nitsum_core.model import ModelSpec
+from nitsum_core.model_spec import ModelSpec
 from nitsum_core.perf_model import HARDWARE, Coefficients, HardwareSpec, PerfModel, model_spec, total_params
 
 TOY = ModelSpec(

@@ -575,3 +575,21 @@ def test_skipping_the_late_check_when_nothing_can_be_late_changes_no_outcome(mon
         r.error is None and r.ttft_s > STUDY_TIERS[r.tier].ttft_s for r in slow.records
     )
     assert fast.records == slow.records and fast.switches == slow.switches
+
+
+def test_the_policy_side_runs_without_importing_torch() -> None:
+    # The perf model, configurator, simulator and the controller's autopilot need a model's shape,
+    # never its tensors: a replay worker process (`tp_controller --replay-workers`) or `nitsum sim`
+    # must not pay torch's import (about 1.2 s and a few hundred MB per process).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import nitsum_core.simulator, nitsum_core.configurator, nitsum_core.control_loop\n"
+        "import nitsum_tp_controller.autopilot\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
