@@ -580,7 +580,7 @@ def test_skipping_the_late_check_when_nothing_can_be_late_changes_no_outcome(mon
 def test_the_policy_side_runs_without_importing_torch() -> None:
     # The perf model, configurator, simulator and the controller's autopilot need a model's shape,
     # never its tensors: a replay worker process (`tp_controller --replay-workers`) or `nitsum sim`
-    # must not pay torch's import (about 1.2 s and a few hundred MB per process).
+    # must not pay torch's import (about 2 s and 200 MB per process on the development machine).
     import subprocess
     import sys
 

@@ -2,7 +2,7 @@
 
 Torch-free on purpose: the performance model, the configurator, the simulator and the
 controller's replays need a model's shape, never its tensors, and a replay worker process should
-not pay for importing torch (about 1.2 s and a few hundred MB each).
+not pay for importing torch (about 2 s and 200 MB each on the development machine).
 """
 
 from __future__ import annotations
