@@ -268,6 +268,9 @@ async def _demo(url: str) -> None:
             print(f"  worker {r.usage.worker_slot}: {r.text.strip()[:60]!r}")
         print(f"  {len(results)} done in {time.monotonic() - t0:.2f}s")
         print()
+        # Worker rows come from heartbeats (every 0.5 s): printed at once, they still showed the
+        # last requests running and their KV held, which read like a leak.
+        await asyncio.sleep(1.0)
         _print_status(await client.status())
 
 
