@@ -170,8 +170,9 @@ class ControlLoop:
         from it within the first ``replay_windows`` windows skips the debounce.
 
         ``fits``: which cuts the driver can apply (None: every aligned cut of the pool). The
-        serving path passes it when the live slots have a gap: a cut it cannot place is then not
-        scored at all, rather than win a window and be refused (``reconfig.placement_error``)."""
+        serving path passes it (a gap in the live slots, slots outside the TP world): a cut it
+        cannot place is then not scored at all, rather than win a window and be refused
+        (``reconfig.placement_error``)."""
         self.pool, self.perf, self.tiers = pool, perf, tiers
         self.plan, self.window_s, self.dynamic, self.roles = plan, window_s, dynamic, roles
         self.replay, self.forecast, self.replay_map = replay, forecast, replay_map

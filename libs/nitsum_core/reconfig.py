@@ -7,7 +7,7 @@ workers derive the exact units of each transfer here, so every side agrees by co
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 from nitsum_core import messages as m
@@ -50,11 +50,20 @@ def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: s
     return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
 
-def placement_error(plan: Plan, slots: Sequence[int] | None = None) -> str | None:
+def _placed(a: Assignment, slots: Sequence[int] | None) -> list[int]:
+    """The slots ``a`` runs on: its positions, or the live ``slots`` they stand for."""
+    return a.slots if slots is None else [slots[p] for p in a.slots]
+
+
+def placement_error(
+    plan: Plan, slots: Sequence[int] | None = None, tp_world: Collection[int] | None = None
+) -> str | None:
     """Why ``plan`` cannot run on ``slots`` (see ``plan_topology``), or None where it can: each
-    instance must land on an aligned block of the live slots its positions stand for."""
+    instance must land on an aligned block of the live slots its positions stand for, and, where
+    ``tp_world`` is given, a TP > 1 one only on slots that hold the pool's TP communicators (a
+    slot still joining at start, or a worker started after the pool formed, runs TP 1 only)."""
     for a in sorted(plan.assignments, key=lambda a: a.start):
-        placed = a.slots if slots is None else [slots[p] for p in a.slots]
+        placed = _placed(a, slots)
         if not is_aligned_block(placed):
             fix = (
                 f"the live slots {list(slots)} have a gap there; start a worker on the missing slot"
@@ -64,6 +73,12 @@ def placement_error(plan: Plan, slots: Sequence[int] | None = None) -> str | Non
             return (
                 f"TP {a.tp} on positions {a.slots} would run on slots {placed}, "
                 f"not an aligned block [j*{a.tp}, (j+1)*{a.tp}): {fix}"
+            )
+        outside = [s for s in placed if tp_world is not None and a.tp > 1 and s not in tp_world]
+        if outside:
+            return (
+                f"TP {a.tp} on slots {placed}: slots {outside} have no TP communicators "
+                "(still joining the pool, or started after it formed: restart the pool to bring them in)"
             )
     return None
 
@@ -79,12 +94,7 @@ def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | No
     if error is not None:
         raise InvalidRequest(error)
     instances = [
-        m.Instance(
-            instance_id=i,
-            slots=a.slots if slots is None else [slots[p] for p in a.slots],
-            role=a.role,
-            tiers=sorted(tier_set(a.tier) or ()),
-        )
+        m.Instance(instance_id=i, slots=_placed(a, slots), role=a.role, tiers=sorted(tier_set(a.tier) or ()))
         for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start))
     ]
     return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)

@@ -178,13 +178,9 @@ class AutoPilot:
             # targets suggest (``boot_plan``), rather than serve that tier nothing until traffic
             # has shown the loop the way; that cut is a placeholder for the loop too.
             boot = boot_plan(pool, self.config.perf, self.config.tiers) if placeholder else None
-            if boot is not None and reconfig.placement_error(boot, slots) is not None:
-                self.log.warning(
-                    "boot cut not applied",
-                    plan=boot.describe(),
-                    slots=slots,
-                    error=reconfig.placement_error(boot, slots),
-                )
+            gap = reconfig.placement_error(boot, slots) if boot is not None else None
+            if boot is not None and gap is not None:
+                self.log.warning("boot cut not applied", plan=boot.describe(), slots=slots, error=gap)
                 boot = None
             self._boot = boot if boot is not None and boot.assignments != plan.assignments else None
             self._boot_from = plan.assignments
@@ -192,33 +188,16 @@ class AutoPilot:
         self.loop.plan = plan
         return plan
 
-    def _unplaceable(self, plan: Plan, slots: list[int]) -> str | None:
-        """Why the pool cannot take ``plan`` now (None where it can): each instance must land on an
-        aligned block of the live ``slots`` (``reconfig.placement_error``), and a TP > 1 one only
-        on slots that joined the pool's TP world (still joining at start, or started after it)."""
-        error = reconfig.placement_error(plan, slots)
-        if error is not None:
-            return error
-        for a in plan.assignments:
-            placed = [slots[p] for p in a.slots]
-            outside = [s for s in placed if s not in self.controller.pool_joined]
-            if a.tp > 1 and outside:
-                return (
-                    f"TP {a.tp} on slots {placed}: slots {outside} have no TP communicators "
-                    "(still joining the pool, or started after it formed: restart the pool to bring them in)"
-                )
-        return None
-
     def _fits(self, plan: Plan, slots: list[int]) -> bool:
         """The loop's ``fits`` check: whether the pool can take ``plan`` now."""
-        return self._unplaceable(plan, slots) is None
+        return reconfig.placement_error(plan, slots, self.controller.pool_joined) is None
 
     def _boot_now(self) -> Plan | None:
         """The boot cut, once the pool can take it, if the pool still runs the cut it booted on."""
         if self._boot is None or self.loop is None or self.loop.plan.assignments != self._boot_from:
             self._boot = None  # the loop or a hand-made switch has moved the pool since
             return None
-        why = self._unplaceable(self._boot, self._slots)
+        why = reconfig.placement_error(self._boot, self._slots, self.controller.pool_joined)
         if why is None:
             boot, self._boot = self._boot, None
             return boot
