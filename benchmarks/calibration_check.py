@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from nitsum_core.baselines import PRESETS, split_clusters
-from nitsum_core.configurator import Plan, TierDemand, greedy, predicted_goodput, shared_plans
-from nitsum_core.goodput import summarize
-from nitsum_core.simulator import Simulator
+from nitsum_core.policy.configurator import Plan, TierDemand, greedy, predicted_goodput, shared_plans
+from nitsum_core.policy.goodput import summarize
+from nitsum_core.sim.baselines import PRESETS, split_clusters
+from nitsum_core.sim.simulator import Simulator
 from study_setup import add_study_args, load_study
 
 

@@ -25,8 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan, TierDemand, greedy
-from nitsum_core.control_loop import (
+from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.policy.configurator import Assignment, Plan, TierDemand, greedy
+from nitsum_core.policy.control_loop import (
     CONFIRM_WINDOWS,
     REPLAY_WINDOWS,
     Arrival,
@@ -34,8 +35,7 @@ from nitsum_core.control_loop import (
     InFlight,
     ReplayMap,
 )
-from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
-from nitsum_core.simulator import PlanReplay
+from nitsum_core.sim.simulator import PlanReplay
 
 DEMANDS = {
     "interactive": TierDemand(Tier("interactive", 0.3, 0.012, 0), 120.0, 1000, 200, 110.0),

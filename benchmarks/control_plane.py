@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 from nitsum_cli.stack import Stack, StackConfig
-from nitsum_core.checkpoints import resolve_checkpoint
 from nitsum_core.client import NitsumClient
-from nitsum_core.engine import Engine, EngineConfig, RequestParams
-from nitsum_core.model import load_model
-from nitsum_core.tokenizer import Tokenizer
+from nitsum_core.engine.checkpoints import resolve_checkpoint
+from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.engine.model import load_model
+from nitsum_core.engine.tokenizer import Tokenizer
 from nitsum_loadgen.replay import synth_prompt
 
 

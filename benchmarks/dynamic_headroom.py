@@ -20,10 +20,10 @@ import argparse
 import json
 from pathlib import Path
 
-from nitsum_core.baselines import PRESETS, candidates, hybrid_cuts
-from nitsum_core.configurator import valid_tp_choices
-from nitsum_core.goodput import meets_slo, summarize
-from nitsum_core.simulator import Simulator
+from nitsum_core.policy.configurator import valid_tp_choices
+from nitsum_core.policy.goodput import meets_slo, summarize
+from nitsum_core.sim.baselines import PRESETS, candidates, hybrid_cuts
+from nitsum_core.sim.simulator import Simulator
 from study_setup import add_study_args, load_study
 
 

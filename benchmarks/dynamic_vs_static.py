@@ -16,9 +16,9 @@ import json
 import math
 from pathlib import Path
 
-from nitsum_core.baselines import PRESETS, best_static
-from nitsum_core.goodput import summarize
-from nitsum_core.simulator import Simulator
+from nitsum_core.policy.goodput import summarize
+from nitsum_core.sim.baselines import PRESETS, best_static
+from nitsum_core.sim.simulator import Simulator
 from study_setup import add_study_args, load_study, parse_rate
 
 

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from nitsum_core.checkpoints import resolve_checkpoint
-from nitsum_core.engine import Engine, EngineConfig, RequestParams
-from nitsum_core.model import load_model
+from nitsum_core.engine.checkpoints import resolve_checkpoint
+from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.engine.model import load_model
 from transformers import AutoModelForCausalLM
 
 

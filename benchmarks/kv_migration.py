@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from nitsum_core.kv_migration import UnitMove, recv_units, send_units
-from nitsum_core.tp import init_world
+from nitsum_core.engine.kv_migration import UnitMove, recv_units, send_units
+from nitsum_core.engine.tp import init_world
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16  # SmolLM2-135M
 

@@ -28,14 +28,14 @@ import msgspec
 import torch
 from nats.aio.msg import Msg
 from nitsum_cli.stack import Stack, StackConfig
-from nitsum_core import messages as m
-from nitsum_core import subjects
-from nitsum_core.bus import connect
-from nitsum_core.checkpoints import resolve_checkpoint
 from nitsum_core.client import NitsumClient
-from nitsum_core.engine import Engine, EngineConfig, RequestParams
-from nitsum_core.model import load_model
-from nitsum_core.tokenizer import Tokenizer
+from nitsum_core.engine.checkpoints import resolve_checkpoint
+from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.engine.model import load_model
+from nitsum_core.engine.tokenizer import Tokenizer
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
+from nitsum_core.wire.bus import connect
 
 SWITCHES = ([2, 2], [4], [1, 1, 1, 1])
 

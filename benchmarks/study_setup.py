@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nitsum_cli.sim import _workload, resolve_rate
 from nitsum_core.config import Tier, load_tiers
-from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.workload import TraceRequest
 
 GPU_TIERS = Path(__file__).resolve().parents[1] / "libs" / "nitsum_core" / "gpu_tiers.toml"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from nitsum_core.client import NitsumClient
 from nitsum_core.errors import NitsumError
-from nitsum_core.goodput import RequestRecord
+from nitsum_core.policy.goodput import RequestRecord
 from nitsum_core.workload import TraceRequest
 
 # Common one-token English words: a prompt of n words is close to n tokens for BPE tokenizers.

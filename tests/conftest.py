@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from nitsum_core.bus import EmbeddedNats
-from nitsum_core.checkpoints import resolve_checkpoint
-from nitsum_core.engine import RequestParams
+from nitsum_core.engine.checkpoints import resolve_checkpoint
+from nitsum_core.engine.engine import RequestParams
+from nitsum_core.wire.bus import EmbeddedNats
 
 REPO = Path(__file__).resolve().parent.parent
 TRACES = Path(os.environ.get("NITSUM_TRACES", REPO.parent / "shared" / "traces"))

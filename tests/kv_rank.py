@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from nitsum_core.kv_migration import UnitMove, gather_units, recv_units, send_units
-from nitsum_core.tp import init_world
+from nitsum_core.engine.kv_migration import UnitMove, gather_units, recv_units, send_units
+from nitsum_core.engine.tp import init_world
 
 
 def source_pool(layers: int, slots: int, heads: int, hd: int) -> torch.Tensor:

@@ -21,16 +21,17 @@ import pytest
 import structlog
 from conftest import hf_greedy, load_hf
 from nitsum_cli.stack import Stack, StackConfig
-from nitsum_core import messages as m
-from nitsum_core import reconfig, subjects
-from nitsum_core.bus import connect
 from nitsum_core.client import NitsumClient
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan, boot_plan
-from nitsum_core.control_loop import ControlLoop
+from nitsum_core.engine.tokenizer import Tokenizer
 from nitsum_core.errors import InvalidRequest
-from nitsum_core.perf_model import HARDWARE, PerfModel, model_spec
-from nitsum_core.tokenizer import Tokenizer
+from nitsum_core.perf.perf_model import HARDWARE, PerfModel, model_spec
+from nitsum_core.policy import reconfig
+from nitsum_core.policy.configurator import Assignment, Plan, boot_plan
+from nitsum_core.policy.control_loop import ControlLoop
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
+from nitsum_core.wire.bus import connect
 from nitsum_tp_controller.autopilot import AutoPilot, AutoPilotConfig, switch_cost
 from nitsum_tp_controller.controller import Controller, static_tp1
 

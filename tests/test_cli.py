@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from nitsum_core.checkpoints import model_cache_dir
+from nitsum_core.engine.checkpoints import model_cache_dir
 
 NITSUM = [sys.executable, "-m", "nitsum_cli.main"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PAGED_PROMPT, load_hf, paged_logits
-from nitsum_core.engine import Engine, EngineConfig, RequestParams
-from nitsum_core.model import load_model
+from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.engine.model import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

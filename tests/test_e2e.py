@@ -13,12 +13,12 @@ import msgspec
 import pytest
 from conftest import hf_greedy, load_hf
 from nitsum_cli.stack import Stack, StackConfig
-from nitsum_core import messages as m
-from nitsum_core import subjects, topology
-from nitsum_core.bus import connect
 from nitsum_core.client import NitsumClient
+from nitsum_core.engine.tokenizer import Tokenizer
 from nitsum_core.errors import InvalidRequest, PromptTooLong, UnknownTier
-from nitsum_core.tokenizer import Tokenizer
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects, topology
+from nitsum_core.wire.bus import connect
 
 CHAT = "What is the capital of France?"
 

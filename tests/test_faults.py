@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from conftest import hf_greedy, load_hf
 from nitsum_cli.stack import Stack, StackConfig
-from nitsum_core import topology
-from nitsum_core.bus import connect
 from nitsum_core.client import NitsumClient
+from nitsum_core.engine.tokenizer import Tokenizer
 from nitsum_core.errors import WorkerLost
-from nitsum_core.tokenizer import Tokenizer
+from nitsum_core.wire import topology
+from nitsum_core.wire.bus import connect
 
 PROMPTS = [f"Request number {i}: " + "tell me something " * (i + 1) for i in range(6)]
 N_TOKENS = 150

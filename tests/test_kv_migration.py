@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from nitsum_core.kv_migration import gather_units, scatter_units
+from nitsum_core.engine.kv_migration import gather_units, scatter_units
 
 HERE = Path(__file__).parent
 

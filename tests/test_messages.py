@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from nitsum_core import messages as m
-from nitsum_core import subjects
 from nitsum_core.errors import ProtocolError, UnknownTier, error_class
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
 
 SAMPLES: list[msgspec.Struct] = [
     m.ErrorInfo(code="unknown_tier", message="no such tier"),

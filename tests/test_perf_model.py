@@ -7,9 +7,18 @@ import time
 
 import pytest
 import torch
-from nitsum_core import profiling
 from nitsum_core.config import Tier
-from nitsum_core.configurator import (
+from nitsum_core.engine import profiling
+from nitsum_core.perf.model_spec import ModelSpec
+from nitsum_core.perf.perf_model import (
+    HARDWARE,
+    Coefficients,
+    HardwareSpec,
+    PerfModel,
+    model_spec,
+    total_params,
+)
+from nitsum_core.policy.configurator import (
     TierDemand,
     aligned_partitions,
     exhaustive,
@@ -18,8 +27,6 @@ from nitsum_core.configurator import (
     should_switch,
     slo_safe_capacity,
 )
-from nitsum_core.model_spec import ModelSpec
-from nitsum_core.perf_model import HARDWARE, Coefficients, HardwareSpec, PerfModel, model_spec, total_params
 
 TOY = ModelSpec(
     model_type="llama", vocab_size=10, hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -196,8 +203,8 @@ def test_nitsum_profile_on_the_real_engine_writes_coefficients(tiny_llama_dir, t
 
 
 def test_a_decode_probe_times_the_whole_batch_or_says_it_does_not_fit(tiny_llama_dir) -> None:  # noqa: ANN001
-    from nitsum_core.engine import Engine, EngineConfig
-    from nitsum_core.model import load_model
+    from nitsum_core.engine.engine import Engine, EngineConfig
+    from nitsum_core.engine.model import load_model
 
     model = load_model(tiny_llama_dir)
     probe = profiling.Probe(decode=16, context=100)
@@ -250,7 +257,7 @@ def test_greedy_never_proposes_a_degree_the_model_does_not_fit() -> None:
 
 
 def test_plan_families_group_shared_degrees_and_per_tier_cuts() -> None:
-    from nitsum_core.configurator import SHARED, Assignment, plan_family
+    from nitsum_core.policy.configurator import SHARED, Assignment, plan_family
 
     assert plan_family([Assignment(0, 2, "mixed", SHARED), Assignment(2, 2, "mixed", SHARED)]) == "shared-tp2"
     pd = [Assignment(0, 1, "prefill", "agent"), Assignment(1, 1, "decode", "agent")]
@@ -291,7 +298,7 @@ def _study_demands() -> dict[str, TierDemand]:
 
 
 def test_a_target_a_degree_cannot_reach_does_not_bound_what_it_serves() -> None:
-    from nitsum_core.configurator import reachable_tpot, shared_caps
+    from nitsum_core.policy.configurator import reachable_tpot, shared_caps
 
     pm, demands = _study_perf(), _study_demands()
     assert reachable_tpot(pm, 1, [0.0055, 0.03, 0.1]) == 0.03  # 5.5 ms is below TP 1's floor
@@ -305,7 +312,7 @@ def test_a_target_a_degree_cannot_reach_does_not_bound_what_it_serves() -> None:
 
 
 def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree() -> None:
-    from nitsum_core.configurator import (
+    from nitsum_core.policy.configurator import (
         HYBRID_CANDIDATES,
         SHARED,
         candidate_plans,
@@ -340,7 +347,7 @@ def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree(
 def test_the_boot_cut_gives_a_tier_the_lowest_degree_cannot_decode_one_instance_that_can() -> None:
     from dataclasses import replace
 
-    from nitsum_core.configurator import SHARED, Assignment, boot_plan, smallest_decode_step
+    from nitsum_core.policy.configurator import SHARED, Assignment, boot_plan, smallest_decode_step
 
     pm = _study_perf()
     tiers = {name: d.tier for name, d in _study_demands().items()}
@@ -367,7 +374,7 @@ def _overloaded(demands: dict[str, TierDemand], factor: float) -> dict[str, Tier
 
 
 def test_a_fenced_cut_gives_every_instance_of_the_best_hybrid_one_tier() -> None:
-    from nitsum_core.configurator import (
+    from nitsum_core.policy.configurator import (
         candidate_plans,
         fenced_cut,
         hybrid_cut,
@@ -402,7 +409,7 @@ def test_a_fenced_cut_gives_every_instance_of_the_best_hybrid_one_tier() -> None
 
 
 def test_low_tp_instances_are_dealt_by_share_of_arriving_tokens_one_each_first() -> None:
-    from nitsum_core.configurator import deal_by_tokens
+    from nitsum_core.policy.configurator import deal_by_tokens
 
     # The rest after one each goes by largest remainder: 4 spare at 80/20 is 3.2 and 0.8.
     assert deal_by_tokens(6, {"background": 20.0, "agent": 80.0}) == ["agent"] * 4 + ["background"] * 2
@@ -421,7 +428,7 @@ def test_low_tp_instances_are_dealt_by_share_of_arriving_tokens_one_each_first()
 
 
 def test_a_fenced_cut_is_offered_only_where_the_arrivals_overload_the_pool() -> None:
-    from nitsum_core.configurator import FENCE_GATE, candidate_plans, over_saturation, plan_family
+    from nitsum_core.policy.configurator import FENCE_GATE, candidate_plans, over_saturation, plan_family
 
     pm = _study_perf()
     for factor in (1, 2, 2.5, 3, 4, 6):
@@ -439,7 +446,7 @@ def test_a_fenced_cut_is_offered_only_where_the_arrivals_overload_the_pool() -> 
 def test_hybrid_cuts_are_offered_where_the_lowest_degree_serves_the_tight_tier_poorly() -> None:
     from dataclasses import replace
 
-    from nitsum_core.configurator import hybrid_plans
+    from nitsum_core.policy.configurator import hybrid_plans
 
     pm, demands = _study_perf(), _study_demands()
 
@@ -460,7 +467,7 @@ def test_hybrid_cuts_are_offered_where_the_lowest_degree_serves_the_tight_tier_p
 def test_in_overload_hybrid_cuts_give_the_tight_tier_most_of_the_pool() -> None:
     from dataclasses import replace
 
-    from nitsum_core.configurator import SHARED, hybrid_plans
+    from nitsum_core.policy.configurator import SHARED, hybrid_plans
 
     pm, demands = _study_perf(), _study_demands()
     # Interactive asks for more than the whole pool could serve at TP 2: the count it needs is
@@ -474,7 +481,7 @@ def test_in_overload_hybrid_cuts_give_the_tight_tier_most_of_the_pool() -> None:
 
 
 def test_a_hybrid_cut_keeps_serving_a_tier_quiet_of_late_on_its_low_tp_instances() -> None:
-    from nitsum_core.configurator import SHARED, candidate_plans, hybrid_plans
+    from nitsum_core.policy.configurator import SHARED, candidate_plans, hybrid_plans
 
     pm, demands = _study_perf(), _study_demands()
     # The bursty code trace can leave agent without arrivals for a few windows. The low-TP

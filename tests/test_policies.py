@@ -10,11 +10,11 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-from nitsum_core import control_loop
-from nitsum_core.baselines import Preset
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan, plan_family
-from nitsum_core.control_loop import (
+from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.policy import control_loop
+from nitsum_core.policy.configurator import Assignment, Plan, plan_family
+from nitsum_core.policy.control_loop import (
     POOLED_TIE,
     REPLAY_WINDOWS,
     Arrival,
@@ -23,11 +23,11 @@ from nitsum_core.control_loop import (
     ReplayMap,
     pooled_on_a_tie,
 )
-from nitsum_core.goodput import summarize
-from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
-from nitsum_core.reconfig import plan_topology, topology_plan
-from nitsum_core.routing import Candidate, Lane, LanePolicy, leaders_for
-from nitsum_core.simulator import PlanReplay, Simulator
+from nitsum_core.policy.goodput import summarize
+from nitsum_core.policy.reconfig import plan_topology, topology_plan
+from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, leaders_for
+from nitsum_core.sim.baselines import Preset
+from nitsum_core.sim.simulator import PlanReplay, Simulator
 from nitsum_core.workload import TraceRequest
 
 TIERS = {
@@ -538,7 +538,7 @@ def test_a_plan_falling_behind_is_left_once_its_backlog_is_replayed() -> None:
 def test_the_first_windows_after_a_start_teach_calibration_nothing() -> None:
     # The pool starts empty and requests take seconds: the first windows finish few of those that
     # arrive. Learned then, the boot cut would look like it underdelivers and be left for nothing.
-    from nitsum_core.control_loop import BOOT_WINDOWS
+    from nitsum_core.policy.control_loop import BOOT_WINDOWS
 
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
     loop = ControlLoop(8, perf, TIERS, _shared(1), window_s=1.0, roles=("mixed",))  # roofline scoring

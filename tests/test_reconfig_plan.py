@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from nitsum_core import messages as m
-from nitsum_core import reconfig
-from nitsum_core.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.engine.kv_migration import gather_units, scatter_units
+from nitsum_core.engine.model import load_model
+from nitsum_core.engine.tp import shares_storage
 from nitsum_core.errors import InvalidRequest
-from nitsum_core.kv_migration import gather_units, scatter_units
-from nitsum_core.model import load_model
-from nitsum_core.tp import shares_storage
+from nitsum_core.policy import reconfig
+from nitsum_core.wire import messages as m
 
 H, BS = 4, 16
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from nitsum_cli.stack import Stack, StackConfig
-from nitsum_core import messages as m
-from nitsum_core import subjects
 from nitsum_core.client import NitsumClient
 from nitsum_core.errors import InvalidRequest, ReconfigFailed
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
 
 PROMPTS = [f"Request {i}: " + "tell me something new " * (1 + i % 5) for i in range(16)]
 N_TOKENS = 260

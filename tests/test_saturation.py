@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from nitsum_core.configurator import Assignment, Plan
-from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
-from nitsum_core.saturation import offered_load, rate_for_load, saturation
-from nitsum_core.simulator import Preset, Simulator
+from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.perf.saturation import offered_load, rate_for_load, saturation
+from nitsum_core.policy.configurator import Assignment, Plan
+from nitsum_core.sim.simulator import Preset, Simulator
 from nitsum_core.workload import TraceRequest, assign_tiers, scale_rate, synthetic_azure_conv, window
 
 from tests.test_simulator import TIERS

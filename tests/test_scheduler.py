@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from nitsum_core.kv_cache import BlockManager, blocks_needed
-from nitsum_core.scheduler import Scheduler, SchedulerConfig, Sequence
+from nitsum_core.policy.kv_cache import BlockManager, blocks_needed
+from nitsum_core.policy.scheduler import Scheduler, SchedulerConfig, Sequence
 
 
 def test_block_manager_reserve_grow_release() -> None:

@@ -6,13 +6,13 @@ import math
 import random
 
 import pytest
-from nitsum_core import simulator
 from nitsum_core.config import Tier
-from nitsum_core.configurator import Assignment, Plan
-from nitsum_core.control_loop import InFlight
-from nitsum_core.goodput import RequestRecord, summarize
-from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
-from nitsum_core.simulator import Preset, Simulator
+from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.policy.configurator import Assignment, Plan
+from nitsum_core.policy.control_loop import InFlight
+from nitsum_core.policy.goodput import RequestRecord, summarize
+from nitsum_core.sim import simulator
+from nitsum_core.sim.simulator import Preset, Simulator
 from nitsum_core.workload import TraceRequest, assign_tiers, synthetic_azure_conv
 
 TIERS = {
@@ -173,7 +173,7 @@ def test_a_decode_instance_takes_hand_offs_only_into_free_seats() -> None:
 
 
 def test_baseline_candidates_are_aligned_and_complete() -> None:
-    from nitsum_core.baselines import candidates, prefill_decode, split_clusters
+    from nitsum_core.sim.baselines import candidates, prefill_decode, split_clusters
 
     perf = _perf()
     for name in ("vanilla", "split", "static-pd"):
@@ -199,8 +199,8 @@ def test_baseline_candidates_are_aligned_and_complete() -> None:
 
 
 def test_best_static_picks_the_best_configuration_it_tried() -> None:
-    from nitsum_core.baselines import PRESETS, best_static, candidates
-    from nitsum_core.simulator import Simulator
+    from nitsum_core.sim.baselines import PRESETS, best_static, candidates
+    from nitsum_core.sim.simulator import Simulator
 
     perf = _perf()
     wl = _workload(400, rate=30.0)
@@ -586,7 +586,7 @@ def test_the_policy_side_runs_without_importing_torch() -> None:
 
     code = (
         "import sys\n"
-        "import nitsum_core.simulator, nitsum_core.configurator, nitsum_core.control_loop\n"
+        "import nitsum_core.sim.simulator, nitsum_core.policy.configurator, nitsum_core.policy.control_loop\n"
         "import nitsum_tp_controller.autopilot\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )

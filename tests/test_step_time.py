@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from nitsum_core.step_time import MIN_STEPS, StepTimeModel
+from nitsum_core.perf.step_time import MIN_STEPS, StepTimeModel
 
 
 def test_learns_a_linear_step_time_from_noisy_steps() -> None:

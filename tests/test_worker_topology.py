@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from nitsum_core import messages as m
-from nitsum_core.engine import EngineConfig
+from nitsum_core.engine.engine import EngineConfig
+from nitsum_core.wire import messages as m
 from nitsum_gpu_worker.worker import GpuWorker
 
 

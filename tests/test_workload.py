@@ -11,7 +11,7 @@ from conftest import traces_dir
 from nitsum_core import workload as wl
 from nitsum_core.config import Tier, check_tier, load_tiers
 from nitsum_core.errors import UnknownTier
-from nitsum_core.goodput import RequestRecord, format_report, meets_slo, percentile, summarize
+from nitsum_core.policy.goodput import RequestRecord, format_report, meets_slo, percentile, summarize
 
 
 def test_read_azure_traces() -> None:

@@ -7,9 +7,9 @@ import os
 import sys
 
 import torch
-from nitsum_core import tp as tpmod
-from nitsum_core.engine import Engine, EngineConfig, RequestParams, kv_num_blocks
-from nitsum_core.model import load_model
+from nitsum_core.engine import tp as tpmod
+from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams, kv_num_blocks
+from nitsum_core.engine.model import load_model
 
 CONFIG = EngineConfig(block_size=4, kv_cache_mb=16)
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from nitsum_core.checkpoints import DEFAULT_MODEL
+from nitsum_core.engine.checkpoints import DEFAULT_MODEL
 from nitsum_core.errors import NitsumError, NotRunning
 
 DEMO_PROMPTS = [
@@ -340,10 +340,10 @@ def _print_status(status, topo=None, services=None) -> None:  # noqa: ANN001
 
 async def _status(a: argparse.Namespace) -> int:
     import msgspec
-    from nitsum_core import messages as m
-    from nitsum_core import subjects
-    from nitsum_core.bus import connect
     from nitsum_core.client import NitsumClient
+    from nitsum_core.wire import messages as m
+    from nitsum_core.wire import subjects
+    from nitsum_core.wire.bus import connect
 
     url = _resolve_url(a.nats_url)
     async with NitsumClient(url) as client:
@@ -386,8 +386,8 @@ async def _status(a: argparse.Namespace) -> int:
 # ---- reconfigure --------------------------------------------------------------------------------
 async def _reconfigure(a: argparse.Namespace) -> int:
     import msgspec
-    from nitsum_core import messages as m
     from nitsum_core.client import NitsumClient
+    from nitsum_core.wire import messages as m
 
     tp = instances = None
     if a.tp:
@@ -439,7 +439,7 @@ async def _bench(a: argparse.Namespace) -> int:
     import os
 
     from nitsum_core.config import load_tiers
-    from nitsum_core.goodput import format_report, summarize
+    from nitsum_core.policy.goodput import format_report, summarize
     from nitsum_loadgen.replay import replay, stderr_progress
 
     from nitsum_cli.stack import Stack, running_stack_url

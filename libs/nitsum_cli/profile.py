@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import torch
-from nitsum_core import profiling
-from nitsum_core.checkpoints import DEFAULT_MODEL, resolve_checkpoint
 from nitsum_core.config import state_dir
-from nitsum_core.engine import Engine
-from nitsum_core.model import load_model
-from nitsum_core.perf_model import HARDWARE, PerfModel
+from nitsum_core.engine import profiling
+from nitsum_core.engine.checkpoints import DEFAULT_MODEL, resolve_checkpoint
+from nitsum_core.engine.engine import Engine
+from nitsum_core.engine.model import load_model
+from nitsum_core.perf.perf_model import HARDWARE, PerfModel
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nitsum_core import workload as wl
-from nitsum_core.baselines import PRESETS, best_static
 from nitsum_core.config import load_tiers
-from nitsum_core.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
-from nitsum_core.saturation import rate_for_load, saturation
+from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
+from nitsum_core.perf.saturation import rate_for_load, saturation
+from nitsum_core.sim.baselines import PRESETS, best_static
 
 DEFAULT_RATES = "10,20,40,80"  # req/s: a quick look, well below an 8-GPU pool's saturation
 STUDY_LOADS = "0.1x,0.25x,0.5x,1x,1.5x,2x"  # docs/results: light load to 2x saturation
@@ -286,7 +286,7 @@ def _markdown(
         "",
         "Load is the window's offered rate as a multiple of saturation: the rate at which the mix's "
         "prompt and output tokens fill every step of the pool's highest-throughput TP cut with a "
-        "full chunk (`nitsum_core.saturation`).",
+        "full chunk (`nitsum_core.perf.saturation`).",
         "",
         "| rate (req/s) | load | " + " | ".join(presets) + " |",
         "|---:|---:|" + "---:|" * len(presets),

@@ -13,11 +13,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nitsum_core import messages as m
-from nitsum_core import subjects
-from nitsum_core.bus import EmbeddedNats, connect
-from nitsum_core.checkpoints import DEFAULT_MODEL, resolve_checkpoint
 from nitsum_core.config import state_dir
+from nitsum_core.engine.checkpoints import DEFAULT_MODEL, resolve_checkpoint
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
+from nitsum_core.wire.bus import EmbeddedNats, connect
 
 STACK_FILE = "stack.json"
 

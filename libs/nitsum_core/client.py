@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.errors import NoServersError
 
-from nitsum_core import messages as m
-from nitsum_core import subjects
-from nitsum_core.bus import connect
 from nitsum_core.errors import NitsumError, NotRunning, ProtocolError, RequestTimeout
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
+from nitsum_core.wire.bus import connect
 
 
 @dataclass

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from nitsum_core import messages as m
-from nitsum_core import reconfig
-from nitsum_core.engine import Engine, EngineConfig, ExportedRequest, RequestParams, StepOutput
+from nitsum_core.engine.engine import Engine, EngineConfig, ExportedRequest, RequestParams, StepOutput
+from nitsum_core.engine.kv_migration import gather_units, scatter_units, send_unit_list
+from nitsum_core.engine.model import LlamaModel, ModelShard
+from nitsum_core.engine.tp import IDLE, PeerLost, attach, broadcast_step, follower_loop, leader_hook
 from nitsum_core.errors import ReconfigFailed
-from nitsum_core.kv_migration import gather_units, scatter_units, send_unit_list
-from nitsum_core.model import LlamaModel, ModelShard
-from nitsum_core.tp import IDLE, PeerLost, attach, broadcast_step, follower_loop, leader_hook
+from nitsum_core.policy import reconfig
+from nitsum_core.wire import messages as m
 
 CHUNK_UNITS = 64  # head-units per message on the wire; both sides chunk identically
 # Test hook: seconds to sleep before each engine step, so a test can keep small, fast models'

@@ -22,17 +22,17 @@ import torch.distributed as dist
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
 from nats.micro.request import Request
-from nitsum_core import messages as m
-from nitsum_core import subjects, topology
-from nitsum_core.bus import connect
-from nitsum_core.checkpoints import resolve_checkpoint
-from nitsum_core.engine import EngineConfig, RequestParams
+from nitsum_core.engine.checkpoints import resolve_checkpoint
+from nitsum_core.engine.engine import EngineConfig, RequestParams
+from nitsum_core.engine.model import load_model
+from nitsum_core.engine.tokenizer import Tokenizer
+from nitsum_core.engine.tp import join_pool
 from nitsum_core.errors import InvalidRequest, NitsumError, PromptTooLong, Reconfiguring
 from nitsum_core.logs import setup_logging
-from nitsum_core.model import load_model
-from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
-from nitsum_core.tokenizer import Tokenizer
-from nitsum_core.tp import join_pool
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects, topology
+from nitsum_core.wire.bus import connect
+from nitsum_core.wire.service import decode_or_drop, register, stop_event_on_signals
 from nitsum_gpu_worker.runner import Abort, Control, SlotRunner, Submit
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from nitsum_core.bus import env_nats_url
 from nitsum_core.logs import run_async
+from nitsum_core.wire.bus import env_nats_url
 from nitsum_kv_broker.broker import KvBroker
 
 

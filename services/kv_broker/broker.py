@@ -11,12 +11,13 @@ import time
 
 from nats.aio.msg import Msg
 from nats.micro.request import Request
-from nitsum_core import messages as m
-from nitsum_core import reconfig, subjects
-from nitsum_core.bus import connect
 from nitsum_core.errors import NitsumError, ProtocolError, ReconfigFailed
 from nitsum_core.logs import setup_logging
-from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
+from nitsum_core.policy import reconfig
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
+from nitsum_core.wire.bus import connect
+from nitsum_core.wire.service import decode_or_drop, register, stop_event_on_signals
 
 
 class KvDirectory:

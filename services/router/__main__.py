@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from nitsum_core.bus import env_nats_url
-from nitsum_core.checkpoints import DEFAULT_MODEL
 from nitsum_core.config import load_tiers
+from nitsum_core.engine.checkpoints import DEFAULT_MODEL
 from nitsum_core.logs import run_async
+from nitsum_core.wire.bus import env_nats_url
 from nitsum_router.router import Router, RouterConfig
 
 

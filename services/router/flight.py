@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from nitsum_core.config import Tier
-from nitsum_core.messages import GenerateRequest
-from nitsum_core.tokenizer import IncrementalDetokenizer
+from nitsum_core.engine.tokenizer import IncrementalDetokenizer
+from nitsum_core.wire.messages import GenerateRequest
 
 
 @dataclass

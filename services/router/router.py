@@ -20,11 +20,9 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
-from nitsum_core import messages as m
-from nitsum_core import subjects, topology
-from nitsum_core.bus import connect
-from nitsum_core.checkpoints import resolve_checkpoint
 from nitsum_core.config import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, Tier, check_tier
+from nitsum_core.engine.checkpoints import resolve_checkpoint
+from nitsum_core.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from nitsum_core.errors import (
     InvalidRequest,
     NitsumError,
@@ -35,9 +33,11 @@ from nitsum_core.errors import (
     WorkerLost,
 )
 from nitsum_core.logs import setup_logging
-from nitsum_core.routing import Candidate, Lane, LanePolicy, leaders_for
-from nitsum_core.service import decode_or_drop, register, stop_event_on_signals
-from nitsum_core.tokenizer import IncrementalDetokenizer, Tokenizer
+from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, leaders_for
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects, topology
+from nitsum_core.wire.bus import connect
+from nitsum_core.wire.service import decode_or_drop, register, stop_event_on_signals
 from nitsum_router.flight import Flight
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from nitsum_core.bus import env_nats_url
-from nitsum_core.checkpoints import resolve_checkpoint
 from nitsum_core.config import load_tiers
+from nitsum_core.engine.checkpoints import resolve_checkpoint
 from nitsum_core.logs import run_async
-from nitsum_core.perf_model import HARDWARE, MODEL_CONFIGS, Coefficients, PerfModel, model_spec
+from nitsum_core.perf.perf_model import HARDWARE, MODEL_CONFIGS, Coefficients, PerfModel, model_spec
+from nitsum_core.wire.bus import env_nats_url
 from nitsum_tp_controller.autopilot import AutoPilotConfig
 from nitsum_tp_controller.controller import Controller
 

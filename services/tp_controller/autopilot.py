@@ -24,15 +24,16 @@ from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 from nats.aio.msg import Msg
-from nitsum_core import messages as m
-from nitsum_core import reconfig, subjects
 from nitsum_core.config import Tier
-from nitsum_core.configurator import SHARED, Assignment, Plan, boot_plan, plan_shape
-from nitsum_core.control_loop import ControlLoop, InFlight
 from nitsum_core.errors import InvalidRequest
-from nitsum_core.perf_model import PerfModel
-from nitsum_core.service import decode_or_drop
-from nitsum_core.simulator import PlanReplay
+from nitsum_core.perf.perf_model import PerfModel
+from nitsum_core.policy import reconfig
+from nitsum_core.policy.configurator import SHARED, Assignment, Plan, boot_plan, plan_shape
+from nitsum_core.policy.control_loop import ControlLoop, InFlight
+from nitsum_core.sim.simulator import PlanReplay
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
+from nitsum_core.wire.service import decode_or_drop
 
 if TYPE_CHECKING:
     from nitsum_tp_controller.controller import Controller

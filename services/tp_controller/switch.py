@@ -16,10 +16,11 @@ import msgspec
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nitsum_core import messages as m
-from nitsum_core import reconfig, subjects
 from nitsum_core.errors import NitsumError, ReconfigFailed
-from nitsum_core.messages import T
+from nitsum_core.policy import reconfig
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
+from nitsum_core.wire.messages import T
 
 PAUSE_TIMEOUT_S = 10.0
 COMMIT_TIMEOUT_S = 10.0

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nitsum_core.engine import Engine, EngineConfig, RequestParams
-from nitsum_core.perf_model import Coefficients, PerfModel
+from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
+from nitsum_core.perf.perf_model import Coefficients, PerfModel
 
 
 @dataclass(frozen=True)

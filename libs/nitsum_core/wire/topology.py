@@ -11,8 +11,8 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from nitsum_core import messages as m
-from nitsum_core import subjects
+from nitsum_core.wire import messages as m
+from nitsum_core.wire import subjects
 
 log = logging.getLogger(__name__)
 

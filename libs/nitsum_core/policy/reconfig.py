@@ -10,10 +10,10 @@ import time
 from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
-from nitsum_core import messages as m
-from nitsum_core.configurator import SHARED, Assignment, Plan, join_tiers, tier_set
 from nitsum_core.errors import InvalidRequest
-from nitsum_core.kv_cache import BlockManager, blocks_needed
+from nitsum_core.policy.configurator import SHARED, Assignment, Plan, join_tiers, tier_set
+from nitsum_core.policy.kv_cache import BlockManager, blocks_needed
+from nitsum_core.wire import messages as m
 
 
 def is_aligned_block(slots: Sequence[int]) -> bool:

@@ -12,8 +12,8 @@ import datetime as dt
 import torch
 import torch.distributed as dist
 
+from nitsum_core.engine.model import LlamaModel, ModelShard
 from nitsum_core.errors import NitsumError
-from nitsum_core.model import LlamaModel, ModelShard
 
 
 class PeerLost(NitsumError):

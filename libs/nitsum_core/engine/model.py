@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from nitsum_core.model_spec import ModelSpec
+from nitsum_core.perf.model_spec import ModelSpec
 
 
 @dataclass

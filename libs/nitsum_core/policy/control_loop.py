@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import (
+from nitsum_core.perf.perf_model import PerfModel
+from nitsum_core.policy.configurator import (
     Assignment,
     Plan,
     Role,
@@ -38,7 +39,6 @@ from nitsum_core.configurator import (
     predicted_goodput,
     should_switch,
 )
-from nitsum_core.perf_model import PerfModel
 
 WARMUP_WINDOWS = 2  # windows of a new plan before its goodput counts towards its calibration
 REPLAY_WINDOWS = 5  # windows of requests a replay scores plans on

@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nitsum_core.model_spec import ModelSpec
+from nitsum_core.perf.model_spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from nitsum_core.kv_cache import BlockManager
+from nitsum_core.policy.kv_cache import BlockManager
 
 
 class SeqStatus(Enum):

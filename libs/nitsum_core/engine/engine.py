@@ -14,11 +14,11 @@ from typing import NamedTuple
 
 import torch
 
-from nitsum_core.kv_cache import BlockManager
-from nitsum_core.model import AttentionMetadata, LlamaModel, ModelShard
-from nitsum_core.sampling import sample_one
-from nitsum_core.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
-from nitsum_core.step_time import StepTimeModel
+from nitsum_core.engine.model import AttentionMetadata, LlamaModel, ModelShard
+from nitsum_core.engine.sampling import sample_one
+from nitsum_core.perf.step_time import StepTimeModel
+from nitsum_core.policy.kv_cache import BlockManager
+from nitsum_core.policy.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Engine:
         kv: torch.Tensor | None = None,
     ) -> None:
         self.model = model
-        # A TP leader ships each step's inputs to its followers here (nitsum_core.tp.leader_hook).
+        # A TP leader ships each step's inputs to its followers here (nitsum_core.engine.tp.leader_hook).
         self.before_forward = before_forward
         self.config = config
         self.eos_token_ids = eos_token_ids

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from nitsum_core.perf_model import PerfModel
+from nitsum_core.perf.perf_model import PerfModel
 from nitsum_core.workload import TraceRequest
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import (
+from nitsum_core.perf.perf_model import PerfModel
+from nitsum_core.policy.configurator import (
     SHARED,
     Assignment,
     Plan,
@@ -33,11 +34,10 @@ from nitsum_core.configurator import (
     serves,
     smallest_decode_step,
 )
-from nitsum_core.control_loop import Arrival, ControlLoop, Forecast, InFlight
-from nitsum_core.goodput import RequestRecord, meets_slo
-from nitsum_core.perf_model import PerfModel
-from nitsum_core.routing import Candidate, Lane, LanePolicy
-from nitsum_core.scheduler import TPOT_REPAY_TOKENS, misses_ttft, tpot_step_bound
+from nitsum_core.policy.control_loop import Arrival, ControlLoop, Forecast, InFlight
+from nitsum_core.policy.goodput import RequestRecord, meets_slo
+from nitsum_core.policy.routing import Candidate, Lane, LanePolicy
+from nitsum_core.policy.scheduler import TPOT_REPAY_TOKENS, misses_ttft, tpot_step_bound
 from nitsum_core.workload import TraceRequest
 
 QueueOrder = Literal["fcfs", "priority", "slo"]

@@ -17,8 +17,8 @@ from functools import cache
 from typing import Literal, NamedTuple
 
 from nitsum_core.config import Tier
-from nitsum_core.perf_model import PerfModel
-from nitsum_core.saturation import saturation_tokens_per_s
+from nitsum_core.perf.perf_model import PerfModel
+from nitsum_core.perf.saturation import saturation_tokens_per_s
 
 Role = Literal["mixed", "prefill", "decode"]
 

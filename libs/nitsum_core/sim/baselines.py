@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nitsum_core.config import Tier
-from nitsum_core.configurator import (
+from nitsum_core.perf.perf_model import PerfModel
+from nitsum_core.policy.configurator import (
     Assignment,
     Plan,
     hybrid_cut,
@@ -26,9 +27,8 @@ from nitsum_core.configurator import (
     uniform_cut,
     valid_tp_choices,
 )
-from nitsum_core.goodput import GoodputReport, summarize
-from nitsum_core.perf_model import PerfModel
-from nitsum_core.simulator import Preset, SimResult, Simulator
+from nitsum_core.policy.goodput import GoodputReport, summarize
+from nitsum_core.sim.simulator import Preset, SimResult, Simulator
 from nitsum_core.workload import TraceRequest
 
 PRESETS: dict[str, Preset] = {
