@@ -194,3 +194,20 @@ def test_meeting_both_targets_is_one_rule() -> None:
     # One output token has no TPOT: whatever was recorded, only the TTFT counts.
     assert meets_slo(RequestRecord("chat", 0.0, 10, 1, 0.9, 9.0), tier)
     assert not meets_slo(RequestRecord("chat", 0.0, 10, 0, None, None, error="x"), tier)
+
+
+def test_reconfig_needs_only_the_plan_vocabulary() -> None:
+    # The workers and the kv_broker import reconfig; the capacity model and the searches are the
+    # controller's and the simulator's business.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nimport nitsum_core.policy.reconfig\n"
+        "print(sorted(m for m in sys.modules if m.startswith('nitsum_core.policy.')))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(
+        ["nitsum_core.policy.kv_cache", "nitsum_core.policy.plan", "nitsum_core.policy.reconfig"]
+    )

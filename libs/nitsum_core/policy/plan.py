@@ -21,8 +21,9 @@ Role = Literal["mixed", "prefill", "decode"]
 class TierSet:
     """The tiers an instance serves: ``names``, or every tier where ``names`` is None (``SHARED``).
 
-    A typed set, so tier names may hold any character. ``str()`` renders it as plans have always
-    been described: "*" for every tier, else the names sorted and joined by "+".
+    A typed set, so tier names may hold any character; ``serves`` is its membership test.
+    ``str()`` renders it as plans have always been described: "*" for every tier, else the names
+    sorted and joined by "+".
     """
 
     names: frozenset[str] | None = None
@@ -61,9 +62,6 @@ class TierSet:
     def several(self) -> bool:
         """Whether it names more than one tier but not every tier."""
         return self.names is not None and len(self.names) > 1
-
-    def __contains__(self, tier: object) -> bool:
-        return self.names is None or tier in self.names
 
     def __str__(self) -> str:
         return "*" if self.names is None else "+".join(sorted(self.names))
