@@ -8,9 +8,9 @@ import random
 import pytest
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
-from nitsum_core.policy.configurator import Assignment, Plan
 from nitsum_core.policy.control_loop import InFlight
 from nitsum_core.policy.goodput import RequestRecord, summarize
+from nitsum_core.policy.plan import SHARED, Assignment, Plan, TierSet
 from nitsum_core.sim import simulator
 from nitsum_core.sim.simulator import Preset, Simulator
 from nitsum_core.workload import TraceRequest, assign_tiers, synthetic_azure_conv
@@ -35,8 +35,8 @@ def _workload(n: int, rate: float, seed: int = 0) -> list[TraceRequest]:
     )
 
 
-STATIC4 = Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 2, "mixed", "*")])
-ONE_GPU = Plan([Assignment(0, 1, "mixed", "*")])
+STATIC4 = Plan([Assignment(0, 2, "mixed", SHARED), Assignment(2, 2, "mixed", SHARED)])
+ONE_GPU = Plan([Assignment(0, 1, "mixed", SHARED)])
 SLO = Preset("nitsum-static", queue_order="slo")
 
 
@@ -120,7 +120,7 @@ def test_queueing_matches_md1_closed_form() -> None:
         1,
         {"interactive": TIERS["interactive"]},
         Preset("vanilla"),
-        Plan([Assignment(0, 1, "mixed", "*")]),
+        Plan([Assignment(0, 1, "mixed", SHARED)]),
         chunk_tokens=prompt,
         max_batch=1,
     )
@@ -141,7 +141,11 @@ def test_more_load_than_capacity_degrades_attainment_not_conservation() -> None:
 
 def test_prefill_decode_handoff_and_dynamic_switching_run() -> None:
     pd = Plan(
-        [Assignment(0, 1, "prefill", "*"), Assignment(1, 1, "prefill", "*"), Assignment(2, 2, "decode", "*")]
+        [
+            Assignment(0, 1, "prefill", SHARED),
+            Assignment(1, 1, "prefill", SHARED),
+            Assignment(2, 2, "decode", SHARED),
+        ]
     )
     res = Simulator(_perf(), 4, TIERS, Preset("static-pd"), pd).run(_workload(300, rate=10.0))
     assert all(r.error is None for r in res.records)
@@ -155,7 +159,7 @@ def test_a_decode_instance_takes_hand_offs_only_into_free_seats() -> None:
     # Four prefill GPUs feeding one decode GPU capped at 8 seats: the decode side is the
     # bottleneck. Hand-offs wait for a seat (their KV held on the prefill side) instead of
     # overfilling the batch, and every request still finishes.
-    pd = Plan([*(Assignment(s, 1, "prefill", "*") for s in range(4)), Assignment(4, 1, "decode", "*")])
+    pd = Plan([*(Assignment(s, 1, "prefill", SHARED) for s in range(4)), Assignment(4, 1, "decode", SHARED)])
     wl = _workload(400, rate=40.0)
     sim = Simulator(_perf(), 5, TIERS, Preset("static-pd"), pd, max_batch=8)
     sim.run(wl, until_s=5.0)
@@ -314,7 +318,7 @@ def test_nitsum_sim_cli_says_what_is_wrong_with_a_rate(tmp_path) -> None:
 
 
 def test_a_tier_the_plan_does_not_serve_is_queued_best_effort_not_rejected() -> None:
-    only_interactive = Plan([Assignment(s, 1, "mixed", "interactive") for s in range(4)])
+    only_interactive = Plan([Assignment(s, 1, "mixed", TierSet.of("interactive")) for s in range(4)])
     res = Simulator(_perf(), 4, TIERS, Preset("nitsum-static", queue_order="slo"), only_interactive).run(
         _workload(200, rate=5.0)
     )
@@ -405,7 +409,9 @@ def test_each_instance_sizes_its_seats_from_its_own_batch() -> None:
     # interactive instance a tenth of the sequences it can decode within 10 ms, and its requests
     # would queue for seconds; sized from its own batch, it serves them all within both targets.
     tiers = {"interactive": Tier("interactive", 0.5, 0.010, 0), "agent": Tier("agent", 5.0, 0.1, 1)}
-    per_tier = Plan([Assignment(0, 1, "mixed", "interactive"), Assignment(1, 1, "mixed", "agent")])
+    per_tier = Plan(
+        [Assignment(0, 1, "mixed", TierSet.of("interactive")), Assignment(1, 1, "mixed", TierSet.of("agent"))]
+    )
     rng = random.Random(0)
     wl = sorted(
         [TraceRequest(rng.uniform(0, 20), 100, 500, "interactive") for _ in range(600)]
@@ -430,7 +436,7 @@ def test_seats_leave_room_for_the_prefill_chunk_every_step_carries() -> None:
         (TraceRequest(rng.uniform(0, 20), 1000, 200, "interactive") for _ in range(800)),
         key=lambda r: r.arrival_s,
     )
-    plan = Plan([Assignment(0, 2, "mixed", "interactive")])
+    plan = Plan([Assignment(0, 2, "mixed", TierSet.of("interactive"))])
     res = Simulator(_perf(), 2, tiers, SLO, plan).run(wl)
     decoded = [r for r in res.records if r.tpot_s is not None]
     assert len(decoded) == 800
@@ -443,7 +449,7 @@ def test_a_tier_only_recut_pauses_nothing_and_keeps_what_runs_where_it_runs() ->
     # rewrites which tiers instances serve): no pause, no KV moves; queued requests of tiers an
     # instance no longer serves go where they are served, and what it decodes stays, its steps
     # still within those requests' TPOT targets until they finish.
-    shared = Plan([Assignment(s, 1, "mixed", "*") for s in range(4)])
+    shared = Plan([Assignment(s, 1, "mixed", SHARED) for s in range(4)])
     sim = Simulator(_perf(), 4, TIERS, SLO, shared)
     sim.run(_workload(2000, rate=200.0), until_s=5.0)
     before = list(sim.instances)
@@ -451,7 +457,7 @@ def test_a_tier_only_recut_pauses_nothing_and_keeps_what_runs_where_it_runs() ->
     assert all(decoding) and any(inst.queue for inst in before)  # mid-overload: work everywhere
     per_tier = Plan(
         [
-            Assignment(s, 1, "mixed", t)
+            Assignment(s, 1, "mixed", TierSet.of(t))
             for s, t in enumerate(["interactive", "interactive", "agent", "background"])
         ]
     )
@@ -461,12 +467,12 @@ def test_a_tier_only_recut_pauses_nothing_and_keeps_what_runs_where_it_runs() ->
     assert [sorted(r.rid for *_, r in inst.finishing) for inst in sim.instances] == decoding
     assert all(inst.paused_until <= sim.now for inst in sim.instances)
     for inst in sim.instances:
-        assert {q[-1].tier for q in inst.queue + inst.late_queue} <= {inst.a.tier}
+        assert {q[-1].tier for q in inst.queue + inst.late_queue} <= inst.a.tier.names
     background = sim.instances[3]
     assert "interactive" in {r.tier for *_, r in background.finishing}
     assert sim._tpot_target(background) == TIERS["interactive"].tpot_s
     # A re-cut that moves slots still pauses for the switch.
-    assert sim._switch_cost(Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 2, "mixed", "*")])) > 0
+    assert sim._switch_cost(Plan([Assignment(0, 2, "mixed", SHARED), Assignment(2, 2, "mixed", SHARED)])) > 0
 
 
 def test_an_on_time_prompt_takes_the_seat_of_a_late_one_that_has_not_started() -> None:
@@ -519,7 +525,7 @@ def test_an_instance_serves_the_tiers_it_can_when_one_target_is_out_of_its_reach
     # Sized for the 5.5 ms target it cannot reach, a TP 1 instance admitted no one and served
     # nothing at all. It now sizes its steps for the tiers it can serve; interactive requests
     # run there best-effort.
-    tp1 = Plan([Assignment(s, 1, "mixed", "*") for s in range(4)])
+    tp1 = Plan([Assignment(s, 1, "mixed", SHARED) for s in range(4)])
     att = _attainment(tp1, _workload(300, rate=10.0))
     assert att["agent"] == att["background"] == 1.0
     assert att["interactive"] == 0.0
@@ -530,9 +536,9 @@ def test_a_hybrid_cut_sends_the_tight_tier_to_its_high_tp_instances_only() -> No
     # interactive request decodes on the TP 2 instance within 5.5 ms (on a TP 1 one it could not).
     hybrid = Plan(
         [
-            Assignment(0, 2, "mixed", "*"),
-            Assignment(2, 1, "mixed", "agent+background"),
-            Assignment(3, 1, "mixed", "agent+background"),
+            Assignment(0, 2, "mixed", SHARED),
+            Assignment(2, 1, "mixed", TierSet.of("agent", "background")),
+            Assignment(3, 1, "mixed", TierSet.of("agent", "background")),
         ]
     )
     att = _attainment(hybrid, _workload(300, rate=10.0))
@@ -546,9 +552,9 @@ def test_a_decode_that_can_no_longer_meet_its_tpot_resumes_off_the_tight_tiers_i
     # take a seat that a request which can still count needs (it still finishes).
     hybrid = Plan(
         [
-            Assignment(0, 2, "mixed", "*"),
-            Assignment(2, 1, "mixed", "agent+background"),
-            Assignment(3, 1, "mixed", "agent+background"),
+            Assignment(0, 2, "mixed", SHARED),
+            Assignment(2, 1, "mixed", TierSet.of("agent", "background")),
+            Assignment(3, 1, "mixed", TierSet.of("agent", "background")),
         ]
     )
     on_pace = InFlight("interactive", 500, 200, age_s=0.35, ttft_s=0.1, generated=40)
@@ -578,7 +584,7 @@ def test_skipping_the_late_check_when_nothing_can_be_late_changes_no_outcome(mon
 
 
 def test_the_policy_side_runs_without_importing_torch() -> None:
-    # The perf model, configurator, simulator and the controller's autopilot need a model's shape,
+    # The perf model, capacity model and searches, simulator and the controller's autopilot need a model's shape,
     # never its tensors: a replay worker process (`tp_controller --replay-workers`) or `nitsum sim`
     # must not pay torch's import (about 2 s and 200 MB per process on the development machine).
     import subprocess
@@ -586,7 +592,7 @@ def test_the_policy_side_runs_without_importing_torch() -> None:
 
     code = (
         "import sys\n"
-        "import nitsum_core.sim.simulator, nitsum_core.policy.configurator, nitsum_core.policy.control_loop\n"
+        "import nitsum_core.sim.simulator, nitsum_core.policy.search, nitsum_core.policy.control_loop\n"
         "import nitsum_tp_controller.autopilot\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )

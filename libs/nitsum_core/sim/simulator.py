@@ -23,20 +23,12 @@ from typing import Literal
 
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import PerfModel
-from nitsum_core.policy.configurator import (
-    SHARED,
-    Assignment,
-    Plan,
-    Role,
-    boot_plan,
-    plan_shape,
-    reachable_tpot,
-    serves,
-    smallest_decode_step,
-)
+from nitsum_core.policy.capacity import reachable_tpot, smallest_decode_step
 from nitsum_core.policy.control_loop import Arrival, ControlLoop, Forecast, InFlight
-from nitsum_core.policy.goodput import RequestRecord, meets_slo
-from nitsum_core.policy.routing import Candidate, Lane, LanePolicy
+from nitsum_core.policy.cuts import boot_plan
+from nitsum_core.policy.goodput import RequestRecord, mean_tpot, meets_slo, meets_targets
+from nitsum_core.policy.plan import SHARED, Assignment, Plan, Role, only_tiers_change, serves
+from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, route_targets
 from nitsum_core.policy.scheduler import TPOT_REPAY_TOKENS, misses_ttft, tpot_step_bound
 from nitsum_core.workload import TraceRequest
 
@@ -243,11 +235,9 @@ class Simulator:
 
     # ---- routing ---------------------------------------------------------------------------------
     def _route(self, r: SimRequest) -> None:
-        cands = self._serving(r.tier, ("mixed", "prefill"))
-        # As routing.leaders_for: a tier no instance is dedicated to goes best-effort anywhere.
-        fallback = not cands
-        if fallback:
-            cands = [i for i in self.instances if i.a.role in ("mixed", "prefill")]
+        cands, fallback = route_targets(
+            self.instances, lambda i: i.a.role in ("mixed", "prefill"), lambda i: serves(i.a.tier, r.tier)
+        )
         if not cands:
             self._reject(r, "no instance serves this tier")
             return
@@ -555,8 +545,8 @@ class Simulator:
         good = False
         if r.first_token is not None and r.finish is not None:
             tier = self.tiers[r.tier]
-            tpot = (r.finish - r.first_token) / (r.output - 1) if r.output > 1 else 0.0
-            good = r.first_token - r.arrival <= tier.ttft_s and tpot <= tier.tpot_s
+            tpot = mean_tpot(r.first_token, r.finish, r.output)
+            good = meets_targets(r.first_token - r.arrival, tpot, tier)
         assert self.control is not None
         self.control.finished(r.tier, good)
 
@@ -651,7 +641,7 @@ class Simulator:
 
     def _reshaped(self, plan: Plan) -> bool:
         """Whether ``plan`` changes any instance's slots, degree or role (not just its tiers)."""
-        return plan_shape(plan.assignments) != plan_shape(i.a for i in self.instances)
+        return not only_tiers_change((i.a for i in self.instances), plan.assignments)
 
     def _reconfigure(self, plan: Plan, pause: float) -> None:
         # Instances whose assignment is unchanged keep running untouched; only the slots that
@@ -892,7 +882,7 @@ class Simulator:
                 )
                 continue
             ttft = r.first_token - r.arrival
-            tpot = (r.finish - r.first_token) / (output - 1) if output > 1 else 0.0
+            tpot = mean_tpot(r.first_token, r.finish, output)
             records.append(RequestRecord(r.tier, r.arrival, prompt, output, ttft, tpot))
         # Goodput is counted over the arrival span, the same for every preset on the same trace.
         arrived = reqs[len(resumed) :]
