@@ -1,8 +1,8 @@
 """The published goodput study says what its results JSON says (docs/results).
 
 Sweeps are re-run for some presets at a time (`nitsum sim --update`) and the markdown copied into
-docs/results/README.md by hand; round 27 found that README's per-model tables had kept round 22's
-numbers for four rounds. These tests tie each published table to the JSON it came from.
+docs/results/README.md by hand, so the README's per-model tables once kept stale numbers through
+several re-runs unnoticed. These tests tie each published table to the JSON it came from.
 """
 
 from __future__ import annotations

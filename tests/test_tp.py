@@ -66,7 +66,7 @@ def test_shards_are_views_and_nest(tiny_llama_dir: Path) -> None:
             assert model.shard(tp, r) is sh  # built once, cached
             for k in ("qkv", "o", "gate_up", "down"):
                 assert shares_storage(sh.layers[0][k], full[k])
-    # Nesting (DESIGN §3): rank r of TP 4 lies inside rank r // 2 of TP 2.
+    # Aligned blocks nest: rank r of TP 4 lies inside rank r // 2 of TP 2.
     for r in range(4):
         inner, outer = model.shard(4, r).layers[0]["qkv"], model.shard(2, r // 2).layers[0]["qkv"]
         start = inner.data_ptr() - outer.data_ptr()

@@ -1,1 +1,1 @@
-"""kv_broker: the directory of which worker holds which request's KV blocks (DESIGN §2)."""
+"""kv_broker: the directory of which worker holds which request's KV blocks (docs/architecture.md)."""

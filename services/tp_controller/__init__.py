@@ -1,1 +1,4 @@
-"""tp_controller: owns the topology (epochs) in the JetStream KV bucket (DESIGN §2, §3, §6)."""
+"""tp_controller: owns the topology (epochs) in the JetStream KV bucket and runs switches.
+
+See docs/architecture.md (pool and topology, switch protocol, controller policy).
+"""

@@ -1,4 +1,4 @@
-"""One topology switch, epoch e -> e+1 (DESIGN §6): hold -> pause -> plan -> migrate -> commit -> resume.
+"""One topology switch, epoch e -> e+1: hold -> pause -> plan -> migrate -> commit -> resume.
 
 Any failure before the compare-and-set write aborts: paused workers drop their staging and resume
 epoch e, routers get their requests' old homes back and stop holding. Nothing is dropped or

@@ -30,7 +30,7 @@ class EngineConfig:
     max_model_len: int = 4096
     # Size each step to the TPOT targets of the sequences decoding in it (scheduler module
     # docstring), by the step time this engine learns from its own steps. Off by default: on the
-    # CPU stack in overload it cost 9-13 % of goodput (docs/simulator.md round 15). Decodes then
+    # CPU stack in overload it cost 9-13 % of goodput (docs/benchmarks.md section 3). Decodes then
     # sit at their target and prompts wait; it pays where decodes' TPOT matters more than the
     # prompts' TTFT (benchmarks/tpot_steps.py: chats 100 % on target instead of 0 %).
     tpot_sized_steps: bool = False
@@ -166,7 +166,7 @@ class Engine:
         """Every live request's state, running ones first in batch order, then the waiting queue.
 
         The KV of ``num_computed`` tokens lives in ``block_table``; the new leader continues the
-        sequence from there (DESIGN §6), so nothing is recomputed.
+        sequence from there (docs/architecture.md, switch protocol), so nothing is recomputed.
         """
         out: list[ExportedRequest] = []
         now = time.monotonic()

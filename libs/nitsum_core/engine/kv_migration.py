@@ -1,4 +1,4 @@
-"""Moving KV head-units between workers (DESIGN §5, §6): gather -> send -> scatter.
+"""Moving KV head-units between workers (docs/architecture.md, switch protocol): gather -> send -> scatter.
 
 A unit is one KV head of one block for every layer, K and V: ``kv[:, :, block*bs:(block+1)*bs,
 head, :]`` in the engine's ``[layers, 2, slots, heads, head_dim]`` pool. Units are gathered into a

@@ -10,7 +10,7 @@ every per-step tensor are made on the same device in the same dtype.
 
 Weight layout: q/k/v are fused with rows grouped by KV head ([q rows of group g, k_g, v_g] for
 each group g), so the slice of any TP degree that divides the KV heads is one contiguous row
-block -- a view, never a copy (DESIGN §4).
+block -- a view, never a copy (docs/architecture.md, resident weights).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class LlamaModel:
         return tp >= 1 and self.spec.num_kv_heads % tp == 0 and self.mlp_units % tp == 0
 
     def holds(self, tp: int, rank: int) -> bool:
-        """True when rank ``rank`` of TP ``tp`` lies inside the resident slice (nesting, DESIGN §3)."""
+        """True when rank ``rank`` of TP ``tp`` lies inside the resident slice (aligned blocks nest)."""
         k0, r0 = self.resident_tp, self.resident_rank
         return tp % k0 == 0 and rank // (tp // k0) == r0
 
@@ -152,7 +152,7 @@ class LlamaModel:
         """Keep only the slice of rank ``rank`` at TP ``tp`` resident and free the rest.
 
         For models that do not fit whole on a slot: every higher TP degree whose rank nests inside
-        this slice is still a view of it (aligned blocks, DESIGN §3), so switching among them moves
+        this slice is still a view of it (aligned blocks nest), so switching among them moves
         no weight bytes. Lower degrees are no longer possible on this slot.
         """
         if (self.resident_tp, self.resident_rank) != (1, 0):

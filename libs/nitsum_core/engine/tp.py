@@ -59,8 +59,8 @@ def join_pool(
 ) -> dict[tuple[int, ...], dist.ProcessGroup]:
     """Join the pool's gloo world and build the communicator of every aligned group once.
 
-    Called once at start-up (DESIGN §4): a later TP switch picks a cached group, it never
-    rendezvouses. Returns the groups this slot belongs to, by their slots.
+    Called once at start-up (docs/architecture.md, communicators): a later TP switch picks a
+    cached group, it never rendezvouses. Returns the groups this slot belongs to, by their slots.
     """
     dist.init_process_group(
         "gloo", store=store, rank=slot, world_size=pool_size, timeout=dt.timedelta(seconds=timeout_s)
@@ -74,7 +74,7 @@ def join_pool(
 
 
 def instance_group(slots: list[int]) -> dist.ProcessGroup:
-    """The communicator of one aligned instance (every rank of the world must call this, DESIGN §4)."""
+    """The communicator of one aligned instance (every rank of the world must call this)."""
     return dist.new_group(ranks=slots, backend=dist.get_backend())
 
 

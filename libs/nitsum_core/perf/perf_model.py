@@ -1,4 +1,4 @@
-"""Roofline performance model of one engine step at TP k (DESIGN §7).
+"""Roofline performance model of one engine step at TP k (docs/simulator.md, performance model).
 
 step time = max(memory time, compute time) + all-reduce time + fixed overhead, where
   memory  = (weight bytes / k) * c_weight + (KV bytes read / k) * c_kv   over HBM bandwidth

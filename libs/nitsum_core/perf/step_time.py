@@ -1,6 +1,6 @@
 """An engine's own step time, learned online: what its scheduler sizes TPOT-safe steps by.
 
-A step's time is close to linear in what it does (DESIGN §7's roofline terms, on one instance):
+A step's time is close to linear in what it does (``perf_model``'s roofline terms, on one instance):
 a fixed part (weights streamed, launches, the TP all-reduces), a part per prompt token (FLOPs),
 a part per decoding sequence and a part per KV token those sequences read. Rather than ask the
 operator for a profile, the engine times every step and refits those four coefficients by least

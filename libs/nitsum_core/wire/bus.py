@@ -100,7 +100,7 @@ class EmbeddedNats:
 
 
 async def connect(url: str, name: str, **kwargs: object) -> Client:
-    """Connect with reconnects on, so services ride out a NATS restart (DESIGN §9)."""
+    """Connect with reconnects on, so services ride out a NATS restart."""
 
     async def _error_cb(exc: Exception) -> None:
         log.warning("nats error (%s): %s", name, exc)

@@ -1,4 +1,8 @@
-"""The topology in its JetStream KV bucket: open, read, compare-and-set write, watch (DESIGN §3)."""
+"""The topology in its JetStream KV bucket: open, read, compare-and-set write, watch.
+
+Compare-and-set on the revision, so a second controller cannot fork the topology
+(docs/architecture.md, pool and topology).
+"""
 
 from __future__ import annotations
 
