@@ -27,7 +27,8 @@ from nitsum_core.policy.goodput import summarize
 from nitsum_core.policy.reconfig import plan_topology, topology_plan
 from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, leaders_for
 from nitsum_core.sim.baselines import Preset
-from nitsum_core.sim.simulator import PlanReplay, Simulator
+from nitsum_core.sim.replay import PlanReplay
+from nitsum_core.sim.simulator import Simulator
 from nitsum_core.workload import TraceRequest
 
 TIERS = {
