@@ -16,8 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
-from nitsum_core.policy.configurator import Plan, TierDemand, greedy, predicted_goodput, shared_plans
+from nitsum_core.policy.capacity import predicted_goodput
+from nitsum_core.policy.cuts import shared_plans
 from nitsum_core.policy.goodput import summarize
+from nitsum_core.policy.plan import Plan, TierDemand
+from nitsum_core.policy.search import greedy
 from nitsum_core.sim.baselines import PRESETS, split_clusters
 from nitsum_core.sim.simulator import Simulator
 from study_setup import add_study_args, load_study

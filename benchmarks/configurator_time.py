@@ -26,7 +26,6 @@ from pathlib import Path
 
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
-from nitsum_core.policy.configurator import Assignment, Plan, TierDemand, greedy
 from nitsum_core.policy.control_loop import (
     CONFIRM_WINDOWS,
     REPLAY_WINDOWS,
@@ -35,6 +34,8 @@ from nitsum_core.policy.control_loop import (
     InFlight,
     ReplayMap,
 )
+from nitsum_core.policy.plan import SHARED, Assignment, Plan, TierDemand
+from nitsum_core.policy.search import greedy
 from nitsum_core.sim.replay import PlanReplay
 
 DEMANDS = {
@@ -103,7 +104,7 @@ def replay_window_time(
     (the earlier windows also warm a process pool's workers)."""
     tiers = {name: d.tier for name, d in DEMANDS.items()}
     total = sum(d.arrival_rps for d in DEMANDS.values())
-    plan = Plan([Assignment(s, 1, "mixed", "*") for s in range(pool)])
+    plan = Plan([Assignment(s, 1, "mixed", SHARED) for s in range(pool)])
     loop = ControlLoop(
         pool, perf, tiers, plan, replay=PlanReplay(perf, pool, tiers), roles=("mixed",), replay_map=replay_map
     )
@@ -156,7 +157,7 @@ def confirm_replay_time(perf: PerfModel, rate: float, pool: int = 8) -> float:
     t0 = time.perf_counter()
     for tp in (1, 2):
         replay(
-            Plan([Assignment(s, tp, "mixed", "*") for s in range(0, pool, tp)]),
+            Plan([Assignment(s, tp, "mixed", SHARED) for s in range(0, pool, tp)]),
             requests,
             float(CONFIRM_WINDOWS),
             backlog,

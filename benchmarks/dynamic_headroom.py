@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nitsum_core.policy.configurator import valid_tp_choices
+from nitsum_core.policy.capacity import valid_tp_choices
 from nitsum_core.policy.goodput import meets_slo, summarize
 from nitsum_core.sim.baselines import PRESETS, candidates, hybrid_cuts
 from nitsum_core.sim.replay import PlanReplay

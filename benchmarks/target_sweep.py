@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from nitsum_cli.sim import differing_args
-from nitsum_core.policy.configurator import reachable_tpot, smallest_decode_step, valid_tp_choices
+from nitsum_core.policy.capacity import reachable_tpot, smallest_decode_step, valid_tp_choices
 from nitsum_core.sim.baselines import best_static
 from study_setup import add_study_args, load_study
 

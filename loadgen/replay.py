@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from nitsum_core.client import NitsumClient
 from nitsum_core.errors import NitsumError
-from nitsum_core.policy.goodput import RequestRecord
+from nitsum_core.policy.goodput import RequestRecord, mean_tpot
 from nitsum_core.workload import TraceRequest
 
 # Common one-token English words: a prompt of n words is close to n tokens for BPE tokenizers.
@@ -129,7 +129,7 @@ async def _one(
     # Client-side timings: they include the bus hops a user sees.
     ttft = done.first_chunk_at - sent if done.chunk_times else None
     n = len(done.token_ids)
-    tpot = (done.chunk_times[-1] - done.first_chunk_at) / (n - 1) if n > 1 else 0.0
+    tpot = mean_tpot(done.first_chunk_at, done.chunk_times[-1] if done.chunk_times else 0.0, n)
     return RequestRecord(req.tier, req.arrival_s, done.usage.prompt_tokens, n, ttft, tpot)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
-from nitsum_core.policy.configurator import Assignment, Plan
 from nitsum_core.policy.goodput import RequestRecord
+from nitsum_core.policy.plan import SHARED, Assignment, Plan
 from nitsum_core.sim.simulator import Preset, Simulator
 from nitsum_core.workload import TraceRequest, assign_tiers, scale_rate, synthetic_azure_conv
 
@@ -19,8 +19,8 @@ STUDY_TIERS = {  # the 8B study's (gpu_tiers.toml): TP 1 cannot decode within in
     "agent": Tier("agent", 1.0, 0.03, 1),
     "background": Tier("background", 10.0, 0.1, 2),
 }
-STATIC4 = Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 2, "mixed", "*")])
-ONE_GPU = Plan([Assignment(0, 1, "mixed", "*")])
+STATIC4 = Plan([Assignment(0, 2, "mixed", SHARED), Assignment(2, 2, "mixed", SHARED)])
+ONE_GPU = Plan([Assignment(0, 1, "mixed", SHARED)])
 SLO = Preset("nitsum-static", queue_order="slo")
 
 

@@ -27,8 +27,9 @@ from nitsum_core.engine.tokenizer import Tokenizer
 from nitsum_core.errors import InvalidRequest
 from nitsum_core.perf.perf_model import HARDWARE, PerfModel, model_spec
 from nitsum_core.policy import reconfig
-from nitsum_core.policy.configurator import Assignment, Plan, boot_plan
 from nitsum_core.policy.control_loop import ControlLoop
+from nitsum_core.policy.cuts import boot_plan
+from nitsum_core.policy.plan import SHARED, Assignment, Plan, TierSet
 from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
 from nitsum_core.wire.bus import connect
@@ -160,11 +161,21 @@ def test_controller_refuses_a_bad_tier_file(tmp_path: Path, bad: str) -> None:
 def test_a_switch_that_only_changes_tiers_is_weighed_as_free() -> None:
     # The controller applies a tier-only switch by rewriting the topology (nothing pauses), so
     # the loop must not hold such a re-cut to the cost of one that moves slots.
-    shared = Plan([Assignment(0, 1, "mixed", "*"), Assignment(1, 1, "mixed", "*")])
+    shared = Plan([Assignment(0, 1, "mixed", SHARED), Assignment(1, 1, "mixed", SHARED)])
     cost = switch_cost(shared, measured_s=2.5)
-    assert cost(Plan([Assignment(0, 1, "mixed", "interactive"), Assignment(1, 1, "mixed", "agent")])) == 0.0
-    assert cost(Plan([Assignment(0, 2, "mixed", "*")])) == 2.5
-    assert cost(Plan([Assignment(0, 1, "prefill", "*"), Assignment(1, 1, "decode", "*")])) == 2.5
+    assert (
+        cost(
+            Plan(
+                [
+                    Assignment(0, 1, "mixed", TierSet.of("interactive")),
+                    Assignment(1, 1, "mixed", TierSet.of("agent")),
+                ]
+            )
+        )
+        == 0.0
+    )
+    assert cost(Plan([Assignment(0, 2, "mixed", SHARED)])) == 2.5
+    assert cost(Plan([Assignment(0, 1, "prefill", SHARED), Assignment(1, 1, "decode", SHARED)])) == 2.5
 
 
 def test_reports_waiting_from_several_router_windows_go_to_a_loop_window_each() -> None:
@@ -178,7 +189,9 @@ def test_reports_waiting_from_several_router_windows_go_to_a_loop_window_each() 
     pilot = AutoPilot(
         SimpleNamespace(log=structlog.get_logger(), pool_joined={0, 1}), AutoPilotConfig(perf, tiers)
     )  # type: ignore[arg-type]
-    loop = ControlLoop(2, perf, tiers, Plan([Assignment(0, 1, "mixed", "*"), Assignment(1, 1, "mixed", "*")]))
+    loop = ControlLoop(
+        2, perf, tiers, Plan([Assignment(0, 1, "mixed", SHARED), Assignment(1, 1, "mixed", SHARED)])
+    )
 
     def report(router: str, age: float) -> m.RouterWindowStats:
         flight = m.InFlightRequest(prompt_tokens=10, output_tokens=20, age_s=age)
@@ -215,9 +228,9 @@ def test_a_pool_booted_on_tp1_moves_to_the_tier_files_boot_cut(tpot_s: float, bo
         return
     assert pilot._boot is not None
     assert pilot._boot.assignments == [
-        Assignment(0, 2, "mixed", "*"),
-        Assignment(2, 1, "mixed", "batch"),
-        Assignment(3, 1, "mixed", "batch"),
+        Assignment(0, 2, "mixed", SHARED),
+        Assignment(2, 1, "mixed", TierSet.of("batch")),
+        Assignment(3, 1, "mixed", TierSet.of("batch")),
     ]
     # Only a loop built on a new pool boots it: a TP-1 cut written later on the same pool (by
     # hand) is left to the traffic.
@@ -321,7 +334,7 @@ def test_the_boot_cut_waits_for_the_tp_world_and_only_replaces_the_cut_booted_on
     assert pilot._boot is not None and pilot._boot_now() is None and pilot._boot_waits
     controller.pool_joined = {0, 1, 2, 3}
     boot = pilot._boot_now()
-    assert boot is not None and boot.assignments[0] == Assignment(0, 2, "mixed", "*")
+    assert boot is not None and boot.assignments[0] == Assignment(0, 2, "mixed", SHARED)
     # A cut written meanwhile (by hand, or by the loop) is not overridden by a late boot cut.
     pilot._boot = boot
     controller.current = m.Topology(
@@ -339,7 +352,7 @@ async def test_the_controller_refuses_a_plan_that_does_not_cover_the_live_pool()
     controller.last_seen = {s: time.monotonic() for s in (0, 1, 3)}
     controller.current = static_tp1([0, 1, 3], 3, "pool changed")
     target = reconfig.plan_topology(
-        Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 1, "mixed", "*")]), 4, "configurator"
+        Plan([Assignment(0, 2, "mixed", SHARED), Assignment(2, 1, "mixed", SHARED)]), 4, "configurator"
     )
     result = await controller.switch_to(target)
     assert not result.ok and result.error is not None

@@ -1,4 +1,5 @@
-"""Performance model against hand-computed roofline values; configurator choices on built cases."""
+"""Performance model against hand-computed roofline values; the capacity model, candidate cuts and
+searches (policy.capacity, policy.cuts, policy.search) on built cases."""
 
 from __future__ import annotations
 
@@ -18,15 +19,9 @@ from nitsum_core.perf.perf_model import (
     model_spec,
     total_params,
 )
-from nitsum_core.policy.configurator import (
-    TierDemand,
-    aligned_partitions,
-    exhaustive,
-    greedy,
-    plan_goodput,
-    should_switch,
-    slo_safe_capacity,
-)
+from nitsum_core.policy.capacity import plan_goodput, slo_safe_capacity
+from nitsum_core.policy.plan import TierDemand, TierSet
+from nitsum_core.policy.search import aligned_partitions, exhaustive, greedy, should_switch
 
 TOY = ModelSpec(
     model_type="llama", vocab_size=10, hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -89,7 +84,7 @@ def test_tight_tpot_tier_at_low_load_gets_higher_tp() -> None:
     assert slo_safe_capacity(pm, 1, tight).decode_rps == 0  # TP 1 cannot decode within 5 ms/token
     assert slo_safe_capacity(pm, 2, tight).decode_rps > 0
     plan = greedy(8, pm, {"interactive": tight})
-    served = [a for a in plan.assignments if a.tier == "interactive" and a.tp >= 2]
+    served = [a for a in plan.assignments if a.tier == TierSet.of("interactive") and a.tp >= 2]
     assert served and plan.predicted_goodput_rps == pytest.approx(2.0)
 
 
@@ -140,7 +135,9 @@ def test_greedy_goodput_is_the_plan_goodput_of_its_assignments() -> None:
         demands = _random_case(rng)
         pool = rng.choice([4, 8, 16])
         plan = greedy(pool, pm, demands)
-        caps = {(a.tier, a.tp): slo_safe_capacity(pm, a.tp, demands[a.tier]) for a in plan.assignments}
+        caps = {
+            (a.tier.sole, a.tp): slo_safe_capacity(pm, a.tp, demands[a.tier.sole]) for a in plan.assignments
+        }
         assert plan.predicted_goodput_rps == pytest.approx(plan_goodput(plan.assignments, caps, demands))
 
 
@@ -257,13 +254,18 @@ def test_greedy_never_proposes_a_degree_the_model_does_not_fit() -> None:
 
 
 def test_plan_families_group_shared_degrees_and_per_tier_cuts() -> None:
-    from nitsum_core.policy.configurator import SHARED, Assignment, plan_family
+    from nitsum_core.policy.plan import SHARED, Assignment, plan_family
 
     assert plan_family([Assignment(0, 2, "mixed", SHARED), Assignment(2, 2, "mixed", SHARED)]) == "shared-tp2"
-    pd = [Assignment(0, 1, "prefill", "agent"), Assignment(1, 1, "decode", "agent")]
+    pd = [Assignment(0, 1, "prefill", TierSet.of("agent")), Assignment(1, 1, "decode", TierSet.of("agent"))]
     assert plan_family(pd) == "per-tier-pd"
     assert (
-        plan_family([Assignment(0, 1, "mixed", "agent"), Assignment(1, 1, "mixed", "interactive")])
+        plan_family(
+            [
+                Assignment(0, 1, "mixed", TierSet.of("agent")),
+                Assignment(1, 1, "mixed", TierSet.of("interactive")),
+            ]
+        )
         == "per-tier"
     )
 
@@ -298,7 +300,7 @@ def _study_demands() -> dict[str, TierDemand]:
 
 
 def test_a_target_a_degree_cannot_reach_does_not_bound_what_it_serves() -> None:
-    from nitsum_core.policy.configurator import reachable_tpot, shared_caps
+    from nitsum_core.policy.capacity import reachable_tpot, shared_caps
 
     pm, demands = _study_perf(), _study_demands()
     assert reachable_tpot(pm, 1, [0.0055, 0.03, 0.1]) == 0.03  # 5.5 ms is below TP 1's floor
@@ -312,13 +314,8 @@ def test_a_target_a_degree_cannot_reach_does_not_bound_what_it_serves() -> None:
 
 
 def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree() -> None:
-    from nitsum_core.policy.configurator import (
-        HYBRID_CANDIDATES,
-        SHARED,
-        candidate_plans,
-        hybrid_plans,
-        plan_family,
-    )
+    from nitsum_core.policy.cuts import HYBRID_CANDIDATES, candidate_plans, hybrid_plans
+    from nitsum_core.policy.plan import SHARED, plan_family
 
     pm, demands = _study_perf(), _study_demands()
     plans = hybrid_plans(8, pm, demands)
@@ -331,7 +328,7 @@ def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree(
         high = [a for a in plan.assignments if a.tier == SHARED]
         low = [a for a in plan.assignments if a.tier != SHARED]
         assert high and all(a.tp >= 2 for a in high)
-        assert low and all(a.tp == 1 and a.tier == "agent+background" for a in low)
+        assert low and all(a.tp == 1 and a.tier == TierSet.of("agent", "background") for a in low)
         assert plan_family(plan.assignments).startswith("hybrid-tp1-")
         # The model serves interactive on the high-TP instances and the rest on TP 1.
         assert plan.predicted_goodput_rps > max(
@@ -347,7 +344,9 @@ def test_hybrid_cuts_give_the_tight_tier_high_tp_and_the_rest_the_lowest_degree(
 def test_the_boot_cut_gives_a_tier_the_lowest_degree_cannot_decode_one_instance_that_can() -> None:
     from dataclasses import replace
 
-    from nitsum_core.policy.configurator import SHARED, Assignment, boot_plan, smallest_decode_step
+    from nitsum_core.policy.capacity import smallest_decode_step
+    from nitsum_core.policy.cuts import boot_plan
+    from nitsum_core.policy.plan import SHARED, Assignment
 
     pm = _study_perf()
     tiers = {name: d.tier for name, d in _study_demands().items()}
@@ -355,7 +354,7 @@ def test_the_boot_cut_gives_a_tier_the_lowest_degree_cannot_decode_one_instance_
     # tier, and the rest of the pool, at TP 1, agent and background.
     boot = boot_plan(8, pm, tiers).assignments
     assert boot[0] == Assignment(0, 2, "mixed", SHARED)
-    assert boot[1:] == [Assignment(s, 1, "mixed", "agent+background") for s in range(2, 8)]
+    assert boot[1:] == [Assignment(s, 1, "mixed", TierSet.of("agent", "background")) for s in range(2, 8)]
     # Where TP 1 reaches every target, every instance is TP 1 and serves every tier.
     relaxed = {**tiers, "interactive": replace(tiers["interactive"], tpot_s=0.012)}
     assert boot_plan(8, pm, relaxed).assignments == [Assignment(s, 1, "mixed", SHARED) for s in range(8)]
@@ -374,14 +373,9 @@ def _overloaded(demands: dict[str, TierDemand], factor: float) -> dict[str, Tier
 
 
 def test_a_fenced_cut_gives_every_instance_of_the_best_hybrid_one_tier() -> None:
-    from nitsum_core.policy.configurator import (
-        candidate_plans,
-        fenced_cut,
-        hybrid_cut,
-        hybrid_plans,
-        over_saturation,
-        plan_family,
-    )
+    from nitsum_core.policy.capacity import over_saturation
+    from nitsum_core.policy.cuts import candidate_plans, fenced_cut, hybrid_cut, hybrid_plans
+    from nitsum_core.policy.plan import plan_family
 
     pm = _study_perf()
     demands = _overloaded(_study_demands(), 4)
@@ -393,23 +387,23 @@ def test_a_fenced_cut_gives_every_instance_of_the_best_hybrid_one_tier() -> None
     assert [(a.start, a.tp, a.role) for a in fenced] == [(a.start, a.tp, a.role) for a in best]
     high = [a for a in fenced if a.tp > 1]
     low = [a for a in fenced if a.tp == 1]
-    assert high and all(a.tier == "interactive" for a in high)
+    assert high and all(a.tier == TierSet.of("interactive") for a in high)
     # Dealt by share of arriving tokens, one each first: agent asks for 30 x 2030 tokens/s,
     # background 25 x 1300, about 65 % and 35 %.
     assert len(low) == 6
-    assert [a.tier for a in low] == ["agent"] * 4 + ["background"] * 2
+    assert [a.tier.sole for a in low] == ["agent"] * 4 + ["background"] * 2
     offered = candidate_plans(8, pm, demands, ("mixed",))
     assert offered[-1].assignments == fenced and plan_family(fenced) == "per-tier"
     assert all(a.role == "mixed" for p in offered for a in p.assignments)
     # One low-TP instance cannot be dealt to two looser tiers: no fenced cut, rather than a
     # cut that leaves a tier nowhere to go.
-    assert fenced_cut(hybrid_cut(4, 2, 1, 2, "agent+background"), demands) is None
+    assert fenced_cut(hybrid_cut(4, 2, 1, 2, TierSet.of("agent", "background")), demands) is None
     # A cut every instance of which serves every tier is not a hybrid.
-    assert fenced_cut(hybrid_cut(8, 2, 4, 2, "agent+background"), demands) is None
+    assert fenced_cut(hybrid_cut(8, 2, 4, 2, TierSet.of("agent", "background")), demands) is None
 
 
 def test_low_tp_instances_are_dealt_by_share_of_arriving_tokens_one_each_first() -> None:
-    from nitsum_core.policy.configurator import deal_by_tokens
+    from nitsum_core.policy.cuts import deal_by_tokens
 
     # The rest after one each goes by largest remainder: 4 spare at 80/20 is 3.2 and 0.8.
     assert deal_by_tokens(6, {"background": 20.0, "agent": 80.0}) == ["agent"] * 4 + ["background"] * 2
@@ -428,7 +422,9 @@ def test_low_tp_instances_are_dealt_by_share_of_arriving_tokens_one_each_first()
 
 
 def test_a_fenced_cut_is_offered_only_where_the_arrivals_overload_the_pool() -> None:
-    from nitsum_core.policy.configurator import FENCE_GATE, candidate_plans, over_saturation, plan_family
+    from nitsum_core.policy.capacity import over_saturation
+    from nitsum_core.policy.cuts import FENCE_GATE, candidate_plans
+    from nitsum_core.policy.plan import plan_family
 
     pm = _study_perf()
     for factor in (1, 2, 2.5, 3, 4, 6):
@@ -446,7 +442,7 @@ def test_a_fenced_cut_is_offered_only_where_the_arrivals_overload_the_pool() -> 
 def test_hybrid_cuts_are_offered_where_the_lowest_degree_serves_the_tight_tier_poorly() -> None:
     from dataclasses import replace
 
-    from nitsum_core.policy.configurator import hybrid_plans
+    from nitsum_core.policy.cuts import hybrid_plans
 
     pm, demands = _study_perf(), _study_demands()
 
@@ -467,7 +463,8 @@ def test_hybrid_cuts_are_offered_where_the_lowest_degree_serves_the_tight_tier_p
 def test_in_overload_hybrid_cuts_give_the_tight_tier_most_of_the_pool() -> None:
     from dataclasses import replace
 
-    from nitsum_core.policy.configurator import SHARED, hybrid_plans
+    from nitsum_core.policy.cuts import hybrid_plans
+    from nitsum_core.policy.plan import SHARED
 
     pm, demands = _study_perf(), _study_demands()
     # Interactive asks for more than the whole pool could serve at TP 2: the count it needs is
@@ -481,7 +478,8 @@ def test_in_overload_hybrid_cuts_give_the_tight_tier_most_of_the_pool() -> None:
 
 
 def test_a_hybrid_cut_keeps_serving_a_tier_quiet_of_late_on_its_low_tp_instances() -> None:
-    from nitsum_core.policy.configurator import SHARED, candidate_plans, hybrid_plans
+    from nitsum_core.policy.cuts import candidate_plans, hybrid_plans
+    from nitsum_core.policy.plan import SHARED
 
     pm, demands = _study_perf(), _study_demands()
     # The bursty code trace can leave agent without arrivals for a few windows. The low-TP
@@ -490,7 +488,7 @@ def test_a_hybrid_cut_keeps_serving_a_tier_quiet_of_late_on_its_low_tp_instances
     tiers = ("interactive", "agent", "background")
     for plans in (hybrid_plans(8, pm, quiet, tiers=tiers), candidate_plans(8, pm, quiet, ("mixed",), tiers)):
         low = [a for plan in plans for a in plan.assignments if a.tier != SHARED]
-        assert low and all(a.tier == "agent+background" for a in low)
+        assert low and all(a.tier == TierSet.of("agent", "background") for a in low)
     # Fenced one tier per instance (in overload), the quiet tier still gets instances of its own.
     fenced = candidate_plans(8, pm, _overloaded(quiet, 6), ("mixed",), tiers)[-1]
-    assert {a.tier for a in fenced.assignments} == set(tiers)
+    assert {a.tier.sole for a in fenced.assignments} == set(tiers)

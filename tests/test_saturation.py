@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.perf.saturation import offered_load, rate_for_load, saturation
-from nitsum_core.policy.configurator import Assignment, Plan
+from nitsum_core.policy.plan import SHARED, Assignment, Plan
 from nitsum_core.sim.simulator import Preset, Simulator
 from nitsum_core.workload import TraceRequest, assign_tiers, scale_rate, synthetic_azure_conv, window
 
@@ -52,7 +52,9 @@ def test_saturation_separates_keeping_up_from_falling_behind(load: float) -> Non
     sat = saturation(perf, 1, mix)
     arrivals = scale_rate(mix, load * sat.rps)
     end = arrivals[-1].arrival_s
-    res = Simulator(perf, 1, TIERS, Preset("vanilla"), Plan([Assignment(0, 1, "mixed", "*")])).run(arrivals)
+    res = Simulator(perf, 1, TIERS, Preset("vanilla"), Plan([Assignment(0, 1, "mixed", SHARED)])).run(
+        arrivals
+    )
     assert all(r.error is None for r in res.records)
     done_by_end = sum(r.arrival_s + r.ttft_s + r.tpot_s * (r.output_tokens - 1) <= end for r in res.records)
     if load < 1:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from nitsum_core.policy.configurator import Assignment, Plan
 from nitsum_core.policy.control_loop import InFlight
 from nitsum_core.policy.goodput import summarize
+from nitsum_core.policy.plan import SHARED, Assignment, Plan
 from nitsum_core.sim.replay import PlanReplay
 from nitsum_core.sim.simulator import Preset, Simulator
 from nitsum_core.workload import TraceRequest
@@ -92,7 +92,7 @@ def test_queueing_matches_md1_closed_form() -> None:
         1,
         {"interactive": TIERS["interactive"]},
         Preset("vanilla"),
-        Plan([Assignment(0, 1, "mixed", "*")]),
+        Plan([Assignment(0, 1, "mixed", SHARED)]),
         chunk_tokens=prompt,
         max_batch=1,
     )
@@ -113,7 +113,11 @@ def test_more_load_than_capacity_degrades_attainment_not_conservation() -> None:
 
 def test_prefill_decode_handoff_and_dynamic_switching_run() -> None:
     pd = Plan(
-        [Assignment(0, 1, "prefill", "*"), Assignment(1, 1, "prefill", "*"), Assignment(2, 2, "decode", "*")]
+        [
+            Assignment(0, 1, "prefill", SHARED),
+            Assignment(1, 1, "prefill", SHARED),
+            Assignment(2, 2, "decode", SHARED),
+        ]
     )
     res = Simulator(perf_model(), 4, TIERS, Preset("static-pd"), pd).run(workload(300, rate=10.0))
     assert all(r.error is None for r in res.records)
@@ -127,7 +131,7 @@ def test_a_decode_instance_takes_hand_offs_only_into_free_seats() -> None:
     # Four prefill GPUs feeding one decode GPU capped at 8 seats: the decode side is the
     # bottleneck. Hand-offs wait for a seat (their KV held on the prefill side) instead of
     # overfilling the batch, and every request still finishes.
-    pd = Plan([*(Assignment(s, 1, "prefill", "*") for s in range(4)), Assignment(4, 1, "decode", "*")])
+    pd = Plan([*(Assignment(s, 1, "prefill", SHARED) for s in range(4)), Assignment(4, 1, "decode", SHARED)])
     wl = workload(400, rate=40.0)
     sim = Simulator(perf_model(), 5, TIERS, Preset("static-pd"), pd, max_batch=8)
     sim.run(wl, until_s=5.0)
@@ -286,7 +290,7 @@ def test_nitsum_sim_cli_says_what_is_wrong_with_a_rate(tmp_path) -> None:
 
 
 def test_the_policy_side_runs_without_importing_torch() -> None:
-    # The perf model, configurator, simulator and the controller's autopilot need a model's shape,
+    # The perf model, capacity model and searches, simulator and the controller's autopilot need a model's shape,
     # never its tensors: a replay worker process (`tp_controller --replay-workers`) or `nitsum sim`
     # must not pay torch's import (about 2 s and 200 MB per process on the development machine).
     import subprocess
@@ -294,8 +298,8 @@ def test_the_policy_side_runs_without_importing_torch() -> None:
 
     code = (
         "import sys\n"
-        "import nitsum_core.sim.simulator, nitsum_core.sim.replay, nitsum_core.sim.baselines\n"
-        "import nitsum_core.policy.configurator, nitsum_core.policy.control_loop, nitsum_core.policy.scheduler\n"
+        "import nitsum_core.sim.simulator, nitsum_core.policy.search, nitsum_core.policy.control_loop\n"
+        "import nitsum_core.sim.replay, nitsum_core.sim.baselines, nitsum_core.policy.scheduler\n"
         "import nitsum_tp_controller.autopilot\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )

@@ -7,9 +7,9 @@ import math
 import random
 
 from nitsum_core.config import Tier
-from nitsum_core.policy.configurator import Assignment, Plan
 from nitsum_core.policy.control_loop import InFlight
 from nitsum_core.policy.goodput import summarize
+from nitsum_core.policy.plan import SHARED, Assignment, Plan, TierSet
 from nitsum_core.sim import steps
 from nitsum_core.sim.replay import PlanReplay
 from nitsum_core.sim.simulator import Preset, Simulator
@@ -18,7 +18,7 @@ from sim_cases import ONE_GPU, SLO, STUDY_TIERS, TIERS, on_one_gpu, perf_model, 
 
 
 def test_a_tier_the_plan_does_not_serve_is_queued_best_effort_not_rejected() -> None:
-    only_interactive = Plan([Assignment(s, 1, "mixed", "interactive") for s in range(4)])
+    only_interactive = Plan([Assignment(s, 1, "mixed", TierSet.of("interactive")) for s in range(4)])
     res = Simulator(perf_model(), 4, TIERS, Preset("nitsum-static", queue_order="slo"), only_interactive).run(
         workload(200, rate=5.0)
     )
@@ -109,7 +109,9 @@ def test_each_instance_sizes_its_seats_from_its_own_batch() -> None:
     # interactive instance a tenth of the sequences it can decode within 10 ms, and its requests
     # would queue for seconds; sized from its own batch, it serves them all within both targets.
     tiers = {"interactive": Tier("interactive", 0.5, 0.010, 0), "agent": Tier("agent", 5.0, 0.1, 1)}
-    per_tier = Plan([Assignment(0, 1, "mixed", "interactive"), Assignment(1, 1, "mixed", "agent")])
+    per_tier = Plan(
+        [Assignment(0, 1, "mixed", TierSet.of("interactive")), Assignment(1, 1, "mixed", TierSet.of("agent"))]
+    )
     rng = random.Random(0)
     wl = sorted(
         [TraceRequest(rng.uniform(0, 20), 100, 500, "interactive") for _ in range(600)]
@@ -134,7 +136,7 @@ def test_seats_leave_room_for_the_prefill_chunk_every_step_carries() -> None:
         (TraceRequest(rng.uniform(0, 20), 1000, 200, "interactive") for _ in range(800)),
         key=lambda r: r.arrival_s,
     )
-    plan = Plan([Assignment(0, 2, "mixed", "interactive")])
+    plan = Plan([Assignment(0, 2, "mixed", TierSet.of("interactive"))])
     res = Simulator(perf_model(), 2, tiers, SLO, plan).run(wl)
     decoded = [r for r in res.records if r.tpot_s is not None]
     assert len(decoded) == 800
@@ -147,7 +149,7 @@ def test_a_tier_only_recut_pauses_nothing_and_keeps_what_runs_where_it_runs() ->
     # rewrites which tiers instances serve): no pause, no KV moves; queued requests of tiers an
     # instance no longer serves go where they are served, and what it decodes stays, its steps
     # still within those requests' TPOT targets until they finish.
-    shared = Plan([Assignment(s, 1, "mixed", "*") for s in range(4)])
+    shared = Plan([Assignment(s, 1, "mixed", SHARED) for s in range(4)])
     sim = Simulator(perf_model(), 4, TIERS, SLO, shared)
     sim.run(workload(2000, rate=200.0), until_s=5.0)
     before = list(sim.instances)
@@ -155,7 +157,7 @@ def test_a_tier_only_recut_pauses_nothing_and_keeps_what_runs_where_it_runs() ->
     assert all(decoding) and any(inst.queue for inst in before)  # mid-overload: work everywhere
     per_tier = Plan(
         [
-            Assignment(s, 1, "mixed", t)
+            Assignment(s, 1, "mixed", TierSet.of(t))
             for s, t in enumerate(["interactive", "interactive", "agent", "background"])
         ]
     )
@@ -165,12 +167,12 @@ def test_a_tier_only_recut_pauses_nothing_and_keeps_what_runs_where_it_runs() ->
     assert [sorted(r.rid for *_, r in inst.finishing) for inst in sim.instances] == decoding
     assert all(inst.paused_until <= sim.now for inst in sim.instances)
     for inst in sim.instances:
-        assert {q[-1].tier for q in inst.queue + inst.late_queue} <= {inst.a.tier}
+        assert {q[-1].tier for q in inst.queue + inst.late_queue} <= inst.a.tier.names
     background = sim.instances[3]
     assert "interactive" in {r.tier for *_, r in background.finishing}
     assert sim._tpot_target(background) == TIERS["interactive"].tpot_s
     # A re-cut that moves slots still pauses for the switch.
-    assert sim._switch_cost(Plan([Assignment(0, 2, "mixed", "*"), Assignment(2, 2, "mixed", "*")])) > 0
+    assert sim._switch_cost(Plan([Assignment(0, 2, "mixed", SHARED), Assignment(2, 2, "mixed", SHARED)])) > 0
 
 
 def test_an_on_time_prompt_takes_the_seat_of_a_late_one_that_has_not_started() -> None:
@@ -216,7 +218,7 @@ def test_an_instance_serves_the_tiers_it_can_when_one_target_is_out_of_its_reach
     # Sized for the 5.5 ms target it cannot reach, a TP 1 instance admitted no one and served
     # nothing at all. It now sizes its steps for the tiers it can serve; interactive requests
     # run there best-effort.
-    tp1 = Plan([Assignment(s, 1, "mixed", "*") for s in range(4)])
+    tp1 = Plan([Assignment(s, 1, "mixed", SHARED) for s in range(4)])
     att = _attainment(tp1, workload(300, rate=10.0))
     assert att["agent"] == att["background"] == 1.0
     assert att["interactive"] == 0.0
@@ -227,9 +229,9 @@ def test_a_hybrid_cut_sends_the_tight_tier_to_its_high_tp_instances_only() -> No
     # interactive request decodes on the TP 2 instance within 5.5 ms (on a TP 1 one it could not).
     hybrid = Plan(
         [
-            Assignment(0, 2, "mixed", "*"),
-            Assignment(2, 1, "mixed", "agent+background"),
-            Assignment(3, 1, "mixed", "agent+background"),
+            Assignment(0, 2, "mixed", SHARED),
+            Assignment(2, 1, "mixed", TierSet.of("agent", "background")),
+            Assignment(3, 1, "mixed", TierSet.of("agent", "background")),
         ]
     )
     att = _attainment(hybrid, workload(300, rate=10.0))
@@ -243,9 +245,9 @@ def test_a_decode_that_can_no_longer_meet_its_tpot_resumes_off_the_tight_tiers_i
     # take a seat that a request which can still count needs (it still finishes).
     hybrid = Plan(
         [
-            Assignment(0, 2, "mixed", "*"),
-            Assignment(2, 1, "mixed", "agent+background"),
-            Assignment(3, 1, "mixed", "agent+background"),
+            Assignment(0, 2, "mixed", SHARED),
+            Assignment(2, 1, "mixed", TierSet.of("agent", "background")),
+            Assignment(3, 1, "mixed", TierSet.of("agent", "background")),
         ]
     )
     on_pace = InFlight("interactive", 500, 200, age_s=0.35, ttft_s=0.1, generated=40)

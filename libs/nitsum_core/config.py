@@ -27,9 +27,6 @@ def _parse_tiers(data: dict, source: str) -> dict[str, Tier]:
         raise ValueError(f"{source}: expected a [tiers.<name>] table with at least one tier")
     tiers: dict[str, Tier] = {}
     for name, spec in table.items():
-        if "+" in name or name == "*":
-            # Plans name an instance's tiers as "*" (every tier) or names joined by "+".
-            raise ValueError(f"{source}: tier name {name!r} may not be '*' or contain '+'; rename it")
         if not isinstance(spec, dict):
             raise ValueError(f"{source}: [tiers.{name}] must be a table")
         unknown = set(spec) - {"ttft_s", "tpot_s", "priority"}

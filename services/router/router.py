@@ -33,6 +33,7 @@ from nitsum_core.errors import (
     WorkerLost,
 )
 from nitsum_core.logs import setup_logging
+from nitsum_core.policy.goodput import mean_tpot, meets_targets
 from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, leaders_for
 from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects, topology
@@ -520,14 +521,14 @@ class Router:
             prompt_tokens=len(f.prompt_ids),
             completion_tokens=n,
             ttft_s=first - f.arrived,
-            tpot_s=((f.last_token_at or first) - first) / (n - 1) if n > 1 else 0.0,
+            tpot_s=mean_tpot(first, f.last_token_at or first, n),
             e2e_s=now - f.arrived,
             worker_slot=f.slot if f.slot is not None else -1,
             reroutes=f.reroutes,
         )
         stats = self._tier_window(f.tier.name)
         stats.finished += 1
-        stats.good += usage.ttft_s <= f.tier.ttft_s and usage.tpot_s <= f.tier.tpot_s
+        stats.good += meets_targets(usage.ttft_s, usage.tpot_s, f.tier)
         prev = self._mean_output.get(f.tier.name)
         self._mean_output[f.tier.name] = n if prev is None else 0.9 * prev + 0.1 * n
         chunk = m.StreamChunk(

@@ -32,7 +32,7 @@ def main() -> None:
         "--auto",
         action="store_true",
         help="let the configurator drive the topology (first, where TP 1 cannot decode a tier within "
-        "its TPOT target, the boot cut of the tier file: configurator.boot_plan)",
+        "its TPOT target, the boot cut of the tier file: cuts.boot_plan)",
     )
     p.add_argument(
         "--model", default="smollm2", help="served model (checkpoint dir, .gguf or name), for --auto"

@@ -28,8 +28,9 @@ from nitsum_core.config import Tier
 from nitsum_core.errors import InvalidRequest
 from nitsum_core.perf.perf_model import PerfModel
 from nitsum_core.policy import reconfig
-from nitsum_core.policy.configurator import SHARED, Assignment, Plan, boot_plan, plan_shape
 from nitsum_core.policy.control_loop import ControlLoop, InFlight
+from nitsum_core.policy.cuts import boot_plan
+from nitsum_core.policy.plan import SHARED, Assignment, Plan, only_tiers_change
 from nitsum_core.sim.simulator import PlanReplay
 from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
@@ -266,5 +267,4 @@ def switch_cost(current: Plan, measured_s: float) -> Callable[[Plan], float]:
     """Seconds a switch from ``current`` pauses: none when it only changes which tiers instances
     serve (the controller just rewrites the topology), else ``measured_s``, what this
     controller's switches have taken."""
-    now = plan_shape(current.assignments)
-    return lambda plan: 0.0 if plan_shape(plan.assignments) == now else measured_s
+    return lambda plan: 0.0 if only_tiers_change(current.assignments, plan.assignments) else measured_s

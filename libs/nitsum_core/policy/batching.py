@@ -156,7 +156,7 @@ def strictest_reachable(targets: Iterable[float], floor_s: float) -> float | Non
     """The strictest of the TPOT ``targets`` at or above ``floor_s`` (the smallest decode step:
     one sequence, no context), None if none. A target below it cannot be met at any batch size;
     bounding steps and seats by it would idle the instance, so such requests run best-effort and
-    the steps are sized for the others (``configurator.reachable_tpot``, from the perf model)."""
+    the steps are sized for the others (``capacity.reachable_tpot``, from the perf model)."""
     reachable = [t for t in targets if t >= floor_s]
     return min(reachable) if reachable else None
 

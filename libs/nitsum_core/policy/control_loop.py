@@ -13,7 +13,7 @@ repeating until every tier's TTFT deadlines have passed; its score is the reques
 targets, per second, each tier counted over the arrivals whose outcome is decided by then (so work
 a cut pushes past the span is charged: ``PlanReplay``).
 The candidates of a window are independent replays: with a ``replay_map`` (a process pool's
-``map``), they run side by side. Without a replay scorer, by the configurator's roofline
+``map``), they run side by side. Without a replay scorer, by the capacity model's roofline
 prediction, which is cheap enough for any pool size but ranks plans less well; that score is
 scaled by how each plan family actually did against it while it ran (per-family calibration).
 """
@@ -28,17 +28,10 @@ from typing import NamedTuple
 
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import PerfModel
-from nitsum_core.policy.configurator import (
-    Assignment,
-    Plan,
-    Role,
-    TierDemand,
-    admission_caps,
-    candidate_plans,
-    plan_family,
-    predicted_goodput,
-    should_switch,
-)
+from nitsum_core.policy.capacity import admission_caps, predicted_goodput
+from nitsum_core.policy.cuts import candidate_plans
+from nitsum_core.policy.plan import Assignment, Plan, Role, TierDemand, plan_family
+from nitsum_core.policy.search import should_switch
 
 WARMUP_WINDOWS = 2  # windows of a new plan before its goodput counts towards its calibration
 REPLAY_WINDOWS = 5  # windows of requests a replay scores plans on
@@ -49,8 +42,7 @@ BOOT_WINDOWS = REPLAY_WINDOWS + 1
 # The gain a proposed cut must promise over the current one before the loop switches. Replay
 # scores of a few seconds of bursty arrivals differ by 10-20 % between near-equal cuts, and the
 # best of several noisy scores is biased upwards: at a 10 % margin the loop left the best static
-# cut for ones that then did worse (70B at 40 req/s: 18.0 vs 21.2 staying put; docs/simulator.md,
-# round 10).
+# cut for ones that then did worse (70B at 40 req/s: 18.0 vs 21.2 staying put).
 SWITCH_MARGIN = 0.2
 # A cut that wins by less than SWITCH_MARGIN but at least CONFIRM_MARGIN is replayed again, with
 # the current one, on the last CONFIRM_WINDOWS windows of arrivals (as many as have been seen, once
@@ -62,7 +54,7 @@ CONFIRM_WINDOWS = 15
 # starts, degrees and roles; some instances serving several tiers) loses the tie. The replay
 # scores the last few seconds only; an instance serving several tiers absorbs the next shift of the
 # mix, a fenced one cannot. A fenced cut ahead by 1 % at 10 s held 8B at 1x saturation for the rest
-# of the run, 1.7 % below the hybrid of the same instances (docs/simulator.md, round 25).
+# of the run, 1.7 % below the hybrid of the same instances (docs/simulator.md).
 POOLED_TIE = 0.02
 
 
@@ -253,7 +245,7 @@ class ControlLoop:
             # candidate on that span and kept: it is now a cut the loop chose, and leaving it needs
             # the debounce like any other. Left undebounced, one noisy replay moved 8B off its
             # best cut (uniform TP 1 at a 10 ms target) at 12 s and back at 23 s: 375.5 -> 355.5
-            # req/s (docs/simulator.md round 29).
+            # req/s (docs/simulator.md).
             self._placeholder = False
         # The roofline's calibration compares this window's goodput with last window's prediction
         # (a replay needs no calibration: see ``_replay_scores``).
@@ -307,11 +299,10 @@ class ControlLoop:
         # per-tier cut changes shape with every window's demand. Nor need it have been last
         # window's best: near-equal families trade the lead from window to window, and asking for
         # the same winner twice running held a bad boot plan for windows while every one of them
-        # beat it by 40 % (14B at 2x saturation, docs/simulator.md round 22). A boot placeholder
+        # beat it by 40 % (14B at 2x saturation). A boot placeholder
         # has no such standing in its first replay span: it was never the best of anything, and
         # every window on it is spent on a cut that may not serve a tier at all (the first
-        # window's switch: 8B at 1x 173.3 -> 178.4 req/s, relaxed 14B at 2x 189.3 -> 191.9;
-        # docs/simulator.md round 27).
+        # window's switch: 8B at 1x 173.3 -> 178.4 req/s, relaxed 14B at 2x 189.3 -> 191.9).
         beat_last, self._beat_last = (
             self._beat_last,
             {plan_family(c.assignments) for c in candidates if expected(c) > now_rps * (1 + CONFIRM_MARGIN)},
@@ -324,7 +315,7 @@ class ControlLoop:
         # The gain must pay for the pause within the span it was measured over (the replayed
         # windows): it is expected to last that long, not one window. Paid back over one window, a
         # pause of over 0.065 s outweighed the 5-6 % gain five confirming replays in a row gave
-        # another cut (8B at 2x saturation, docs/simulator.md round 22).
+        # another cut (8B at 2x saturation).
         if should_switch(now_rps, proposed.predicted_goodput_rps, pause, span_s, SWITCH_MARGIN):
             decision.switch_to, decision.pause_s = proposed, pause
             self._beat_last = set()  # measured against the plan being left
@@ -368,7 +359,7 @@ class ControlLoop:
         that is falling behind carries its backlog into its own replay and scores what it will
         really deliver. (Replays that started from an empty pool and ran every request to its end
         scored such a plan as if it kept up, by up to 2x, and needed a per-family calibration that
-        then stuck to a family after one bad stint: docs/simulator.md, round 8.)
+        then stuck to a family after one bad stint.)
         """
         assert self.replay is not None
         replay = self.replay

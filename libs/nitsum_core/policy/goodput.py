@@ -19,13 +19,24 @@ class RequestRecord:
     error: str | None = None
 
 
+def mean_tpot(first_token_s: float, last_token_s: float, output_tokens: int) -> float:
+    """Mean time per output token after the first: the gaps between ``output_tokens`` tokens,
+    the first at ``first_token_s`` and the last at ``last_token_s``; 0 for a single token."""
+    return (last_token_s - first_token_s) / (output_tokens - 1) if output_tokens > 1 else 0.0
+
+
+def meets_targets(ttft_s: float, tpot_s: float, tier: Tier) -> bool:
+    """Whether a request met both of its tier's targets: TTFT and mean TPOT (``mean_tpot``, 0 for
+    a single token) within them. Goodput counts exactly these requests."""
+    return ttft_s <= tier.ttft_s and tpot_s <= tier.tpot_s
+
+
 def meets_slo(rec: RequestRecord, tier: Tier) -> bool:
-    """TTFT within target and mean TPOT within target (single-token outputs have no TPOT)."""
+    """Whether ``rec`` finished and met both targets (``meets_targets``; single-token outputs
+    have no TPOT)."""
     if rec.error is not None or rec.ttft_s is None:
         return False
-    if rec.ttft_s > tier.ttft_s:
-        return False
-    return not (rec.output_tokens > 1 and (rec.tpot_s or 0.0) > tier.tpot_s)
+    return meets_targets(rec.ttft_s, (rec.tpot_s or 0.0) if rec.output_tokens > 1 else 0.0, tier)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -11,8 +11,8 @@ from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 from nitsum_core.errors import InvalidRequest
-from nitsum_core.policy.configurator import SHARED, Assignment, Plan, join_tiers, tier_set
 from nitsum_core.policy.kv_cache import BlockManager, blocks_needed
+from nitsum_core.policy.plan import Assignment, Plan, TierSet
 from nitsum_core.wire import messages as m
 
 
@@ -84,24 +84,24 @@ def placement_error(
 
 
 def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | None = None) -> m.Topology:
-    """The topology of a configurator plan: one instance per assignment, in slot order.
+    """The topology of a plan: one instance per assignment, in slot order.
 
     ``slots``: the live slots that the plan's positions 0..n-1 stand for, in order (the
-    configurator cuts a pool of n; after a worker died mid-range the pool is, say, 0, 1, 3).
+    control loop cuts a pool of n; after a worker died mid-range the pool is, say, 0, 1, 3).
     Each instance must land on an aligned block of them, or the cut is refused.
     """
     error = placement_error(plan, slots)
     if error is not None:
         raise InvalidRequest(error)
     instances = [
-        m.Instance(instance_id=i, slots=_placed(a, slots), role=a.role, tiers=sorted(tier_set(a.tier) or ()))
+        m.Instance(instance_id=i, slots=_placed(a, slots), role=a.role, tiers=a.tier.to_wire())
         for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start))
     ]
     return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
 
 def topology_plan(topo: m.Topology, slots: Sequence[int] | None = None) -> Plan:
-    """The configurator's view of a topology (an instance serves every tier, one, or a set).
+    """The plan a topology runs (an instance serves every tier, one, or a set).
 
     ``slots``: the topology's live slots in order; an instance's start is then its position among
     them (the inverse of ``plan_topology``'s mapping).
@@ -112,7 +112,7 @@ def topology_plan(topo: m.Topology, slots: Sequence[int] | None = None) -> Plan:
             inst.slots[0] if position is None else position[inst.slots[0]],
             inst.tp,
             inst.role,
-            join_tiers(inst.tiers) if inst.tiers else SHARED,
+            TierSet.from_wire(inst.tiers),
         )
         for inst in topo.instances
     ]

@@ -7,10 +7,12 @@ which local queue it joins there (``LanePolicy``: feasible / background / best-e
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable
 from enum import IntEnum
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from nitsum_core.config import Tier
+from nitsum_core.policy.plan import TierSet, serves
 from nitsum_core.wire.messages import Topology
 
 
@@ -19,30 +21,37 @@ class Candidate(NamedTuple):
     load: int  # requests the router has in flight there plus the worker's own waiting queue
 
 
-def eligible_leaders(topology: Topology | None, tier: str, alive: set[int]) -> list[int]:
-    """Leaders of instances that serve ``tier`` (an empty tier list means every tier) and are alive."""
-    if topology is None:
-        return []
-    return [
-        inst.leader
-        for inst in topology.instances
-        if inst.role in ("mixed", "prefill")
-        and (not inst.tiers or tier in inst.tiers)
-        and inst.leader in alive
-    ]
+T = TypeVar("T")
+
+
+def route_targets(
+    instances: Iterable[T], takes_requests: Callable[[T], bool], serves_tier: Callable[[T], bool]
+) -> tuple[list[T], bool]:
+    """The instances a request of some tier may go to, and whether that is a fallback.
+
+    Of the ``instances`` that take new requests (``takes_requests``: a prefill or mixed instance
+    the driver can reach), those that serve the tier; where none does, every one of them. A plan
+    may dedicate every instance to other tiers (a tier with no recent demand gets none); its
+    requests then go best-effort anywhere rather than being refused. The router (``leaders_for``)
+    and the simulator route by this one rule.
+    """
+    takers = [i for i in instances if takes_requests(i)]
+    serving = [i for i in takers if serves_tier(i)]
+    if serving:
+        return serving, False
+    return takers, bool(takers)
 
 
 def leaders_for(topology: Topology | None, tier: str, alive: set[int]) -> tuple[list[int], bool]:
-    """Leaders to route a ``tier`` request to, and whether that is a fallback.
-
-    A plan may dedicate every instance to other tiers (a tier with no recent demand gets none);
-    its requests then go best-effort to any instance rather than being refused.
-    """
-    leaders = eligible_leaders(topology, tier, alive)
-    if leaders or topology is None:
-        return leaders, False
-    every = [i.leader for i in topology.instances if i.role in ("mixed", "prefill") and i.leader in alive]
-    return every, bool(every)
+    """Leaders to route a ``tier`` request to, and whether that is a fallback (``route_targets``)."""
+    if topology is None:
+        return [], False
+    targets, fallback = route_targets(
+        topology.instances,
+        lambda inst: inst.role in ("mixed", "prefill") and inst.leader in alive,
+        lambda inst: serves(TierSet.from_wire(inst.tiers), tier),
+    )
+    return [inst.leader for inst in targets], fallback
 
 
 def least_loaded(candidates: list[Candidate]) -> int | None:

@@ -19,15 +19,10 @@ from dataclasses import dataclass
 
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import PerfModel
-from nitsum_core.policy.configurator import (
-    Assignment,
-    Plan,
-    hybrid_cut,
-    tight_and_rest,
-    uniform_cut,
-    valid_tp_choices,
-)
+from nitsum_core.policy.capacity import valid_tp_choices
+from nitsum_core.policy.cuts import hybrid_cut, tight_and_rest, uniform_cut
 from nitsum_core.policy.goodput import GoodputReport, summarize
+from nitsum_core.policy.plan import SHARED, Assignment, Plan, TierSet
 from nitsum_core.sim.replay import PlanReplay
 from nitsum_core.sim.simulator import Preset, SimResult, Simulator
 from nitsum_core.workload import TraceRequest
@@ -56,7 +51,7 @@ def split_clusters(pool: int, tp: int, tiers: list[str]) -> Iterator[Plan]:
         bounds = (0, *cuts, units)
         plan = []
         for tier, lo, hi in zip(tiers, bounds, bounds[1:], strict=False):
-            plan += [Assignment(u * tp, tp, "mixed", tier) for u in range(lo, hi)]
+            plan += [Assignment(u * tp, tp, "mixed", TierSet.of(tier)) for u in range(lo, hi)]
         yield Plan(plan)
 
 
@@ -70,13 +65,13 @@ def split_clusters_by_degree(pool: int, tps: list[int], tiers: list[str]) -> Ite
         for degrees in itertools.product(*([tp for tp in tps if size % tp == 0] for size in sizes)):
             plan, start = [], 0
             for tier, size, tp in sorted(zip(tiers, sizes, degrees, strict=True), key=lambda c: -c[2]):
-                plan += [Assignment(s, tp, "mixed", tier) for s in range(start, start + size, tp)]
+                plan += [Assignment(s, tp, "mixed", TierSet.of(tier)) for s in range(start, start + size, tp)]
                 start += size
             yield Plan(plan)
 
 
 def hybrid_cuts(pool: int, tps: list[int], tiers: dict[str, Tier]) -> Iterator[Plan]:
-    """Every static hybrid cut (``configurator.hybrid_cut``): some instances at a higher degree
+    """Every static hybrid cut (``cuts.hybrid_cut``): some instances at a higher degree
     serving every tier, the rest at the lowest degree serving all but the strictest-TPOT tier.
     Not a baseline preset: ``dynamic_headroom.py`` runs them as static plans of any shape."""
     _, rest = tight_and_rest({name: t.tpot_s for name, t in tiers.items()})
@@ -95,7 +90,7 @@ def prefill_decode(pool: int, tps: list[int]) -> Iterator[Plan]:
                 groups = [("prefill", n_pre, tp_pre), ("decode", pool - n_pre, tp_dec)]
                 plan, start = [], 0
                 for role, size, tp in sorted(groups, key=lambda g: -g[2]):
-                    plan += [Assignment(s, tp, role, "*") for s in range(start, start + size, tp)]
+                    plan += [Assignment(s, tp, role, SHARED) for s in range(start, start + size, tp)]
                     start += size
                 yield Plan(plan)
 

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nitsum_core.policy.batching import LATE, prefill_rank
-from nitsum_core.policy.configurator import Assignment
+from nitsum_core.policy.plan import Assignment
 
 
 @dataclass(slots=True)

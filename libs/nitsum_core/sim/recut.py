@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import PerfModel
-from nitsum_core.policy.configurator import SHARED, Plan, plan_shape, serves, smallest_decode_step
+from nitsum_core.policy.capacity import smallest_decode_step
+from nitsum_core.policy.plan import SHARED, Plan, only_tiers_change, serves
 from nitsum_core.sim.instance import SimInstance, SimRequest, decoded, enqueue
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class Recuts:
 
     def _reshaped(self, plan: Plan) -> bool:
         """Whether ``plan`` changes any instance's slots, degree or role (not just its tiers)."""
-        return plan_shape(plan.assignments) != plan_shape(i.a for i in self.instances)
+        return not only_tiers_change((i.a for i in self.instances), plan.assignments)
 
     def _reconfigure(self, plan: Plan, pause: float) -> None:
         # Instances whose assignment is unchanged keep running untouched; only the slots that

@@ -15,9 +15,9 @@ from dataclasses import replace
 
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import PerfModel
-from nitsum_core.policy.configurator import Plan
 from nitsum_core.policy.control_loop import Arrival, InFlight
 from nitsum_core.policy.goodput import meets_slo
+from nitsum_core.policy.plan import Plan
 from nitsum_core.sim.simulator import Preset, Simulator
 from nitsum_core.workload import TraceRequest
 

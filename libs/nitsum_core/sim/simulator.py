@@ -20,10 +20,11 @@ from typing import Literal
 
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import PerfModel
-from nitsum_core.policy.configurator import Plan, Role, boot_plan, serves
 from nitsum_core.policy.control_loop import Arrival, ControlLoop, Forecast, InFlight, ReplayScorer
-from nitsum_core.policy.goodput import RequestRecord
-from nitsum_core.policy.routing import Candidate, Lane, LanePolicy
+from nitsum_core.policy.cuts import boot_plan
+from nitsum_core.policy.goodput import RequestRecord, mean_tpot
+from nitsum_core.policy.plan import Plan, Role, serves
+from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, route_targets
 from nitsum_core.sim.instance import SimInstance, SimRequest, decoded, enqueue
 from nitsum_core.sim.recut import Recuts
 from nitsum_core.sim.steps import InstanceSteps
@@ -132,11 +133,9 @@ class Simulator(InstanceSteps, Recuts):
 
     # ---- routing ---------------------------------------------------------------------------------
     def _route(self, r: SimRequest) -> None:
-        cands = self._serving(r.tier, ("mixed", "prefill"))
-        # As routing.leaders_for: a tier no instance is dedicated to goes best-effort anywhere.
-        fallback = not cands
-        if fallback:
-            cands = [i for i in self.instances if i.a.role in ("mixed", "prefill")]
+        cands, fallback = route_targets(
+            self.instances, lambda i: i.a.role in ("mixed", "prefill"), lambda i: serves(i.a.tier, r.tier)
+        )
         if not cands:
             self._reject(r, "no instance serves this tier")
             return
@@ -314,7 +313,7 @@ class Simulator(InstanceSteps, Recuts):
                 )
                 continue
             ttft = r.first_token - r.arrival
-            tpot = (r.finish - r.first_token) / (output - 1) if output > 1 else 0.0
+            tpot = mean_tpot(r.first_token, r.finish, output)
             records.append(RequestRecord(r.tier, r.arrival, prompt, output, ttft, tpot))
         # Goodput is counted over the arrival span, the same for every preset on the same trace.
         arrived = reqs[len(resumed) :]

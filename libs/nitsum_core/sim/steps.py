@@ -29,8 +29,10 @@ from nitsum_core.policy.batching import (
     repay_bound,
     seat_fits,
 )
-from nitsum_core.policy.configurator import reachable_tpot, serves
+from nitsum_core.policy.capacity import reachable_tpot
 from nitsum_core.policy.control_loop import ControlLoop
+from nitsum_core.policy.goodput import mean_tpot, meets_targets
+from nitsum_core.policy.plan import serves
 from nitsum_core.policy.routing import LanePolicy
 from nitsum_core.sim.instance import SimInstance, SimRequest, leave, prefill_order
 
@@ -301,8 +303,8 @@ class InstanceSteps:
         good = False
         if r.first_token is not None and r.finish is not None:
             tier = self.tiers[r.tier]
-            tpot = (r.finish - r.first_token) / (r.output - 1) if r.output > 1 else 0.0
-            good = r.first_token - r.arrival <= tier.ttft_s and tpot <= tier.tpot_s
+            tpot = mean_tpot(r.first_token, r.finish, r.output)
+            good = meets_targets(r.first_token - r.arrival, tpot, tier)
         assert self.control is not None
         self.control.finished(r.tier, good)
 
