@@ -5,7 +5,7 @@ time a control window takes when it scores the candidates by replay.
         [--replay-workers 2]
 
 Three tiers with mixed demands, Llama-3.1-8B on H100; min and median of --repeats decisions.
-The replay table times ``ControlLoop.window`` on 8 GPUs with ``simulator.PlanReplay`` scoring
+The replay table times ``ControlLoop.window`` on 8 GPUs with ``replay.PlanReplay`` scoring
 every candidate (and the current plan) on the last 5 windows of requests at each rate, starting
 from a reported backlog of two seconds' arrivals (half queued, half half-way through decoding).
 With ``--replay-workers N`` the same windows also run with the candidates replayed side by side
@@ -36,7 +36,7 @@ from nitsum_core.policy.control_loop import (
 )
 from nitsum_core.policy.plan import SHARED, Assignment, Plan, TierDemand
 from nitsum_core.policy.search import greedy
-from nitsum_core.sim.simulator import PlanReplay
+from nitsum_core.sim.replay import PlanReplay
 
 DEMANDS = {
     "interactive": TierDemand(Tier("interactive", 0.3, 0.012, 0), 120.0, 1000, 200, 110.0),

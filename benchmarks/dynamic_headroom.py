@@ -23,6 +23,7 @@ from pathlib import Path
 from nitsum_core.policy.capacity import valid_tp_choices
 from nitsum_core.policy.goodput import meets_slo, summarize
 from nitsum_core.sim.baselines import PRESETS, candidates, hybrid_cuts
+from nitsum_core.sim.replay import PlanReplay
 from nitsum_core.sim.simulator import Simulator
 from study_setup import add_study_args, load_study
 
@@ -60,7 +61,7 @@ def main() -> None:
             if rec.error is None and meets_slo(rec, tiers[rec.tier]):
                 good[min(n_windows - 1, int((rec.arrival_s - t0) // a.window))] += 1
         per_plan[label] = good
-    dyn = Simulator(perf, a.gpus, tiers, PRESETS["nitsum"]).run(workload)
+    dyn = Simulator(perf, a.gpus, tiers, PRESETS["nitsum"], replay=PlanReplay.like).run(workload)
     nitsum = summarize(dyn.records, tiers, dyn.duration_s, a.gpus).goodput_rps
     best_label = max(per_plan, key=lambda k: sum(per_plan[k]))
     static = sum(per_plan[best_label]) / a.duration
@@ -76,7 +77,9 @@ def main() -> None:
     print(f"  full Nitsum (dynamic) {nitsum:8.2f} req/s  ({nitsum / max(static, 1e-9):.2f}x)")
     foresight = {}
     for s in a.foresight:
-        res = Simulator(perf, a.gpus, tiers, PRESETS["nitsum"], foresight_s=s).run(workload)
+        res = Simulator(perf, a.gpus, tiers, PRESETS["nitsum"], foresight_s=s, replay=PlanReplay.like).run(
+            workload
+        )
         foresight[s] = summarize(res.records, tiers, res.duration_s, a.gpus).goodput_rps
         print(
             f"  ... foresight {s:4.0f} s   {foresight[s]:8.2f} req/s  ({foresight[s] / max(static, 1e-9):.2f}x; "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nitsum_core.policy.goodput import summarize
 from nitsum_core.sim.baselines import PRESETS, best_static
+from nitsum_core.sim.replay import PlanReplay
 from nitsum_core.sim.simulator import Simulator
 from study_setup import add_study_args, load_study, parse_rate
 
@@ -35,7 +36,7 @@ def main() -> None:
             a.seed, a.rate = seed, rate
             workload, tiers, perf = load_study(a)
             static = best_static("nitsum-static", a.gpus, perf, tiers, workload)
-            res = Simulator(perf, a.gpus, tiers, PRESETS["nitsum"]).run(workload)
+            res = Simulator(perf, a.gpus, tiers, PRESETS["nitsum"], replay=PlanReplay.like).run(workload)
             dynamic = summarize(res.records, tiers, res.duration_s, a.gpus).goodput_rps
             row = {
                 "seed": seed,

@@ -1,4 +1,4 @@
-"""The control loop's replay scorer (``simulator.PlanReplay``): candidate cuts scored by simulating
+"""The control loop's replay scorer (``replay.PlanReplay``): candidate cuts scored by simulating
 them on the recent requests, from the backlog in flight, and the loop following it where the
 roofline misranks."""
 
@@ -21,7 +21,8 @@ from nitsum_core.policy.control_loop import (
 from nitsum_core.policy.goodput import summarize
 from nitsum_core.policy.plan import Plan
 from nitsum_core.sim.baselines import Preset
-from nitsum_core.sim.simulator import PlanReplay, Simulator
+from nitsum_core.sim.replay import PlanReplay
+from nitsum_core.sim.simulator import Simulator
 from nitsum_core.workload import TraceRequest
 from test_policies import shared_plan
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from nitsum_core.policy.batching import late_prompts, prefill_rank, seat_fits
 from nitsum_core.policy.kv_cache import BlockManager, blocks_needed
 from nitsum_core.policy.scheduler import Scheduler, SchedulerConfig, Sequence
 
@@ -261,19 +262,59 @@ def test_prompts_always_progress_by_the_smallest_chunk() -> None:
     assert _doc_chunk_beside(tight) == 32
 
 
-def test_seats_are_not_gated_by_tpot_and_an_idle_engine_takes_work() -> None:
-    # Beside three decodes with a tight target, newcomers still take seats (their first chunks
-    # come out of the step's prompt budget): on the CPU stack gating seats by TPOT cost goodput.
+def test_seats_are_gated_by_the_shared_tpot_rule_and_an_idle_engine_takes_work() -> None:
+    # Beside one decode on course for a 16 ms target, a step over two sequences plus the 32-token
+    # floor every prompt chunk gets takes 10 + 3.2 + 2 = 15.2 ms: a newcomer fits; over three,
+    # 16.2 ms: the next one waits (as the simulator's seats, ``batching.seat_fits``).
     sched = _tpot_sched(max_num_seqs=16)
+    sched.add_running(_decoding("d0", 0.016, generated=3, since_first_s=0.02, now=100.0))
     for i in range(3):
-        sched.add_running(_decoding(f"d{i}", 0.0145, generated=3, since_first_s=0.02, now=100.0))
-    for i in range(4):
-        sched.add(Sequence(f"new{i}", [1] * 4, 4, tpot_s=0.0145))
+        sched.add(Sequence(f"new{i}", [1] * 4, 4, tpot_s=0.016))
     plan = sched.schedule(now=100.0)
-    assert [p.seq.seq_id for p in plan if p.start == 0] == ["new0", "new1", "new2", "new3"]
-    # The whole step's prompt tokens stay within the floor the bound allows.
-    assert sum(p.num_new for p in plan if p.start == 0) <= 32
+    assert [p.seq.seq_id for p in plan if p.start == 0] == ["new0"]
+    assert sched.num_waiting == 2
+    least = _linear_step(32, 1, 0)
+    assert seat_fits(_linear_step, 2, 11 + 4, 0.016, 32, least)
+    assert not seat_fits(_linear_step, 3, 11 + 4 + 4, 0.016, 32, least)
+    # Without TPOT targets nothing is gated: all three take seats.
+    free = _tpot_sched(max_num_seqs=16)
+    untargeted = _decoding("d0", 0.016, generated=3, since_first_s=0.02, now=100.0)
+    untargeted.tpot_s = None
+    free.add_running(untargeted)
+    for i in range(3):
+        free.add(Sequence(f"new{i}", [1] * 4, 4))
+    free_plan = free.schedule(now=100.0)
+    assert [p.seq.seq_id for p in free_plan if p.start == 0] == ["new0", "new1", "new2"]
+    # An empty engine always takes its first sequence, even where one step is over the target.
     idle = _tpot_sched()
     idle.step_time = lambda p, d, c: 1.0
     idle.add(Sequence("only", [1] * 4, 4, tpot_s=0.001))
     assert [p.seq.seq_id for p in idle.schedule(now=0.0)] == ["only"]
+
+
+@pytest.mark.parametrize("decodes", [0, 1, 2, 3, 4, 6])
+def test_the_engine_seats_a_newcomer_exactly_when_the_shared_rule_does(decodes: int) -> None:
+    sched = _tpot_sched(max_num_seqs=16)
+    running = [_decoding(f"d{i}", 0.018, generated=3, since_first_s=0.02, now=100.0) for i in range(decodes)]
+    for seq in running:
+        sched.add_running(seq)
+    sched.add(Sequence("new", [1] * 4, 4, tpot_s=0.018))
+    admitted = any(p.seq.seq_id == "new" for p in sched.schedule(now=100.0))
+    ctx = sum(len(s.token_ids) for s in running) + 4
+    fits = seat_fits(_linear_step, decodes + 1, ctx, 0.018, 32, _linear_step(32, 1, 0))
+    assert admitted == (fits or decodes == 0)
+
+
+def test_the_late_rule_in_token_units_lets_the_longest_prompt_ahead_give_way() -> None:
+    # 1 ms a token: "long" (30 tokens, due at 0.05) fits alone; "short" (10, due at 0.035) would
+    # wait 40 ms behind it, so the longer one gives way and the short one is served on time.
+    prompts = [(0.05, 30, 0, "long"), (0.035, 10, 1, "short"), (None, 5, 2, "settled")]
+    late, safe_until, ahead = late_prompts(prompts, now=0.0, per_token=0.001)
+    assert late == ["long"] and ahead == 15
+    # The skip bound is a lower bound: "long" counted while it was still on time (0.05 - 0.03).
+    assert safe_until == pytest.approx(0.02)
+    # At a plain deadline check (no rate) nothing misses before its deadline.
+    assert late_prompts(prompts, now=0.0, per_token=0.0)[0] == []
+    # Late prompts rank after every lane, in arrival order whatever their deadlines.
+    assert prefill_rank(3, 0.1, 5.0, 1) > prefill_rank(2, 9.0, 0.0, 0)
+    assert prefill_rank(3, 0.1, 5.0, 1) > prefill_rank(3, 9.0, 4.0, 2)

@@ -5,7 +5,7 @@ Pure and clock-free: the driver feeds it arrivals and finishes as they happen an
 and proposes a new cut only when it expects a clear gain that beats the switching cost. The
 admission budgets it returns go to the router's ``LanePolicy``.
 
-How a candidate plan is scored: with a ``replay`` scorer (``simulator.PlanReplay``, what both
+How a candidate plan is scored: with a ``replay`` scorer (``sim.replay.PlanReplay``, what both
 drivers use), each candidate is run through the simulator for the next few windows, starting from
 the requests in flight now and fed the last few windows' arrivals again at the times they arrived
 (or, where the driver passes a ``forecast``, the requests it predicts for the next span),

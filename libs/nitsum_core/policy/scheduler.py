@@ -2,25 +2,38 @@
 
 Each ``schedule()`` call plans one engine step: every running sequence past its prompt decodes
 one token, and prompt chunks (running ones and newly admitted waiting ones) share the rest of a
-token budget in rank order: priority (the router's lane), then TTFT deadline, then arrival. New
-requests therefore join the running batch at the next step boundary and finished ones leave it
-as soon as they finish.
+token budget in rank order (``batching.prefill_rank``): priority (the router's lane), then TTFT
+deadline, then arrival. New requests therefore join the running batch at the next step boundary
+and finished ones leave it as soon as they finish.
 
-A prompt that can no longer meet its TTFT deadline (``misses_ttft``: its own remaining prefill
-and that of the on-time prompts ranked ahead of it do not fit before it) ranks after every prompt
-that still can: it cannot count toward goodput any more, and ahead of them it would make them
-miss too. Where a longer prompt ahead of it has to give way for it to fit, that one goes instead.
-Late prompts still run, after the others, so nothing is dropped.
+The rules are the simulator's, stated once in ``batching``; this module keeps the engine's
+bookkeeping (waiting heap, KV blocks, preemption) around them.
+
+A prompt that can no longer meet its TTFT deadline (``batching.late_prompts``: its own remaining
+prefill and that of the on-time prompts ranked ahead of it do not fit before it, at the measured
+``prefill_s_per_token``) ranks after every prompt that still can: it cannot count toward goodput
+any more, and ahead of them it would make them miss too. Where a longer prompt ahead of it has to
+give way for it to fit, that one goes instead. Late prompts still run, after the others, so
+nothing is dropped.
 
 SLO-sized steps (DESIGN §1: "sized to stay SLO-safe"). Given a ``StepTimePredictor`` (the engine
-learns one from its own steps), a step's prompt tokens are cut so that the step is predicted to
-take no longer than the tightest bound of the sequences decoding in it: their tier's TPOT target,
-less the time any of them is behind it, paid back over ``TPOT_REPAY_TOKENS`` tokens
-(``tpot_step_bound``). A prompt chunk never shrinks below ``min_prefill_chunk`` tokens, so
-prompts always progress. Without a predictor, or without TPOT targets, steps take the whole
-token budget. Seats are not gated by TPOT here, unlike the simulator: on the CPU stack that cost
-6 % of goodput, as interactive prompts waited for seats and missed their TTFT
-(docs/simulator.md, round 15).
+learns one from its own steps), a step's prompt tokens are cut (``batching.largest_chunk``) so
+that the step is predicted to take no longer than the tightest bound of the sequences decoding in
+it: their tier's TPOT target, less the time any of them is behind it, paid back over
+``TPOT_REPAY_TOKENS`` tokens (``batching.repay_bound``). A prompt chunk never shrinks below
+``min_prefill_chunk`` tokens, so prompts always progress. Without a predictor, or without TPOT
+targets, steps take the whole token budget.
+
+TPOT-gated seats, as the simulator's (``batching.seat_fits``): with a predictor and a TPOT target,
+a waiting sequence takes a seat only if a step over the batch, itself included, plus a
+``min_prefill_chunk`` prompt chunk, is predicted to stay within the strictest reachable TPOT
+target of the seated sequences and the newcomer (lowered while one of them pays back time it is
+behind). The study's results rest on that rule, so the engine follows it rather than keep seats
+ungated: an ungated engine admits batches whose every step overruns the tightest tier's TPOT,
+which the simulator never shows. Two differences, both for liveness: an empty batch always
+takes its first sequence (a step over it is as small as the engine can take), and a step time the
+predictor does not know yet (its first steps) gates nothing. Sequences that arrive with their KV
+(``add_running``, a migration) are not gated: their seat moved with them.
 """
 
 from __future__ import annotations
@@ -28,11 +41,36 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from nitsum_core.policy.batching import (
+    LATE,
+    TPOT_REPAY_TOKENS,
+    StepTimePredictor,
+    largest_chunk,
+    late_prompts,
+    misses_ttft,
+    prefill_rank,
+    repay_bound,
+    seat_fits,
+    strictest_reachable,
+    tpot_step_bound,
+)
 from nitsum_core.policy.kv_cache import BlockManager
+
+# Re-exported: the rules' old home.
+__all__ = [
+    "TPOT_REPAY_TOKENS",
+    "ScheduledSeq",
+    "Scheduler",
+    "SchedulerConfig",
+    "SeqStatus",
+    "Sequence",
+    "StepTimePredictor",
+    "misses_ttft",
+    "tpot_step_bound",
+]
 
 
 class SeqStatus(Enum):
@@ -89,47 +127,16 @@ class SchedulerConfig:
     min_prefill_chunk: int = 32
 
 
-# Predicted seconds of a step that prefills ``prefill_tokens`` prompt tokens and decodes
-# ``decodes`` sequences holding ``decode_ctx_tokens`` tokens of KV between them; None while the
-# predictor does not know yet (then steps are not sized by TPOT).
-StepTimePredictor = Callable[[int, int, int], float | None]
-
-
-# Tokens over which a sequence that fell behind its TPOT target (a re-cut's pause, a long step)
-# pays the time back: each of its next steps is bounded below the target by debt / this. Short
-# enough that a request ending sooner than expected has mostly paid, long enough that the bound
-# stays above a decode-only step (a 60 ms pause at a 12 ms target: 10.1 ms steps).
-TPOT_REPAY_TOKENS = 32
-
-
-def tpot_step_bound(tpot_s: float, generated: int, since_first_s: float, horizon: int) -> float | None:
-    """The longest step that keeps a sequence on course for its mean-TPOT target: one that has
-    ``generated`` tokens out, the first ``since_first_s`` seconds before the next step starts,
-    and pays back any time it is behind over its next ``horizon`` tokens. Never above
-    ``tpot_s`` (time it is ahead is not spent); None when it has no tokens to go."""
-    if horizon <= 0 or generated < 1:
-        return None
-    behind_s = since_first_s - tpot_s * (generated - 1)
-    return tpot_s - max(0.0, behind_s) / horizon
-
-
-def misses_ttft(now: float, deadline: float, prefill_left_s: float) -> bool:
-    """True when a prompt cannot produce its first token by ``deadline``: ``prefill_left_s`` is
-    what it still waits for from ``now`` (its own remaining prefill, plus the prompts that
-    prefill before it where the caller counts them)."""
-    return now + prefill_left_s > deadline
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
         self.config = config
         self.blocks = blocks
-        # Seconds one prompt token takes to prefill, for ``misses_ttft``: the engine keeps it
-        # measured; 0 (unknown) makes the rule a plain deadline check.
+        # Seconds one prompt token takes to prefill, for ``batching.late_prompts``: the engine
+        # keeps it measured; 0 (unknown) makes the rule a plain deadline check.
         self.prefill_s_per_token = 0.0
         # Step-time prediction for SLO-sized steps (module docstring); None: fixed token budget.
         self.step_time: StepTimePredictor | None = None
-        self._waiting: list[tuple[tuple[int, int, float, int], Sequence]] = []
+        self._waiting: list[tuple[tuple[int, float, int], Sequence]] = []
         self.running: list[Sequence] = []
         self._counter = itertools.count()
         self.num_preempted = 0
@@ -181,40 +188,28 @@ class Scheduler:
         self.num_preempted += 1
 
     def _mark_late(self, now: float) -> None:
-        """Flag the prompts that can no longer meet their TTFT deadline (once late, always late).
-
-        A prompt's first token waits for its own remaining prefill and for that of every on-time
-        prompt ranked ahead of it: prompts prefill in rank order. Counting only its own (the
-        lower bound) let prompts take seats and prefill chunks they were bound to miss with
-        (8B at 400 req/s in the simulator: 258.5 -> 269.6 req/s, docs/simulator.md round 12).
-        When a prompt would miss, the longest prompt ahead of it goes late instead if that one has
-        more prefill left and the prompt then fits (Moore-Hodgson's rule for the most jobs meeting
-        their deadlines on one machine): one long prompt gives way to several short ones.
-        """
+        """Flag the prompts that can no longer meet their TTFT deadline (once late, always late):
+        ``batching.late_prompts`` over the on-time prompts, running and waiting, in rank order."""
         prompts = [seq for seq in self.running if not _is_decoding(seq)]
         prompts += [seq for _, seq in self._waiting]
-        ahead_s = 0.0
-        changed = False
-        # The on-time prompts counted so far that could give way, longest first.
-        counted: list[tuple[float, int, Sequence]] = []
-        tiebreak = itertools.count()
-        for seq in sorted(prompts, key=_rank):
-            if seq.late:
-                continue  # ranked after every on-time prompt: what follows does not wait for it
-            left_s = (len(seq.token_ids) - seq.num_computed) * self.prefill_s_per_token
-            deadline = seq.ttft_deadline if seq.num_generated == 0 else None  # None: TTFT settled
-            if deadline is not None and misses_ttft(now, deadline, ahead_s + left_s):
-                changed = True
-                longest_s = -counted[0][0] if counted else 0.0
-                if longest_s <= left_s or misses_ttft(now, deadline, ahead_s - longest_s + left_s):
-                    seq.late = True
-                    continue
-                heapq.heappop(counted)[2].late = True  # the longest prompt ahead gives way
-                ahead_s -= longest_s
-            ahead_s += left_s
-            if deadline is not None:
-                heapq.heappush(counted, (-left_s, next(tiebreak), seq))
-        if changed:
+        on_time = sorted((seq for seq in prompts if not seq.late), key=_rank)
+        late, _, _ = late_prompts(
+            (
+                # A prompt re-prefilling after a preemption has its TTFT settled: no deadline.
+                (
+                    seq.ttft_deadline if seq.num_generated == 0 else None,
+                    len(seq.token_ids) - seq.num_computed,
+                    i,
+                    seq,
+                )
+                for i, seq in enumerate(on_time)
+            ),
+            now,
+            self.prefill_s_per_token,
+        )
+        if late:
+            for seq in late:
+                seq.late = True
             self._waiting = [(_rank(seq), seq) for _, seq in self._waiting]
             heapq.heapify(self._waiting)
 
@@ -236,7 +231,7 @@ class Scheduler:
         admitting = True
         while running or (admitting and self._waiting):
             if admitting and self._waiting and (not running or self._waiting[0][0] < _rank(running[0])):
-                admitted = self._admit(plan, scheduled, len(running), budget)
+                admitted = self._admit(plan, scheduled, running, budget, tpot)
                 admitting, budget = admitted > 0, budget - admitted
                 continue
             seq = running.pop(0)
@@ -260,12 +255,21 @@ class Scheduler:
         self.running = scheduled
         return plan
 
-    def _admit(self, plan: list[ScheduledSeq], scheduled: list[Sequence], unplanned: int, budget: int) -> int:
-        """Admit the best-ranked waiting sequence with a first prompt chunk, if budget, a seat and
-        KV blocks allow: the chunk's tokens, or 0 (stop admitting this step)."""
-        if budget <= 0 or len(scheduled) + unplanned >= self.config.max_num_seqs:
+    def _admit(
+        self,
+        plan: list[ScheduledSeq],
+        scheduled: list[Sequence],
+        unplanned: list[Sequence],
+        budget: int,
+        tpot: _TpotBound,
+    ) -> int:
+        """Admit the best-ranked waiting sequence with a first prompt chunk, if budget, a seat (TPOT
+        gated: ``_seat_free``) and KV blocks allow: the chunk's tokens, or 0 (stop admitting this step)."""
+        if budget <= 0 or len(scheduled) + len(unplanned) >= self.config.max_num_seqs:
             return 0
         _, seq = self._waiting[0]
+        if not self._seat_free(seq, [*scheduled, *unplanned], tpot):
+            return 0
         num_new = min(len(seq.token_ids) - seq.num_computed, budget)
         if not self.blocks.can_reserve(seq.seq_id, seq.num_computed + num_new):
             return 0
@@ -275,6 +279,25 @@ class Scheduler:
         scheduled.append(seq)
         plan.append(ScheduledSeq(seq, seq.num_computed, num_new))
         return num_new
+
+    def _seat_free(self, seq: Sequence, seated: list[Sequence], tpot: _TpotBound) -> bool:
+        """Whether ``seq`` may join ``seated`` by the simulator's TPOT seat rule (module docstring):
+        ``batching.seat_fits`` at the strictest reachable TPOT target among them, lowered by what
+        a decoding one is paying back."""
+        step = self.step_time
+        if step is None or not seated:  # no predictor: ungated; an empty batch always seats one
+            return True
+        floor = step(0, 1, 0)
+        if floor is None:
+            return True
+        target = strictest_reachable((s.tpot_s for s in (*seated, seq) if s.tpot_s is not None), floor)
+        if target is None:
+            return True
+        if tpot.owed is not None:
+            target = min(target, tpot.owed)
+        least = self.config.min_prefill_chunk
+        ctx = sum(len(s.token_ids) for s in seated) + len(seq.token_ids)
+        return seat_fits(step, len(seated) + 1, ctx, target, least, step(least, 1, 0))
 
 
 class _TpotBound:
@@ -287,6 +310,7 @@ class _TpotBound:
         decoding = [seq for seq in running if _is_decoding(seq)]
         self.decodes = len(decoding)
         self.bound: float | None = None
+        self.owed: float | None = None  # the tightest bound a decoding sequence is paying back with
         if step_time is None or now is None:
             return
         self.ctx = sum(len(seq.token_ids) for seq in decoding)
@@ -299,40 +323,30 @@ class _TpotBound:
             bound = seq.tpot_s
             if seq.first_token_at is not None:
                 left = TPOT_REPAY_TOKENS if seq.max_tokens is None else seq.max_tokens - seq.num_generated
-                owed = tpot_step_bound(
-                    seq.tpot_s, seq.num_generated, now - seq.first_token_at, min(TPOT_REPAY_TOKENS, left)
-                )
                 # A sequence that cannot get back on course even with decode-only steps is held to
                 # its target but no tighter: paying back for it would cost the others their TTFT,
                 # and dropping its bound altogether let whole-budget steps stretch it further
-                # (benchmarks/tpot_steps.py: 474 ms against a 157 ms target, docs/simulator.md round 15).
-                if owed is not None and owed >= decode_only:
-                    bound = min(bound, owed)
+                # (benchmarks/tpot_steps.py: 474 ms against a 157 ms target).
+                owed = repay_bound(seq.tpot_s, seq.num_generated, now - seq.first_token_at, left, decode_only)
+                if owed is not None:
+                    bound = owed
+                    if self.owed is None or owed < self.owed:
+                        self.owed = owed
             if self.bound is None or bound < self.bound:
                 self.bound = bound
 
     def prefill_budget(self, most: int, least: int) -> int:
         """The most prompt tokens (up to ``most``, at least ``least``) a step fits within the bound."""
-        assert self.step_time is not None and self.bound is not None
-        lo, hi = 0, most
-        while lo < hi:  # the step time grows with its prompt tokens
-            mid = (lo + hi + 1) // 2
-            t = self.step_time(mid, self.decodes, self.ctx)
-            if t is not None and t <= self.bound:
-                lo = mid
-            else:
-                hi = mid - 1
-        return max(lo, min(least, most))
+        step_time, bound = self.step_time, self.bound
+        assert step_time is not None and bound is not None
+        return largest_chunk(lambda n: step_time(n, self.decodes, self.ctx), bound, most, least)
 
 
-def _rank(seq: Sequence) -> tuple[int, int, float, int]:
-    # Late prompts keep arrival order among themselves, whatever their priority. On-time ones go
-    # by priority (the router's lane), then earliest TTFT deadline: a prompt with 1 s to spare
-    # waits for one with 0.3 s (docs/simulator.md round 12). No deadline: after those with one.
-    if seq.late:
-        return (1, 0, 0.0, seq.arrival)
+def _rank(seq: Sequence) -> tuple[int, float, int]:
+    # ``batching.prefill_rank``: the priority is the router's lane, a late prompt is in Lane.LATE;
+    # a prompt without a deadline goes after those with one in its lane.
     due = math.inf if seq.ttft_deadline is None else seq.ttft_deadline
-    return (0, seq.priority, due, seq.arrival)
+    return prefill_rank(LATE if seq.late else seq.priority, due, seq.arrival, seq.arrival)
 
 
 def _is_decoding(seq: Sequence) -> bool:

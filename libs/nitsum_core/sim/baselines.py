@@ -23,6 +23,7 @@ from nitsum_core.policy.capacity import valid_tp_choices
 from nitsum_core.policy.cuts import hybrid_cut, tight_and_rest, uniform_cut
 from nitsum_core.policy.goodput import GoodputReport, summarize
 from nitsum_core.policy.plan import SHARED, Assignment, Plan, TierSet
+from nitsum_core.sim.replay import PlanReplay
 from nitsum_core.sim.simulator import Preset, SimResult, Simulator
 from nitsum_core.workload import TraceRequest
 
@@ -127,7 +128,9 @@ def best_static(
     best: BaselineRun | None = None
     plans = candidates(name, pool, perf, sorted(tiers, key=lambda t: tiers[t].priority))
     for plan in plans:
-        res = Simulator(perf, pool, tiers, PRESETS[name], plan, **sim_kwargs).run(workload)  # type: ignore[arg-type]
+        res = Simulator(perf, pool, tiers, PRESETS[name], plan, replay=PlanReplay.like, **sim_kwargs).run(
+            workload
+        )  # type: ignore[arg-type]
         rep = summarize(res.records, tiers, res.duration_s, pool)
         if best is None or rep.goodput_rps > best.report.goodput_rps:
             best = BaselineRun(name, plan.describe() if plan else "dynamic", rep, res, len(plans))
