@@ -1,4 +1,4 @@
-"""The capacity model (DESIGN §1, §7): what an instance of each TP degree can serve within SLO.
+"""The capacity model (docs/architecture.md#controller-policy): what an instance of each TP degree can serve within SLO.
 
 Pure and clock-free. Per (tier, degree, role) the SLO-safe request rate from the performance
 model's step times (prefill as an M/D/1 queue within the TTFT target, decode batches within the

@@ -1,4 +1,4 @@
-"""The controller's per-window decision (DESIGN §1, §7), shared by ``tp_controller`` and the simulator.
+"""The controller's per-window decision (docs/architecture.md#controller-policy), shared by ``tp_controller`` and the simulator.
 
 Pure and clock-free: the driver feeds it arrivals and finishes as they happen and calls
 ``window()`` once per control window. It estimates each tier's demand over the last few windows

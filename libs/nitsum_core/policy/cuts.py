@@ -1,4 +1,4 @@
-"""The candidate cuts (DESIGN §1, §7): the plans the control loop weighs each window. Pure.
+"""The candidate cuts (docs/architecture.md#controller-policy): the plans the control loop weighs each window. Pure.
 
 Uniform cuts with every instance serving every tier, hybrid cuts (a few high-TP instances for
 the strictest-TPOT tier, the rest of the pool at the lowest degree for the others), in overload

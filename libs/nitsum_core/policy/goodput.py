@@ -1,4 +1,4 @@
-"""Goodput accounting (DESIGN §8): one implementation for loadgen, ``nitsum bench`` and the simulator."""
+"""Goodput accounting (docs/architecture.md#tiers-and-goodput): one implementation for loadgen, ``nitsum bench`` and the simulator."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Paged KV block bookkeeping: pure Python, never touches torch (the model runner owns the tensors).
 
 A block holds ``block_size`` token positions for every layer and every KV head the rank owns; the
-migration unit (one KV head of one block, DESIGN §5) is addressed as ``(block_id, head)``.
+migration unit (one KV head of one block, docs/architecture.md#resident-weights-and-communicators) is addressed as ``(block_id, head)``.
 """
 
 from __future__ import annotations

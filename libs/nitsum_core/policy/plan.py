@@ -1,4 +1,4 @@
-"""The plan vocabulary (DESIGN §1): how a cut of the pool is written down. Pure, no perf model.
+"""The plan vocabulary (docs/architecture.md#controller-policy): how a cut of the pool is written down. Pure, no perf model.
 
 An ``Assignment`` is one instance (aligned slots, TP degree, role, the ``TierSet`` it serves); a
 ``Plan`` is a list of them with the goodput it was predicted to reach. ``TierDemand`` is what a

@@ -1,4 +1,4 @@
-"""Pure pieces of a topology switch (DESIGN §3, §6): aligned cuts and the KV migration plan.
+"""Pure pieces of a topology switch (docs/architecture.md#switch-protocol): aligned cuts and the KV migration plan.
 
 No NATS, no torch: the controller builds topologies here, the kv_broker computes plans here, and
 workers derive the exact units of each transfer here, so every side agrees by construction.

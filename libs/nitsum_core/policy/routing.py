@@ -1,7 +1,7 @@
 """Router scheduling policy (pure, clock-free), shared by the router and the simulator.
 
 Which instance gets a new request (least-loaded among the live leaders serving its tier) and
-which local queue it joins there (``LanePolicy``: feasible / background / best-effort, DESIGN §1).
+which local queue it joins there (``LanePolicy``: feasible / background / best-effort, docs/architecture.md#request-scheduling).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def least_loaded(candidates: list[Candidate]) -> int | None:
 
 
 class Lane(IntEnum):
-    """A request's local queue on its instance (DESIGN §1); lower runs first."""
+    """A request's local queue on its instance (docs/architecture.md#request-scheduling); lower runs first."""
 
     FEASIBLE = 0  # within its tier's SLO-safe budget this window
     BACKGROUND = 1  # the lowest-priority tier: its loose TTFT survives queueing
@@ -71,7 +71,7 @@ class Lane(IntEnum):
 
 
 class LanePolicy:
-    """Feasible / best-effort / background classification against per-tier budgets (DESIGN §1).
+    """Feasible / best-effort / background classification against per-tier budgets (docs/architecture.md#request-scheduling).
 
     Pure and clock-free: the driver (router or simulator) calls ``new_window`` once per control
     window with the configurator's budgets (requests/s per tier), ``classify`` per arrival and

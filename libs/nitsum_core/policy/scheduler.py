@@ -16,7 +16,7 @@ any more, and ahead of them it would make them miss too. Where a longer prompt a
 give way for it to fit, that one goes instead. Late prompts still run, after the others, so
 nothing is dropped.
 
-SLO-sized steps (DESIGN §1: "sized to stay SLO-safe"). Given a ``StepTimePredictor`` (the engine
+SLO-sized steps (docs/architecture.md#request-scheduling: "sized to stay SLO-safe"). Given a ``StepTimePredictor`` (the engine
 learns one from its own steps), a step's prompt tokens are cut (``batching.largest_chunk``) so
 that the step is predicted to take no longer than the tightest bound of the sequences decoding in
 it: their tier's TPOT target, less the time any of them is behind it, paid back over

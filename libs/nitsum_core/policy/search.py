@@ -1,4 +1,4 @@
-"""The searches (DESIGN §1): the best per-tier cut by greedy or exhaustive search, and the
+"""The searches (docs/architecture.md#controller-policy): the best per-tier cut by greedy or exhaustive search, and the
 hysteresis against switching. Pure and clock-free.
 
 ``greedy`` scores every option (tier x TP x role) by SLO-safe requests/s per GPU, capped by what
@@ -136,7 +136,7 @@ def greedy(
     tp_choices: Sequence[int] | None = None,
     roles: Sequence[Role] = ("mixed", "prefill", "decode"),
 ) -> Plan:
-    """DESIGN §1's greedy search: best marginal goodput per GPU, one aligned group at a time.
+    """The greedy search (docs/architecture.md#controller-policy): best marginal goodput per GPU, one aligned group at a time.
 
     Run once per cap on the largest TP (a few passes; each is linear in the pool) and keep the
     best: a pass that may take a large group early can fragment the pool for the rest. A pass

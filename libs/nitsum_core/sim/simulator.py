@@ -1,4 +1,4 @@
-"""Discrete-event simulator (DESIGN §7): the same configurator and routing rules, against the
+"""Discrete-event simulator (docs/architecture.md#controller-policy): the same configurator and routing rules, against the
 performance model instead of workers, at pool sizes no test machine has.
 
 This module holds the run: events, routing, control windows and the results. An instance's steps

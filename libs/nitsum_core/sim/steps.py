@@ -94,7 +94,7 @@ class InstanceSteps:
                 bisect.insort(inst.prefilling, r, key=prefill_order)
             else:
                 inst.prefilling.append(r)
-        # SLO-safe steps (DESIGN §1): with sequences decoding, the prefill chunk is cut so the
+        # SLO-safe steps (docs/architecture.md#request-scheduling): with sequences decoding, the prefill chunk is cut so the
         # step stays within the strictest TPOT target it serves (always some progress).
         budget = self._chunk_within(inst, decode, target) if target and decode else self.chunk_tokens
         chunk_cap = budget
