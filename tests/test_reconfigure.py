@@ -15,8 +15,9 @@ import pytest
 from nitsum_cli.stack import Stack, StackConfig
 from nitsum_core.client import NitsumClient
 from nitsum_core.errors import InvalidRequest, ReconfigFailed
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
+from nitsum_core.wire.client import CancelRequest
+from nitsum_core.wire.codec import encode
 
 PROMPTS = [f"Request {i}: " + "tell me something new " * (1 + i % 5) for i in range(16)]
 N_TOKENS = 260
@@ -201,7 +202,7 @@ async def test_cancel_during_a_switch_stops_the_request_on_its_new_leader(
             switch = asyncio.create_task(c.reconfigure(tp=[2, 2], timeout_s=20))
             await asyncio.sleep(0.8)  # paused, waiting on slot 3's migrate step
             assert c.nc is not None
-            await c.nc.publish(subjects.ROUTER_CANCEL, m.encode(m.CancelRequest(ids[0])))
+            await c.nc.publish(subjects.ROUTER_CANCEL, encode(CancelRequest(ids[0])))
             res = await asyncio.wait_for(switch, timeout=60)
             assert res.ok and res.requests_moved == 4, res
             await asyncio.sleep(1.5)  # two heartbeats from the new leaders

@@ -341,16 +341,17 @@ def _print_status(status, topo=None, services=None) -> None:  # noqa: ANN001
 async def _status(a: argparse.Namespace) -> int:
     import msgspec
     from nitsum_core.client import NitsumClient
-    from nitsum_core.wire import messages as m
     from nitsum_core.wire import subjects
     from nitsum_core.wire.bus import connect
+    from nitsum_core.wire.codec import decode
+    from nitsum_core.wire.cut import Topology
 
     url = _resolve_url(a.nats_url)
     async with NitsumClient(url) as client:
         status = await client.status()
         nc = await connect(url, name="nitsum-status")
         try:
-            topo = m.decode(m.Topology, (await nc.request(subjects.CONTROLLER_TOPOLOGY, b"", timeout=2)).data)
+            topo = decode(Topology, (await nc.request(subjects.CONTROLLER_TOPOLOGY, b"", timeout=2)).data)
         except Exception:
             topo = None
         # nats.micro discovery: every service instance answers $SRV.PING.
@@ -387,7 +388,7 @@ async def _status(a: argparse.Namespace) -> int:
 async def _reconfigure(a: argparse.Namespace) -> int:
     import msgspec
     from nitsum_core.client import NitsumClient
-    from nitsum_core.wire import messages as m
+    from nitsum_core.wire.cut import TopologyInstance
 
     tp = instances = None
     if a.tp:
@@ -398,7 +399,9 @@ async def _reconfigure(a: argparse.Namespace) -> int:
     else:
         data = json.loads(Path(a.file).read_text())
         instances = [
-            m.Instance(instance_id=i, slots=d["slots"], role=d.get("role", "mixed"), tiers=d.get("tiers", []))
+            TopologyInstance(
+                instance_id=i, slots=d["slots"], role=d.get("role", "mixed"), tiers=d.get("tiers", [])
+            )
             for i, d in enumerate(data["instances"])
         ]
     async with NitsumClient(_resolve_url(a.nats_url)) as client:

@@ -34,17 +34,38 @@ from nitsum_core.errors import (
 )
 from nitsum_core.logs import setup_logging
 from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, leaders_for
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects, topology
 from nitsum_core.wire.bus import connect
+from nitsum_core.wire.client import CancelRequest, GenerateRequest, StreamChunk, Usage
+from nitsum_core.wire.codec import ErrorInfo, decode, encode
+from nitsum_core.wire.control import (
+    MAX_IN_FLIGHT_REPORTED,
+    AdmissionBudgets,
+    InFlightRequest,
+    RouterHold,
+    RouterHoldAck,
+    RouterStatus,
+    RouterWindowStats,
+    TierWindowStats,
+    WorkerView,
+)
+from nitsum_core.wire.cut import Topology
 from nitsum_core.wire.service import decode_or_drop, register, stop_event_on_signals
+from nitsum_core.wire.worker import (
+    SamplingParams,
+    SubmitAck,
+    TokenBatch,
+    WorkerAbort,
+    WorkerHeartbeat,
+    WorkerSubmit,
+)
 from nitsum_router.flight import Flight
 
 
 @dataclass
 class WorkerState:
     slot: int
-    heartbeat: m.WorkerHeartbeat
+    heartbeat: WorkerHeartbeat
     last_seen: float
     alive: bool = True
     in_flight: set[str] = field(default_factory=set)
@@ -77,7 +98,7 @@ class Router:
         self.tokenizer: Tokenizer | None = None
         self.workers: dict[int, WorkerState] = {}
         self.flights: dict[str, Flight] = {}
-        self.topology: m.Topology | None = None
+        self.topology: Topology | None = None
         self.completed = 0
         self.failed = 0
         self.rerouted = 0
@@ -91,7 +112,7 @@ class Router:
         self._abort_after_hold: dict[str, int] = {}
         self.lanes = LanePolicy(tiers, self.config.window_s)
         self._budgets: dict[str, float] | None = None  # the controller's latest, applied next window
-        self._window: dict[str, m.TierWindowStats] = {}
+        self._window: dict[str, TierWindowStats] = {}
         self._window_started = time.monotonic()  # arrival offsets in the stats count from here
         self._mean_output: dict[str, float] = {}  # per tier, EWMA of finished requests' lengths
 
@@ -131,7 +152,7 @@ class Router:
 
     # ---- reconfiguration hold (DESIGN §6) --------------------------------------------------------
     async def _on_hold(self, msg: Msg) -> None:
-        hold = decode_or_drop(self.log, m.RouterHold, msg.data, "hold")
+        hold = decode_or_drop(self.log, RouterHold, msg.data, "hold")
         if hold is None:
             return
         # Re-home migrated requests first: their old leader is paused (its last tokens are already
@@ -155,15 +176,13 @@ class Router:
             self._unheld.set()
             orphans, self._abort_after_hold = self._abort_after_hold, {}
             for request_id, slot in orphans.items():
-                await self.nc.publish(subjects.worker_abort(slot), m.encode(m.WorkerAbort(request_id)))
+                await self.nc.publish(subjects.worker_abort(slot), encode(WorkerAbort(request_id)))
             if orphans:
                 self.log.info("aborted requests that finished here during the switch", count=len(orphans))
         waiting = sum(1 for t in self._tasks if not t.done())
         self.log.info("hold" if hold.hold else "release", plan=hold.plan_id, moved=len(hold.moved))
         if msg.reply:
-            await self.nc.publish(
-                msg.reply, m.encode(m.RouterHoldAck(router_id=self.router_id, held=waiting))
-            )
+            await self.nc.publish(msg.reply, encode(RouterHoldAck(router_id=self.router_id, held=waiting)))
 
     async def _wait_unheld(self) -> None:
         if self._unheld.is_set():
@@ -178,7 +197,7 @@ class Router:
 
     # ---- control windows (DESIGN §1) ------------------------------------------------------------
     async def _on_budgets(self, msg: Msg) -> None:
-        budgets = decode_or_drop(self.log, m.AdmissionBudgets, msg.data, "budgets")
+        budgets = decode_or_drop(self.log, AdmissionBudgets, msg.data, "budgets")
         if budgets is not None:
             self._budgets = budgets.budgets
 
@@ -193,13 +212,13 @@ class Router:
             if not stats:
                 continue
             self._report_in_flight(stats)
-            report = m.RouterWindowStats(router_id=self.router_id, window_s=self.config.window_s, tiers=stats)
+            report = RouterWindowStats(router_id=self.router_id, window_s=self.config.window_s, tiers=stats)
             try:
-                await self.nc.publish(subjects.ROUTER_STATS, m.encode(report))
+                await self.nc.publish(subjects.ROUTER_STATS, encode(report))
             except Exception as exc:  # a reconnecting client: the controller misses one window
                 self.log.warning("window stats not sent", error=str(exc))
 
-    def _report_in_flight(self, stats: dict[str, m.TierWindowStats]) -> None:
+    def _report_in_flight(self, stats: dict[str, TierWindowStats]) -> None:
         """Add the requests still in flight to the window's stats: the controller's replay of each
         candidate cut starts from this backlog instead of an empty pool."""
         now = time.monotonic()
@@ -212,12 +231,12 @@ class Router:
             # targets already, and the report must stay well under the bus's payload limit.
             flights.sort(key=lambda f: f.arrived, reverse=True)
             estimate = self._mean_output.get(name)
-            tier_stats = stats.setdefault(name, m.TierWindowStats())
-            for f in flights[: m.MAX_IN_FLIGHT_REPORTED]:
+            tier_stats = stats.setdefault(name, TierWindowStats())
+            for f in flights[:MAX_IN_FLIGHT_REPORTED]:
                 done = len(f.generated)
                 output = f.req.max_tokens if estimate is None else min(f.req.max_tokens, round(estimate))
                 tier_stats.in_flight.append(
-                    m.InFlightRequest(
+                    InFlightRequest(
                         prompt_tokens=len(f.prompt_ids),
                         output_tokens=max(output, done + 1),
                         age_s=round(now - f.arrived, 4),
@@ -226,18 +245,18 @@ class Router:
                     )
                 )
 
-    def _tier_window(self, tier: str) -> m.TierWindowStats:
-        return self._window.setdefault(tier, m.TierWindowStats())
+    def _tier_window(self, tier: str) -> TierWindowStats:
+        return self._window.setdefault(tier, TierWindowStats())
 
     # ---- topology and liveness ---------------------------------------------------------------
-    async def _on_topology(self, topo: m.Topology) -> None:
+    async def _on_topology(self, topo: Topology) -> None:
         self.topology = topo
         self.log.info(
             "topology", epoch=topo.epoch, instances=[i.slots for i in topo.instances], reason=topo.reason
         )
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        hb = decode_or_drop(self.log, m.WorkerHeartbeat, msg.data, "heartbeat")
+        hb = decode_or_drop(self.log, WorkerHeartbeat, msg.data, "heartbeat")
         if hb is None:
             return
         w = self.workers.get(hb.slot)
@@ -290,7 +309,7 @@ class Router:
         lens = [w.heartbeat.max_model_len for w in self.workers.values() if w.alive]
         return min(lens) if lens else None
 
-    def _admit(self, req: m.GenerateRequest) -> tuple[Tier, list[int]]:
+    def _admit(self, req: GenerateRequest) -> tuple[Tier, list[int]]:
         tier = check_tier(self.tiers, req.tier)
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequest("send exactly one of 'prompt' (text) or 'messages' (chat)")
@@ -343,21 +362,21 @@ class Router:
         reply = request._msg.reply
         request_id = ""
         try:
-            req = m.decode(m.GenerateRequest, request.data)
+            req = decode(GenerateRequest, request.data)
             request_id = req.request_id
             tier, ids = self._admit(req)
         except NitsumError as exc:
             self.failed += 1
             self.log.info("rejected", request_id=request_id, code=exc.code, reason=exc.message)
             if reply:
-                chunk = m.StreamChunk(
+                chunk = StreamChunk(
                     request_id=request_id,
                     seq=0,
                     finished=True,
                     finish_reason="error",
-                    error=m.ErrorInfo.from_exc(exc),
+                    error=ErrorInfo.from_exc(exc),
                 )
-                await self.nc.publish(reply, m.encode(chunk))
+                await self.nc.publish(reply, encode(chunk))
             return
         if not reply:
             self.log.warning("generate request without a reply inbox dropped", request_id=request_id)
@@ -380,7 +399,7 @@ class Router:
             round(min(req.max_tokens, self._mean_output.get(tier.name, req.max_tokens)))
         )
         self.flights[req.request_id] = flight
-        await self.nc.publish(reply, m.encode(m.StreamChunk(request_id=req.request_id, seq=0)))
+        await self.nc.publish(reply, encode(StreamChunk(request_id=req.request_id, seq=0)))
         self._spawn(self._dispatch(flight))
 
     async def _dispatch(self, f: Flight, exclude: set[int] | None = None, why: str = "") -> None:
@@ -388,11 +407,11 @@ class Router:
         assert self.nc is not None
         exclude = set(exclude or ())
         remaining = f.req.max_tokens - len(f.generated)
-        submit = m.WorkerSubmit(
+        submit = WorkerSubmit(
             request_id=f.req.request_id,
             router_id=self.router_id,
             prompt_ids=f.prompt_ids + f.generated,
-            sampling=m.SamplingParams(
+            sampling=SamplingParams(
                 max_tokens=remaining,
                 temperature=f.req.temperature,
                 top_p=f.req.top_p,
@@ -415,7 +434,7 @@ class Router:
             submit.ttft_left_s = (
                 f.tier.ttft_s - (time.monotonic() - f.arrived) if f.first_token_at is None else None
             )
-            payload = m.encode(submit)
+            payload = encode(submit)
             slot = self.lanes.pick(
                 [
                     Candidate(s, len(self.workers[s].in_flight) + self.workers[s].heartbeat.waiting)
@@ -438,7 +457,7 @@ class Router:
                 resp = await self.nc.request(
                     subjects.worker_submit(slot), payload, timeout=self.config.submit_timeout_s
                 )
-                ack = m.decode(m.SubmitAck, resp.data)
+                ack = decode(SubmitAck, resp.data)
             except (NoRespondersError, NatsTimeout) as exc:
                 worker.in_flight.discard(f.req.request_id)
                 f.slot = None
@@ -460,7 +479,7 @@ class Router:
                 return
             if f.finished:  # cancelled or timed out while the submit was in the air
                 worker.in_flight.discard(f.req.request_id)
-                await self.nc.publish(subjects.worker_abort(slot), m.encode(m.WorkerAbort(f.req.request_id)))
+                await self.nc.publish(subjects.worker_abort(slot), encode(WorkerAbort(f.req.request_id)))
                 return
             if why:
                 self.log.info(
@@ -470,7 +489,7 @@ class Router:
 
     # ---- token stream ---------------------------------------------------------------------------
     async def _on_tokens(self, msg: Msg) -> None:
-        batch = decode_or_drop(self.log, m.TokenBatch, msg.data, "token batch")
+        batch = decode_or_drop(self.log, TokenBatch, msg.data, "token batch")
         if batch is None:
             return
         now = time.monotonic()
@@ -498,10 +517,10 @@ class Router:
             else:
                 text = f.releasable_text(final=False)
                 if text or item.token_ids:
-                    chunk = m.StreamChunk(
+                    chunk = StreamChunk(
                         request_id=f.req.request_id, seq=f.next_seq(), text=text, token_ids=item.token_ids
                     )
-                    await self.nc.publish(f.reply, m.encode(chunk))
+                    await self.nc.publish(f.reply, encode(chunk))
 
     def _release(self, f: Flight) -> None:
         f.finished = True
@@ -516,7 +535,7 @@ class Router:
         now = time.monotonic()
         first = f.first_token_at or now
         n = len(f.generated)
-        usage = m.Usage(
+        usage = Usage(
             prompt_tokens=len(f.prompt_ids),
             completion_tokens=n,
             ttft_s=first - f.arrived,
@@ -530,7 +549,7 @@ class Router:
         stats.good += usage.ttft_s <= f.tier.ttft_s and usage.tpot_s <= f.tier.tpot_s
         prev = self._mean_output.get(f.tier.name)
         self._mean_output[f.tier.name] = n if prev is None else 0.9 * prev + 0.1 * n
-        chunk = m.StreamChunk(
+        chunk = StreamChunk(
             request_id=f.req.request_id,
             seq=f.next_seq(),
             text=f.releasable_text(final=True),
@@ -539,7 +558,7 @@ class Router:
             finish_reason=reason,
             usage=usage,
         )
-        await self.nc.publish(f.reply, m.encode(chunk))
+        await self.nc.publish(f.reply, encode(chunk))
 
     async def _fail(self, f: Flight, exc: NitsumError) -> None:
         if f.finished:
@@ -547,23 +566,23 @@ class Router:
         self._release(f)
         self.failed += 1
         self.log.warning("request failed", request_id=f.req.request_id, code=exc.code, reason=exc.message)
-        chunk = m.StreamChunk(
+        chunk = StreamChunk(
             request_id=f.req.request_id,
             seq=f.next_seq(),
             finished=True,
             finish_reason="error",
-            error=m.ErrorInfo.from_exc(exc),
+            error=ErrorInfo.from_exc(exc),
         )
-        await self.nc.publish(f.reply, m.encode(chunk))
+        await self.nc.publish(f.reply, encode(chunk))
 
     async def _abort_on_worker(self, f: Flight) -> None:
         if f.slot is not None:
-            await self.nc.publish(subjects.worker_abort(f.slot), m.encode(m.WorkerAbort(f.req.request_id)))
+            await self.nc.publish(subjects.worker_abort(f.slot), encode(WorkerAbort(f.req.request_id)))
             if not self._unheld.is_set():  # mid-switch: its state may already be on its way elsewhere
                 self._abort_after_hold[f.req.request_id] = f.slot
 
     async def _on_cancel(self, msg: Msg) -> None:
-        cancel = decode_or_drop(self.log, m.CancelRequest, msg.data, "cancel")
+        cancel = decode_or_drop(self.log, CancelRequest, msg.data, "cancel")
         if cancel is None:
             return
         f = self.flights.get(cancel.request_id)
@@ -578,11 +597,11 @@ class Router:
         by_tier: dict[str, int] = dict.fromkeys(self.tiers, 0)
         for f in self.flights.values():
             by_tier[f.tier.name] = by_tier.get(f.tier.name, 0) + 1
-        status = m.RouterStatus(
+        status = RouterStatus(
             router_id=self.router_id,
             epoch=self.topology.epoch if self.topology else -1,
             workers=[
-                m.WorkerView(
+                WorkerView(
                     slot=w.slot,
                     alive=w.alive,
                     running=w.heartbeat.running,
@@ -608,4 +627,4 @@ class Router:
             budgets=dict(self.lanes.budgets),
             budget_scale=self.lanes.scale,
         )
-        await request.respond(m.encode(status))
+        await request.respond(encode(status))

@@ -11,7 +11,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from nitsum_core.config import Tier
-from nitsum_core.wire.messages import Topology
+from nitsum_core.wire.cut import Topology
 
 
 class Candidate(NamedTuple):
