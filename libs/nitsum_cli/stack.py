@@ -36,7 +36,6 @@ class StackConfig:
     tpot_sized_steps: bool = False  # workers cut prompt chunks to their decodes' TPOT targets
     worker_timeout_s: float = 2.0
     tp_pool: bool = True  # workers join one gloo world so instances can run and switch at TP > 1
-    worker_env: dict[int, dict[str, str]] = field(default_factory=dict)  # extra env per slot
     auto: bool = False  # the configurator drives the topology (tp_controller --auto)
     coefficients: str | None = None  # perf-model coefficients for --auto (`nitsum profile`)
     replay_workers: int = 0  # processes the controller replays candidate cuts in, for --auto
@@ -118,7 +117,7 @@ class Stack:
             "--max-model-len", str(cfg.max_model_len),
             *(["--tpot-sized-steps"] if cfg.tpot_sized_steps else []),
             *pool,
-            env={"OMP_NUM_THREADS": threads, **cfg.worker_env.get(slot, {})},
+            env={"OMP_NUM_THREADS": threads},
         )  # fmt: skip
 
     async def wait_ready(self, timeout_s: float = 180.0) -> RouterStatus:

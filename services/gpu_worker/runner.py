@@ -13,12 +13,10 @@ commit the old layout is intact, which is what makes abort safe.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,42 +39,17 @@ from nitsum_core.wire.reconfiguration import (
     ReconfigPause,
 )
 from nitsum_core.wire.worker import SamplingParams, TokenItem
+from nitsum_gpu_worker.commands import Abort, Control, Submit
 
 CHUNK_UNITS = 64  # head-units per message on the wire; both sides chunk identically
-# Test hook: seconds to sleep before each engine step, so a test can keep small, fast models'
-# requests in flight long enough to race a switch against them deterministically.
-STEP_DELAY_S = float(os.environ.get("NITSUM_TEST_STEP_DELAY_S", "0") or 0)
 
 Emit = Callable[[int, dict[str, list[TokenItem]], list[KvEvent]], None]
 
 
 @dataclass
-class Submit:
-    request_id: str
-    router_id: str
-    prompt_ids: list[int]
-    params: RequestParams
-    priority: int
-    ttft_deadline: float | None = None  # time.monotonic() time its first token is due by
-    tpot_s: float | None = None  # its TPOT target
+class SlotRole:
+    """What this slot is in the current cut: a rank of ``instance`` (None: idle)."""
 
-
-@dataclass
-class Abort:
-    request_id: str
-
-
-@dataclass
-class Control:
-    """A reconfiguration step (or ``adopt``: apply a topology without migration) and its reply."""
-
-    phase: str
-    msg: Any
-    reply: Future = field(default_factory=Future)
-
-
-@dataclass
-class Role:
     instance: TopologyInstance | None
     rank: int = 0
 
@@ -107,7 +80,7 @@ class SlotRunner:
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}  # filled once the pool is joined
         self.commands: queue.Queue[Submit | Abort | Control | None] = queue.Queue()
         self.engine: Engine | None = None
-        self.role = Role(None)
+        self.role = SlotRole(None)
         self.follower: tuple[ModelShard, torch.Tensor, dist.ProcessGroup, int] | None = None
         self.paused = False
         self.staged: list[tuple[KvTransfer, torch.Tensor]] = []
@@ -164,7 +137,7 @@ class SlotRunner:
 
     def _apply(self, inst: TopologyInstance | None) -> None:
         """Become rank of ``inst``: cached weight views, cached communicator, re-viewed KV pool."""
-        self.role = Role(inst, inst.slots.index(self.slot) if inst else 0)
+        self.role = SlotRole(inst, inst.slots.index(self.slot) if inst else 0)
         if self.engine is not None:
             self._retired[0] += self.engine.tokens_generated
             self._retired[1] += self.engine.tokens_prefilled
@@ -268,8 +241,6 @@ class SlotRunner:
     def _step(self) -> None:
         engine = self.engine
         assert engine is not None
-        if STEP_DELAY_S:
-            time.sleep(STEP_DELAY_S)
         try:
             outputs = engine.step()
         except PeerLost as exc:

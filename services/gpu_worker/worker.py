@@ -51,7 +51,8 @@ from nitsum_core.wire.worker import (
     WorkerHeartbeat,
     WorkerSubmit,
 )
-from nitsum_gpu_worker.runner import Abort, Control, SlotRunner, Submit
+from nitsum_gpu_worker.commands import Abort, Control, Submit
+from nitsum_gpu_worker.runner import SlotRunner
 
 
 class GpuWorker:
@@ -91,8 +92,6 @@ class GpuWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._outbox: asyncio.Queue[tuple[int, dict[str, list[TokenItem]], list[KvEvent]]]
-        # Test hook for the abort path: seconds to stall before executing a migrate step.
-        self._migrate_delay_s = float(os.environ.get("NITSUM_TEST_MIGRATE_DELAY_S", "0") or 0)
 
     # ---- start-up -------------------------------------------------------------------------
     def _load(self) -> SlotRunner:
@@ -305,8 +304,6 @@ class GpuWorker:
                 return
             if phase == "pause":
                 self.accepting = False  # before queueing: every acked submit precedes the pause
-            elif phase == "migrate" and self._migrate_delay_s:
-                await asyncio.sleep(self._migrate_delay_s)
             t0 = time.perf_counter()
             cmd = Control(phase, msg)
             self.runner.commands.put(cmd)
