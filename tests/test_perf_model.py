@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import total_params
 from nitsum_core.config import Tier
 from nitsum_core.engine import profiling
 from nitsum_core.perf.model_spec import ModelSpec
@@ -16,7 +17,6 @@ from nitsum_core.perf.perf_model import (
     HardwareSpec,
     PerfModel,
     model_spec,
-    total_params,
 )
 from nitsum_core.policy.configurator import (
     TierDemand,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shares_storage
 from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.engine.kv_migration import gather_units, scatter_units
 from nitsum_core.engine.model import load_model
-from nitsum_core.engine.tp import shares_storage
 from nitsum_core.errors import InvalidRequest
 from nitsum_core.policy import reconfig
 from nitsum_core.wire.cut import Topology, TopologyInstance

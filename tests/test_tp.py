@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_greedy, load_hf
+from conftest import hf_greedy, load_hf, shares_storage
 from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.engine.model import load_model
-from nitsum_core.engine.tp import shares_storage
 
 HERE = Path(__file__).parent
 
