@@ -1,7 +1,7 @@
 """How much could *any* dynamic policy gain over the best static cut on this workload?
 
 Runs every static plan the baselines sweep (shared uniform TP cuts, per-tier clusters with a
-degree each, P/D splits) and every static hybrid cut (``baselines.hybrid_cuts``) with the Nitsum
+degree each, P/D splits) and every static hybrid cut (``hybrid_cuts`` below) with the Nitsum
 scheduler, buckets each request's outcome by its arrival window, and compares the best single
 plan of any shape (stricter than `nitsum-static`, which sweeps uniform cuts) with an oracle that picks
 the best plan for every window separately (no switching cost, no transient). The oracle/static
@@ -18,14 +18,28 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+from nitsum_core.config import Tier
 from nitsum_core.policy.capacity import valid_tp_choices
+from nitsum_core.policy.cuts import hybrid_cut, tight_and_rest
 from nitsum_core.policy.goodput import meets_slo, summarize
-from nitsum_core.sim.baselines import PRESETS, candidates, hybrid_cuts
+from nitsum_core.policy.plan import Plan
+from nitsum_core.sim.baselines import PRESETS, candidates
 from nitsum_core.sim.replay import PlanReplay
 from nitsum_core.sim.simulator import Simulator
 from study_setup import add_study_args, load_study
+
+
+def hybrid_cuts(pool: int, tps: list[int], tiers: dict[str, Tier]) -> Iterator[Plan]:
+    """Every static hybrid cut (``configurator.hybrid_cut``): some instances at a higher degree
+    serving every tier, the rest at the lowest degree serving all but the strictest-TPOT tier.
+    Not a baseline preset: this study runs them as static plans of any shape."""
+    _, rest = tight_and_rest({name: t.tpot_s for name, t in tiers.items()})
+    for tp in tps[1:]:
+        for n in range(1, pool // tp):
+            yield Plan(hybrid_cut(pool, tp, n, tps[0], rest))
 
 
 def main() -> None:

@@ -9,24 +9,82 @@ Reports time and GB/s per size; a fixed setup cost shows up as low GB/s at small
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from nitsum_core.engine.kv_migration import UnitMove, recv_units, send_units
-from nitsum_core.engine.tp import init_world
+from nitsum_core.engine.kv_migration import scatter_units, send_unit_list, unit_shape
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 30, 3, 64, 16  # SmolLM2-135M
 
 
+class UnitMove(NamedTuple):
+    """Source (block, head) on the sender -> destination (block, head) on the receiver."""
+
+    src_block: int
+    src_head: int
+    dst_block: int
+    dst_head: int
+
+
+def send_units(
+    kv: torch.Tensor,
+    block_size: int,
+    moves: list[UnitMove],
+    dst: int,
+    group: dist.ProcessGroup | None = None,
+    chunk: int = 64,
+) -> int:
+    """Send the source side of ``moves`` to rank ``dst``; return the bytes sent."""
+    return send_unit_list(
+        kv, block_size, [m.src_block for m in moves], [m.src_head for m in moves], dst, group, chunk
+    )
+
+
+def recv_units(
+    kv: torch.Tensor,
+    block_size: int,
+    moves: list[UnitMove],
+    src: int,
+    group: dist.ProcessGroup | None = None,
+    chunk: int = 64,
+) -> int:
+    """Receive ``moves`` from rank ``src`` and scatter them; return the bytes received."""
+    shape = unit_shape(kv, block_size)
+    received = 0
+    starts = list(range(0, len(moves), chunk))
+    bufs = [torch.empty(min(chunk, len(moves) - s), *shape, dtype=kv.dtype) for s in starts[:2]]
+    works = {}
+    # Post the first two receives, then scatter each chunk as it lands and re-post into its buffer.
+    for i in range(min(2, len(starts))):
+        works[i] = dist.irecv(bufs[i][: min(chunk, len(moves) - starts[i])], src, group=group)
+    for i, start in enumerate(starts):
+        part = moves[start : start + chunk]
+        works.pop(i).wait()
+        data = bufs[i % 2][: len(part)]
+        scatter_units(kv, block_size, [m.dst_block for m in part], [m.dst_head for m in part], data)
+        received += data.numel() * data.element_size()
+        nxt = i + 2
+        if nxt < len(starts):
+            n = min(chunk, len(moves) - starts[nxt])
+            if bufs[nxt % 2].shape[0] < n:
+                bufs[nxt % 2] = torch.empty(n, *shape, dtype=kv.dtype)
+            works[nxt] = dist.irecv(bufs[nxt % 2][:n], src, group=group)
+    return received
+
+
 def _rank(rank: int, init: str, sizes: list[int], chunk: int, out: str) -> None:
     torch.set_num_threads(1)
-    init_world(rank, 2, init, timeout_s=120)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=dt.timedelta(seconds=120)
+    )
     rows = []
     for tokens in sizes:
         blocks = tokens // BLOCK

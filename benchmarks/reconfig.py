@@ -33,9 +33,10 @@ from nitsum_core.engine.checkpoints import resolve_checkpoint
 from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.engine.model import load_model
 from nitsum_core.engine.tokenizer import Tokenizer
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
 from nitsum_core.wire.bus import connect
+from nitsum_core.wire.codec import decode
+from nitsum_core.wire.worker import WorkerHeartbeat
 
 SWITCHES = ([2, 2], [4], [1, 1, 1, 1])
 
@@ -73,7 +74,7 @@ async def restart_workers(stack: Stack, n: int) -> float:
     ready: set[int] = set()
 
     async def on_hb(msg: Msg) -> None:
-        hb = m.decode(m.WorkerHeartbeat, msg.data)
+        hb = decode(WorkerHeartbeat, msg.data)
         if hb.pid not in old.values() and hb.pool_joined:
             ready.add(hb.slot)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nitsum_cli.sim import _workload, resolve_rate
+from nitsum_cli.sim import resolve_rate, sim_workload
 from nitsum_core.config import Tier, load_tiers
 from nitsum_core.perf.perf_model import HARDWARE, Coefficients, PerfModel, model_spec
 from nitsum_core.workload import TraceRequest
@@ -47,4 +47,4 @@ def load_study(a: argparse.Namespace) -> tuple[list[TraceRequest], dict[str, Tie
     perf = PerfModel(model_spec(a.model), HARDWARE[a.hardware], Coefficients(overhead_s=2e-3))
     if isinstance(a.rate, str):
         a.rate = resolve_rate(a, perf, a.rate)
-    return _workload(a, a.rate), tiers, perf
+    return sim_workload(a, a.rate), tiers, perf

@@ -10,6 +10,8 @@ import pytest
 import torch
 from nitsum_core.engine.checkpoints import resolve_checkpoint
 from nitsum_core.engine.engine import RequestParams
+from nitsum_core.perf.model_spec import ModelSpec
+from nitsum_core.perf.perf_model import layer_params
 from nitsum_core.wire.bus import EmbeddedNats
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,3 +117,14 @@ def paged_logits(model, engine, references: list, steps: int = 6):  # noqa: ANN0
         plan[0].seq.num_computed = len(tokens)
         plan[0].seq.token_ids.append(nxt)
         tokens.append(nxt)
+
+
+def shares_storage(view: torch.Tensor, resident: torch.Tensor) -> bool:
+    """True when ``view`` is a view into ``resident``'s memory (no weight bytes were copied)."""
+    return view.untyped_storage().data_ptr() == resident.untyped_storage().data_ptr()
+
+
+def total_params(s: ModelSpec) -> int:
+    """Every parameter of the model (the LM head counted once when tied to the embedding)."""
+    head = 0 if s.tie_word_embeddings else s.vocab_size * s.hidden_size
+    return s.num_layers * layer_params(s) + s.vocab_size * s.hidden_size + head

@@ -30,9 +30,11 @@ from nitsum_core.policy import reconfig
 from nitsum_core.policy.control_loop import ControlLoop
 from nitsum_core.policy.cuts import boot_plan
 from nitsum_core.policy.plan import SHARED, Assignment, Plan, TierSet
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
 from nitsum_core.wire.bus import connect
+from nitsum_core.wire.codec import decode
+from nitsum_core.wire.control import AdmissionBudgets, InFlightRequest, RouterWindowStats, TierWindowStats
+from nitsum_core.wire.cut import Topology, TopologyInstance
 from nitsum_tp_controller.autopilot import AutoPilot, AutoPilotConfig, switch_cost
 from nitsum_tp_controller.controller import Controller, static_tp1
 
@@ -71,18 +73,16 @@ async def test_configurator_recuts_the_pool_and_requests_survive(
     await s.start()
     try:
         nc = await connect(s.nats_url, name="test-autopilot")
-        budgets: list[m.AdmissionBudgets] = []
+        budgets: list[AdmissionBudgets] = []
 
         async def on_budgets(msg) -> None:  # noqa: ANN001
-            budgets.append(m.decode(m.AdmissionBudgets, msg.data))
+            budgets.append(decode(AdmissionBudgets, msg.data))
 
         await nc.subscribe(subjects.CONTROLLER_BUDGETS, cb=on_budgets)
         async with NitsumClient(s.nats_url) as c:
             booted = None
             for _ in range(200):  # no traffic yet: the boot cut comes from the tier file alone
-                topo = m.decode(
-                    m.Topology, (await nc.request(subjects.CONTROLLER_TOPOLOGY, b"", timeout=2)).data
-                )
+                topo = decode(Topology, (await nc.request(subjects.CONTROLLER_TOPOLOGY, b"", timeout=2)).data)
                 if topo.reason.startswith("boot cut"):
                     booted = topo
                     break
@@ -107,7 +107,7 @@ async def test_configurator_recuts_the_pool_and_requests_survive(
             switched = None
             for _ in range(200):
                 reply = await nc.request(subjects.CONTROLLER_TOPOLOGY, b"", timeout=2)
-                topo = m.decode(m.Topology, reply.data)
+                topo = decode(Topology, reply.data)
                 if topo.reason.startswith("configurator"):
                     switched = topo
                     break
@@ -193,12 +193,12 @@ def test_reports_waiting_from_several_router_windows_go_to_a_loop_window_each() 
         2, perf, tiers, Plan([Assignment(0, 1, "mixed", SHARED), Assignment(1, 1, "mixed", SHARED)])
     )
 
-    def report(router: str, age: float) -> m.RouterWindowStats:
-        flight = m.InFlightRequest(prompt_tokens=10, output_tokens=20, age_s=age)
-        stats = m.TierWindowStats(
+    def report(router: str, age: float) -> RouterWindowStats:
+        flight = InFlightRequest(prompt_tokens=10, output_tokens=20, age_s=age)
+        stats = TierWindowStats(
             prompt_tokens=[10], output_tokens=[20], arrival_offsets_s=[0.5], in_flight=[flight]
         )
-        return m.RouterWindowStats(router_id=router, window_s=1.0, tiers={"interactive": stats})
+        return RouterWindowStats(router_id=router, window_s=1.0, tiers={"interactive": stats})
 
     pilot._stats = [report("a", 1.0), report("b", 3.0), report("a", 2.0)]
     pilot._feed(loop)
@@ -337,8 +337,11 @@ def test_the_boot_cut_waits_for_the_tp_world_and_only_replaces_the_cut_booted_on
     assert boot is not None and boot.assignments[0] == Assignment(0, 2, "mixed", SHARED)
     # A cut written meanwhile (by hand, or by the loop) is not overridden by a late boot cut.
     pilot._boot = boot
-    controller.current = m.Topology(
-        epoch=2, instances=[m.Instance(instance_id=0, slots=[0, 1, 2, 3])], written_at=0.0, reason="by hand"
+    controller.current = Topology(
+        epoch=2,
+        instances=[TopologyInstance(instance_id=0, slots=[0, 1, 2, 3])],
+        written_at=0.0,
+        reason="by hand",
     )
     pilot._sync_plan()
     assert pilot._boot_now() is None and pilot._boot is None
@@ -370,10 +373,10 @@ def test_the_loop_treats_the_controllers_boot_topology_as_a_placeholder(
     tiers = {"interactive": Tier("interactive", 1.0, 0.05, 0)}
     perf = PerfModel(model_spec("llama-3.1-8b"), HARDWARE["h100-sxm"])
     starts = [sum(tps[:i]) for i in range(len(tps))]
-    current = m.Topology(
+    current = Topology(
         epoch=1,
         instances=[
-            m.Instance(instance_id=i, slots=list(range(s, s + tp)))
+            TopologyInstance(instance_id=i, slots=list(range(s, s + tp)))
             for i, (s, tp) in enumerate(zip(starts, tps, strict=True))
         ],
         written_at=0.0,

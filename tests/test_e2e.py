@@ -16,9 +16,14 @@ from nitsum_cli.stack import Stack, StackConfig
 from nitsum_core.client import NitsumClient
 from nitsum_core.engine.tokenizer import Tokenizer
 from nitsum_core.errors import InvalidRequest, PromptTooLong, UnknownTier
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects, topology
 from nitsum_core.wire.bus import connect
+from nitsum_core.wire.client import ChatMessage, StreamChunk
+from nitsum_core.wire.codec import decode, encode
+from nitsum_core.wire.control import RouterWindowStats
+from nitsum_core.wire.cut import Topology
+from nitsum_core.wire.kv import KvListReply, KvListRequest, KvLocation, KvLookup
+from nitsum_core.wire.worker import SamplingParams, SubmitAck, WorkerSubmit
 
 CHAT = "What is the capital of France?"
 
@@ -39,7 +44,7 @@ def hf_smol(smollm2_dir: Path):
 async def test_chat_greedy_equals_hf(stack: Stack, smollm2_dir: Path, hf_smol) -> None:
     tok = Tokenizer(smollm2_dir)
     for question in (CHAT, "Give me three tips for writing clear code."):
-        prompt = tok.encode_chat([m.ChatMessage("user", question)])
+        prompt = tok.encode_chat([ChatMessage("user", question)])
         async with NitsumClient(stack.nats_url) as c:
             done = await c.complete(messages=[{"role": "user", "content": question}], max_tokens=40)
         assert done.usage.prompt_tokens == len(prompt)
@@ -69,13 +74,13 @@ async def test_eight_concurrent_requests_equal_their_single_runs(stack: Stack) -
     assert {d.usage.worker_slot for d in together} == {0, 1}  # spread over both workers
 
 
-async def _raw_request(nc, payload: bytes, timeout: float = 10.0) -> m.StreamChunk:
+async def _raw_request(nc, payload: bytes, timeout: float = 10.0) -> StreamChunk:
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     await nc.publish(subjects.ROUTER_GENERATE, payload, reply=inbox)
     msg = await sub.next_msg(timeout=timeout)
     await sub.unsubscribe()
-    return m.decode(m.StreamChunk, msg.data)
+    return decode(StreamChunk, msg.data)
 
 
 async def test_bad_input_gets_typed_errors_and_service_continues(stack: Stack) -> None:
@@ -91,18 +96,18 @@ async def test_bad_input_gets_typed_errors_and_service_continues(stack: Stack) -
             assert chunk.error.code == "malformed" and "GenerateRequest" in chunk.error.message
         # Garbage straight at a worker's submit endpoint: a typed refusal, the worker lives on.
         resp = await nc.request(subjects.worker_submit(0), b"\xc1junk", timeout=5)
-        ack = m.decode(m.SubmitAck, resp.data)
+        ack = decode(SubmitAck, resp.data)
         assert not ack.accepted and ack.error.code == "malformed"
         # Well-formed but with an impossible TPOT target: refused, saying what was wrong.
-        bad_tpot = m.WorkerSubmit(
+        bad_tpot = WorkerSubmit(
             request_id="bad-tpot",
             router_id="test",
             prompt_ids=[1, 2, 3],
-            sampling=m.SamplingParams(max_tokens=4),
+            sampling=SamplingParams(max_tokens=4),
             tpot_s=-0.01,
         )
-        resp = await nc.request(subjects.worker_submit(0), m.encode(bad_tpot), timeout=5)
-        ack = m.decode(m.SubmitAck, resp.data)
+        resp = await nc.request(subjects.worker_submit(0), encode(bad_tpot), timeout=5)
+        ack = decode(SubmitAck, resp.data)
         assert not ack.accepted and ack.error.code == "invalid_request" and "tpot_s" in ack.error.message
         # A token batch of garbage to the router's token subject is dropped, not fatal.
         await nc.publish(subjects.router_tokens("nobody"), b"junk")
@@ -167,22 +172,22 @@ async def test_kv_broker_tracks_where_a_request_lives(stack: Stack) -> None:
                 async for chunk in stream:
                     if chunk.token_ids:
                         await asyncio.sleep(0.3)  # let the alloc event reach the broker
-                        resp = await nc.request(subjects.KV_LOOKUP, m.encode(m.KvLookup(rid)), timeout=5)
-                        location = m.decode(m.KvLocation, resp.data)
+                        resp = await nc.request(subjects.KV_LOOKUP, encode(KvLookup(rid)), timeout=5)
+                        location = decode(KvLocation, resp.data)
                         listed = await nc.request(
-                            subjects.KV_LIST, m.encode(m.KvListRequest(slot=location.slot)), timeout=5
+                            subjects.KV_LIST, encode(KvListRequest(slot=location.slot)), timeout=5
                         )
-                        assert rid in [e.request_id for e in m.decode(m.KvListReply, listed.data).entries]
+                        assert rid in [e.request_id for e in decode(KvListReply, listed.data).entries]
                         break
         assert location is not None and location.found
         assert location.slot in (0, 1) and location.block_ids and location.head_end == 3
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            resp = await nc.request(subjects.KV_LOOKUP, m.encode(m.KvLookup(rid)), timeout=5)
-            if not m.decode(m.KvLocation, resp.data).found:
+            resp = await nc.request(subjects.KV_LOOKUP, encode(KvLookup(rid)), timeout=5)
+            if not decode(KvLocation, resp.data).found:
                 break
             await asyncio.sleep(0.2)
-        assert not m.decode(m.KvLocation, resp.data).found  # freed after cancel
+        assert not decode(KvLocation, resp.data).found  # freed after cancel
     finally:
         await nc.close()
 
@@ -192,10 +197,10 @@ async def test_router_reports_arrival_offsets_and_what_is_in_flight(stack: Stack
     # what is still in flight: the router's stats carry one length pair and one offset per
     # arrival, and the requests not finished when a window closes.
     nc = await connect(stack.nats_url, name="test-router-stats")
-    reports: list[m.RouterWindowStats] = []
+    reports: list[RouterWindowStats] = []
 
     async def collect(msg) -> None:  # noqa: ANN001
-        reports.append(m.decode(m.RouterWindowStats, msg.data))
+        reports.append(decode(RouterWindowStats, msg.data))
 
     sub = await nc.subscribe(subjects.ROUTER_STATS, cb=collect)
     try:
@@ -224,7 +229,7 @@ async def test_router_reports_arrival_offsets_and_what_is_in_flight(stack: Stack
         await nc.close()
 
 
-def _agent_arrivals(report: m.RouterWindowStats) -> int:
+def _agent_arrivals(report: RouterWindowStats) -> int:
     return len(report.tiers["agent"].prompt_tokens) if "agent" in report.tiers else 0
 
 
@@ -235,7 +240,7 @@ async def test_topology_bucket_cas_and_service_discovery(stack: Stack) -> None:
         topo, rev = await topology.read(kv)
         assert topo is not None and topo.epoch >= 1 and rev >= 1
         assert sorted(i.slots for i in topo.instances) == [[0], [1]]
-        stale = m.Topology(epoch=topo.epoch + 1, instances=[], written_at=0.0, reason="rogue controller")
+        stale = Topology(epoch=topo.epoch + 1, instances=[], written_at=0.0, reason="rogue controller")
         with pytest.raises(topology.TopologyConflict):
             await topology.write_cas(kv, stale, rev - 1 if rev > 1 else rev + 5)
         assert (await topology.read(kv))[0] == topo  # unchanged

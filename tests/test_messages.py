@@ -5,16 +5,24 @@ from __future__ import annotations
 import msgspec
 import pytest
 from nitsum_core.errors import ProtocolError, UnknownTier, error_class
-from nitsum_core.wire import messages as m
-from nitsum_core.wire import subjects
+from nitsum_core.wire import client, codec, control, cut, kv, reconfiguration, subjects, worker
+
+CONVERSATIONS = (codec, client, worker, cut, kv, reconfiguration, control)
+# Every Struct a conversation module defines: each must have a sample below and decode cleanly.
+MESSAGE_TYPES: list[type[msgspec.Struct]] = [
+    v
+    for mod in CONVERSATIONS
+    for v in vars(mod).values()
+    if isinstance(v, type) and issubclass(v, msgspec.Struct) and v.__module__ == mod.__name__
+]
 
 SAMPLES: list[msgspec.Struct] = [
-    m.ErrorInfo(code="unknown_tier", message="no such tier"),
-    m.ChatMessage(role="user", content="héllo ✓"),
-    m.GenerateRequest(
+    codec.ErrorInfo(code="unknown_tier", message="no such tier"),
+    client.ChatMessage(role="user", content="héllo ✓"),
+    client.GenerateRequest(
         request_id="r1",
         tier="agent",
-        messages=[m.ChatMessage("system", "be brief"), m.ChatMessage("user", "hi")],
+        messages=[client.ChatMessage("system", "be brief"), client.ChatMessage("user", "hi")],
         max_tokens=7,
         temperature=0.7,
         top_p=0.9,
@@ -23,41 +31,46 @@ SAMPLES: list[msgspec.Struct] = [
         ignore_eos=True,
         timeout_s=12.5,
     ),
-    m.GenerateRequest(request_id="r2", prompt="plain"),
-    m.Usage(
+    client.GenerateRequest(request_id="r2", prompt="plain"),
+    client.Usage(
         prompt_tokens=3, completion_tokens=4, ttft_s=0.1, tpot_s=0.02, e2e_s=0.2, worker_slot=1, reroutes=1
     ),
-    m.StreamChunk(
+    client.StreamChunk(
         request_id="r1",
         seq=3,
         text="abc",
         token_ids=[1, 2],
         finished=True,
         finish_reason="length",
-        usage=m.Usage(prompt_tokens=1, completion_tokens=2, ttft_s=0.0, tpot_s=0.0, e2e_s=0.0, worker_slot=0),
+        usage=client.Usage(
+            prompt_tokens=1, completion_tokens=2, ttft_s=0.0, tpot_s=0.0, e2e_s=0.0, worker_slot=0
+        ),
     ),
-    m.StreamChunk(request_id="r1", seq=1, error=m.ErrorInfo("timeout", "too slow"), finished=True),
-    m.CancelRequest("r1"),
-    m.SamplingParams(max_tokens=5, temperature=1.0, top_p=0.5, seed=9, ignore_eos=False),
-    m.WorkerSubmit(
+    client.StreamChunk(request_id="r1", seq=1, error=codec.ErrorInfo("timeout", "too slow"), finished=True),
+    client.CancelRequest("r1"),
+    worker.SamplingParams(max_tokens=5, temperature=1.0, top_p=0.5, seed=9, ignore_eos=False),
+    worker.WorkerSubmit(
         request_id="r1",
         router_id="rt",
         prompt_ids=[1, 2, 3],
-        sampling=m.SamplingParams(max_tokens=2),
+        sampling=worker.SamplingParams(max_tokens=2),
         priority=2,
         epoch=4,
         ttft_left_s=0.25,
         tpot_s=0.03,
     ),
-    m.SubmitAck(request_id="r1", accepted=False, error=m.ErrorInfo("invalid_request", "bad")),
-    m.WorkerAbort("r1"),
-    m.TokenItem(request_id="r1", token_ids=[5], finished=True, finish_reason="stop"),
-    m.TokenBatch(
+    worker.SubmitAck(request_id="r1", accepted=False, error=codec.ErrorInfo("invalid_request", "bad")),
+    worker.WorkerAbort("r1"),
+    worker.TokenItem(request_id="r1", token_ids=[5], finished=True, finish_reason="stop"),
+    worker.TokenBatch(
         slot=1,
         step=10,
-        items=[m.TokenItem(request_id="a", token_ids=[1]), m.TokenItem(request_id="b", token_ids=[])],
+        items=[
+            worker.TokenItem(request_id="a", token_ids=[1]),
+            worker.TokenItem(request_id="b", token_ids=[]),
+        ],
     ),
-    m.WorkerHeartbeat(
+    worker.WorkerHeartbeat(
         slot=0,
         worker_id="w",
         pid=1,
@@ -72,20 +85,21 @@ SAMPLES: list[msgspec.Struct] = [
         tokens_generated=6,
         sent_at=1.5,
     ),  # fmt: skip
-    m.KvEvent(
+    kv.KvEvent(
         slot=0, request_id="r", kind="alloc", block_ids=[4, 5], head_start=0, head_end=3, num_tokens=20
     ),
-    m.KvLookup("r"),
-    m.KvLocation(request_id="r", found=True, slot=1, block_ids=[1], head_start=0, head_end=3, num_tokens=9),
-    m.KvListRequest(slot=None),
-    m.KvListReply(entries=[m.KvLocation(request_id="x", found=True)]),
-    m.Instance(instance_id=0, slots=[0, 1], role="decode", tiers=["interactive"]),
-    m.Topology(epoch=3, instances=[m.Instance(instance_id=0, slots=[0])], written_at=1.0, reason="test"),
-    m.TopologyRequest(),
-    m.WorkerView(
+    kv.KvLookup("r"),
+    kv.KvLocation(request_id="r", found=True, slot=1, block_ids=[1], head_start=0, head_end=3, num_tokens=9),
+    kv.KvListRequest(slot=None),
+    kv.KvListReply(entries=[kv.KvLocation(request_id="x", found=True)]),
+    cut.TopologyInstance(instance_id=0, slots=[0, 1], role="decode", tiers=["interactive"]),
+    cut.Topology(
+        epoch=3, instances=[cut.TopologyInstance(instance_id=0, slots=[0])], written_at=1.0, reason="test"
+    ),
+    control.WorkerView(
         slot=0, alive=True, running=1, waiting=0, in_flight=1, free_blocks=1, total_blocks=2, last_seen_s=0.1
     ),
-    m.RouterStatus(
+    control.RouterStatus(
         router_id="r",
         epoch=1,
         workers=[],
@@ -97,8 +111,7 @@ SAMPLES: list[msgspec.Struct] = [
         budgets={"interactive": 3.5},
         budget_scale=0.8,
     ),  # fmt: skip
-    m.StatusRequest(),
-    _state := m.RequestState(
+    _state := kv.RequestState(
         request_id="r",
         router_id="rt",
         slot=2,
@@ -106,87 +119,104 @@ SAMPLES: list[msgspec.Struct] = [
         num_prompt_tokens=2,
         num_computed=2,
         priority=1,
-        sampling=m.SamplingParams(max_tokens=4, temperature=0.5, seed=1),
+        sampling=worker.SamplingParams(max_tokens=4, temperature=0.5, seed=1),
         rng_state=b"\x00\x01",
         block_table=[7],
         ttft_left_s=-0.5,
         tpot_s=0.03,
         since_first_s=1.25,
     ),
-    _topo := m.Topology(epoch=4, instances=[m.Instance(instance_id=0, slots=[0, 1])], written_at=2.0),
-    m.ReconfigPause(plan_id="p", target=_topo),
-    m.PauseAck(slot=1, ok=True, requests=[_state], kv_units=64, num_kv_heads=4, block_size=16, seconds=0.1),
-    _transfer := m.KvTransfer(request_id="r", src_slot=2, dst_slot=0, head_start=0, head_end=2, num_tokens=2),
-    m.Assignment(request_id="r", leader=0, block_table=[3]),
-    m.KvPlanRequest(
+    _topo := cut.Topology(
+        epoch=4, instances=[cut.TopologyInstance(instance_id=0, slots=[0, 1])], written_at=2.0
+    ),
+    reconfiguration.ReconfigPause(plan_id="p", target=_topo),
+    reconfiguration.PauseAck(
+        slot=1, ok=True, requests=[_state], kv_units=64, num_kv_heads=4, block_size=16, seconds=0.1
+    ),
+    _transfer := kv.KvTransfer(
+        request_id="r", src_slot=2, dst_slot=0, head_start=0, head_end=2, num_tokens=2
+    ),
+    kv.MovedRequest(request_id="r", leader=0, block_table=[3]),
+    kv.KvPlanRequest(
         old=_topo, new=_topo, requests=[_state], kv_units={0: 64, 1: 64}, num_kv_heads=4, block_size=16
     ),
-    _plan := m.KvPlan(
-        assignments=[m.Assignment(request_id="r", leader=0, block_table=[])],
+    _plan := kv.KvPlan(
+        assignments=[kv.MovedRequest(request_id="r", leader=0, block_table=[])],
         transfers=[_transfer],
         recomputed=["r"],
     ),
-    m.ReconfigMigrate(plan_id="p", target=_topo, plan=_plan, requests=[_state]),
-    m.ReconfigCommit(plan_id="p", target=_topo, held_s=0.08),
-    m.ReconfigAbort(plan_id="p", reason="timeout"),
-    m.ControlAck(slot=0, ok=False, error=m.ErrorInfo("worker_lost", "peer gone"), bytes_sent=5, seconds=0.2),
-    m.RouterHold(plan_id="p", hold=False, moved={"r": 0}),
-    m.RouterHoldAck(router_id="rt", held=3),
-    m.TierWindowStats(
+    reconfiguration.ReconfigMigrate(plan_id="p", target=_topo, plan=_plan, requests=[_state]),
+    reconfiguration.ReconfigCommit(plan_id="p", target=_topo, held_s=0.08),
+    reconfiguration.ReconfigAbort(plan_id="p", reason="timeout"),
+    reconfiguration.ControlAck(
+        slot=0, ok=False, error=codec.ErrorInfo("worker_lost", "peer gone"), bytes_sent=5, seconds=0.2
+    ),
+    control.RouterHold(plan_id="p", hold=False, moved={"r": 0}),
+    control.RouterHoldAck(router_id="rt", held=3),
+    control.TierWindowStats(
         prompt_tokens=[12, 40],
         output_tokens=[64, 64],
         arrival_offsets_s=[0.1, 0.7],
         finished=3,
         good=2,
         in_flight=[
-            m.InFlightRequest(prompt_tokens=30, output_tokens=64, age_s=1.5),
-            m.InFlightRequest(prompt_tokens=8, output_tokens=64, age_s=0.9, ttft_s=0.2, generated=12),
+            control.InFlightRequest(prompt_tokens=30, output_tokens=64, age_s=1.5),
+            control.InFlightRequest(prompt_tokens=8, output_tokens=64, age_s=0.9, ttft_s=0.2, generated=12),
         ],
     ),
-    m.RouterWindowStats(
-        router_id="rt", window_s=1.0, tiers={"interactive": m.TierWindowStats(prompt_tokens=[5], finished=1)}
+    control.InFlightRequest(prompt_tokens=3, output_tokens=5, age_s=0.5),
+    control.RouterWindowStats(
+        router_id="rt",
+        window_s=1.0,
+        tiers={"interactive": control.TierWindowStats(prompt_tokens=[5], finished=1)},
     ),
-    m.AdmissionBudgets(epoch=3, budgets={"interactive": 2.5}),
-    m.ReconfigureRequest(tp=[2, 2], reason="test", timeout_s=5.0),
-    m.ReconfigureResult(
+    control.AdmissionBudgets(epoch=3, budgets={"interactive": 2.5}),
+    control.ReconfigureRequest(tp=[2, 2], reason="test", timeout_s=5.0),
+    control.ReconfigureResult(
         ok=True, epoch=5, phases={"pause": 0.01}, requests_moved=1, transfers=2, kv_bytes_moved=10
     ),
 ]
 
 
 def test_every_message_type_has_a_sample() -> None:
-    assert {type(s) for s in SAMPLES} == set(m.ALL_MESSAGE_TYPES)
+    assert {type(s) for s in SAMPLES} == set(MESSAGE_TYPES)
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda s: type(s).__name__)
 def test_round_trip(msg: msgspec.Struct) -> None:
-    data = m.encode(msg)
+    data = codec.encode(msg)
     assert isinstance(data, bytes)
-    assert m.decode(type(msg), data) == msg
+    assert codec.decode(type(msg), data) == msg
 
 
-@pytest.mark.parametrize("cls", m.ALL_MESSAGE_TYPES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", MESSAGE_TYPES, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("garbage", [b"", b"\xff\xfe\x00garbage", b"not msgpack at all", b"\x01"])
 def test_garbage_raises_typed_error(cls: type, garbage: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
-        m.decode(cls, garbage)
+        codec.decode(cls, garbage)
     assert cls.__name__ in str(info.value)
     assert info.value.code == "malformed"
+
+
+def test_class_names_never_travel() -> None:
+    # Structs are untagged maps of their fields: renaming a class keeps the bytes on the wire.
+    data = codec.encode(kv.MovedRequest(request_id="r", leader=0, block_table=[3]))
+    assert msgspec.msgpack.decode(data) == {"request_id": "r", "leader": 0, "block_table": [3]}
 
 
 def test_wrong_field_type_is_reported() -> None:
     bad = msgspec.msgpack.encode({"request_id": "x", "max_tokens": "many"})
     with pytest.raises(ProtocolError, match="max_tokens"):
-        m.decode(m.GenerateRequest, bad)
+        codec.decode(client.GenerateRequest, bad)
 
 
 def test_missing_required_field_is_reported() -> None:
     with pytest.raises(ProtocolError, match="request_id"):
-        m.decode(m.GenerateRequest, msgspec.msgpack.encode({"prompt": "hi"}))
+        codec.decode(client.GenerateRequest, msgspec.msgpack.encode({"prompt": "hi"}))
 
 
 def test_error_info_maps_back_to_exception_class() -> None:
-    exc = m.ErrorInfo("unknown_tier", "no tier x").to_exc()
+    exc = codec.ErrorInfo("unknown_tier", "no tier x").to_exc()
     assert isinstance(exc, UnknownTier) and exc.message == "no tier x"
     assert error_class("from-the-future").__name__ == "NitsumError"
 

@@ -11,7 +11,7 @@ from conftest import hf_greedy, load_hf, paged_logits
 from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.engine.model import load_model
 from nitsum_core.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from nitsum_core.wire.messages import ChatMessage
+from nitsum_core.wire.client import ChatMessage
 
 CHATS = [
     "What is the capital of France?",

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import total_params
 from nitsum_core.config import Tier
 from nitsum_core.engine import profiling
 from nitsum_core.perf.model_spec import ModelSpec
@@ -17,7 +18,6 @@ from nitsum_core.perf.perf_model import (
     HardwareSpec,
     PerfModel,
     model_spec,
-    total_params,
 )
 from nitsum_core.policy.capacity import plan_goodput, slo_safe_capacity
 from nitsum_core.policy.plan import TierDemand, TierSet

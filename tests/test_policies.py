@@ -25,7 +25,8 @@ from nitsum_core.policy.plan import (
 )
 from nitsum_core.policy.reconfig import plan_topology, topology_plan
 from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, leaders_for, route_targets
-from nitsum_core.wire import messages as m
+from nitsum_core.wire.codec import decode, encode
+from nitsum_core.wire.cut import Topology
 
 TIERS = {
     "interactive": Tier("interactive", 0.3, 0.012, 0),
@@ -145,7 +146,7 @@ def test_tier_names_may_hold_any_character(tmp_path) -> None:  # noqa: ANN001
     plan = Plan([Assignment(0, 1, "mixed", TierSet.of(odd)), Assignment(1, 1, "mixed", rest)])
     topo = plan_topology(plan, epoch=1, reason="test")
     assert [i.tiers for i in topo.instances] == [[odd], ["*"]]
-    decoded = m.decode(m.Topology, m.encode(topo))
+    decoded = decode(Topology, encode(topo))
     assert topology_plan(decoded).assignments == plan.assignments
     assert leaders_for(decoded, odd, {0, 1}) == ([0], False)
     assert leaders_for(decoded, "*", {0, 1}) == ([1], False)

@@ -7,27 +7,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shares_storage
 from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.engine.kv_migration import gather_units, scatter_units
 from nitsum_core.engine.model import load_model
-from nitsum_core.engine.tp import shares_storage
 from nitsum_core.errors import InvalidRequest
 from nitsum_core.policy import reconfig
-from nitsum_core.wire import messages as m
+from nitsum_core.wire.cut import Topology, TopologyInstance
+from nitsum_core.wire.kv import KvPlan, KvPlanRequest, KvTransfer, RequestState
+from nitsum_core.wire.worker import SamplingParams
 
 H, BS = 4, 16
 
 
-def _topo(*groups: list[int], epoch: int = 1) -> m.Topology:
-    return m.Topology(
+def _topo(*groups: list[int], epoch: int = 1) -> Topology:
+    return Topology(
         epoch=epoch,
-        instances=[m.Instance(instance_id=i, slots=g) for i, g in enumerate(groups)],
+        instances=[TopologyInstance(instance_id=i, slots=g) for i, g in enumerate(groups)],
         written_at=0.0,
     )
 
 
-def _state(rid: str, slot: int, tokens: int, table: list[int]) -> m.RequestState:
-    return m.RequestState(
+def _state(rid: str, slot: int, tokens: int, table: list[int]) -> RequestState:
+    return RequestState(
         request_id=rid,
         router_id="r",
         slot=slot,
@@ -35,15 +37,15 @@ def _state(rid: str, slot: int, tokens: int, table: list[int]) -> m.RequestState
         num_prompt_tokens=3,
         num_computed=tokens,
         priority=0,
-        sampling=m.SamplingParams(max_tokens=100),
+        sampling=SamplingParams(max_tokens=100),
         block_table=table,
     )
 
 
-def _plan(old: m.Topology, new: m.Topology, states: list[m.RequestState], units: int = 64) -> m.KvPlan:
+def _plan(old: Topology, new: Topology, states: list[RequestState], units: int = 64) -> KvPlan:
     slots = {s for i in new.instances for s in i.slots}
     return reconfig.plan_migration(
-        m.KvPlanRequest(
+        KvPlanRequest(
             old=old,
             new=new,
             requests=states,
@@ -77,7 +79,7 @@ def test_a_plan_needs_kv_units_only_from_the_slots_that_change() -> None:
     # as it is ([2], [3] here) is not in the request, and its requests are not in the plan.
     old, new = _topo([0], [1], [2], [3]), _topo([0, 1], [2], [3], epoch=2)
     plan = reconfig.plan_migration(
-        m.KvPlanRequest(
+        KvPlanRequest(
             old=old,
             new=new,
             requests=[_state("a", 1, 20, [0, 1])],
@@ -122,7 +124,7 @@ def test_request_without_room_restarts_from_its_tokens_instead_of_failing() -> N
 
 def test_sender_and_receiver_enumerate_the_same_units() -> None:
     old, new = _topo([0], [1]), _topo([0, 1])
-    t = m.KvTransfer(request_id="a", src_slot=0, dst_slot=1, head_start=2, head_end=4, num_tokens=40)
+    t = KvTransfer(request_id="a", src_slot=0, dst_slot=1, head_start=2, head_end=4, num_tokens=40)
     send = reconfig.transfer_units(t, [7, 8, 9], old.instances[0], 0, H, BS)
     recv = reconfig.transfer_units(t, [0, 1, 2], new.instances[0], 1, H, BS)
     assert send.blocks == [7, 7, 8, 8, 9, 9] and send.heads == [2, 3] * 3

@@ -15,17 +15,19 @@ import pytest
 from nitsum_cli.stack import Stack, StackConfig
 from nitsum_core.client import NitsumClient
 from nitsum_core.errors import InvalidRequest, ReconfigFailed
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
+from nitsum_core.wire.client import CancelRequest
+from nitsum_core.wire.codec import encode
+from paced_worker import MIGRATE_DELAY, STEP_DELAY, PacedStack
 
 PROMPTS = [f"Request {i}: " + "tell me something new " * (1 + i % 5) for i in range(16)]
 N_TOKENS = 260
 
 
-def _stack(home: Path, model: Path, **kw: object) -> Stack:
-    return Stack(
-        StackConfig(workers=4, model=str(model), home=home, kv_cache_mb=16, threads_per_worker=1, **kw)  # type: ignore[arg-type]
-    )
+def _stack(home: Path, model: Path, pace: dict[int, dict[str, str]], **kw: object) -> Stack:
+    """Four workers started through ``paced_worker`` with ``pace``'s delays per slot."""
+    config = StackConfig(workers=4, model=str(model), home=home, kv_cache_mb=16, threads_per_worker=1, **kw)  # type: ignore[arg-type]
+    return PacedStack(config, pace)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ async def pool4(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
     # exact): a liveness false alarm, not a switch failure. Detection speed is tested elsewhere.
     # Every step sleeps 20 ms: on an idle host one worker ran the tiny model 200 tokens ahead of
     # the others before the first switch, and a quarter of the requests had finished by then.
-    s = _stack(tmp_path_factory.mktemp("pool4"), tiny_llama_dir, worker_timeout_s=6.0, worker_env=_paced())
+    s = _stack(tmp_path_factory.mktemp("pool4"), tiny_llama_dir, _paced(), worker_timeout_s=6.0)
     await s.start()
     yield s
     s.stop()
@@ -44,7 +46,7 @@ async def pool4(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path):
 def _paced(**extra: dict[str, str]) -> dict[int, dict[str, str]]:
     """Worker environments with a 20 ms sleep per engine step (``extra`` adds per-slot variables),
     so that requests of 260 tokens are still generating when a test switches or kills a worker."""
-    return {slot: {"NITSUM_TEST_STEP_DELAY_S": "0.02", **extra.get(f"slot{slot}", {})} for slot in range(4)}
+    return {slot: {STEP_DELAY: "0.02", **extra.get(f"slot{slot}", {})} for slot in range(4)}
 
 
 async def _run_all(c: NitsumClient, progress: dict[int, int]) -> list[asyncio.Task]:
@@ -123,7 +125,7 @@ async def test_worker_killed_during_migration_aborts_and_survivors_resume_and_sw
     tmp_path: Path, tiny_llama_dir: Path
 ) -> None:
     # Slot 3 stalls 3 s before its migrate step, so it is mid-switch when it is killed.
-    s = _stack(tmp_path, tiny_llama_dir, worker_env=_paced(slot3={"NITSUM_TEST_MIGRATE_DELAY_S": "3"}))
+    s = _stack(tmp_path, tiny_llama_dir, _paced(slot3={MIGRATE_DELAY: "3"}))
     await s.start()
     try:
         async with NitsumClient(s.nats_url) as c:
@@ -175,12 +177,8 @@ async def test_cancel_during_a_switch_stops_the_request_on_its_new_leader(
     # has already exported the request to the plan; its new leader must not keep generating it.
     # Every step sleeps 25 ms: the tiny model would otherwise finish all 260 tokens before the
     # switch gets going on a busy machine.
-    slow = {"NITSUM_TEST_STEP_DELAY_S": "0.025"}
-    s = _stack(
-        tmp_path,
-        tiny_llama_dir,
-        worker_env={0: slow, 1: slow, 2: slow, 3: {**slow, "NITSUM_TEST_MIGRATE_DELAY_S": "2"}},
-    )
+    slow = {STEP_DELAY: "0.025"}
+    s = _stack(tmp_path, tiny_llama_dir, {0: slow, 1: slow, 2: slow, 3: {**slow, MIGRATE_DELAY: "2"}})
     await s.start()
     try:
         async with NitsumClient(s.nats_url) as c:
@@ -201,7 +199,7 @@ async def test_cancel_during_a_switch_stops_the_request_on_its_new_leader(
             switch = asyncio.create_task(c.reconfigure(tp=[2, 2], timeout_s=20))
             await asyncio.sleep(0.8)  # paused, waiting on slot 3's migrate step
             assert c.nc is not None
-            await c.nc.publish(subjects.ROUTER_CANCEL, m.encode(m.CancelRequest(ids[0])))
+            await c.nc.publish(subjects.ROUTER_CANCEL, encode(CancelRequest(ids[0])))
             res = await asyncio.wait_for(switch, timeout=60)
             assert res.ok and res.requests_moved == 4, res
             await asyncio.sleep(1.5)  # two heartbeats from the new leaders

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_greedy, load_hf
+from conftest import hf_greedy, load_hf, shares_storage
 from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.engine.model import load_model
-from nitsum_core.engine.tp import shares_storage
 
 HERE = Path(__file__).parent
 
@@ -81,7 +80,7 @@ def test_shards_are_views_and_nest(tiny_llama_dir: Path) -> None:
 def test_smollm2_at_tp3_equals_hf(smollm2_dir: Path, tmp_path: Path) -> None:
     """SmolLM2 has 3 KV heads: TP 3 splits it evenly; greedy tokens equal HF transformers'."""
     from nitsum_core.engine.tokenizer import Tokenizer
-    from nitsum_core.wire.messages import ChatMessage
+    from nitsum_core.wire.client import ChatMessage
 
     tok = Tokenizer(smollm2_dir)
     prompts = [

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 from nitsum_core.engine.engine import EngineConfig
-from nitsum_core.wire import messages as m
+from nitsum_core.wire.cut import Topology, TopologyInstance
 from nitsum_gpu_worker.worker import GpuWorker
 
 
-def _topology(epoch: int, slots: list[int]) -> m.Topology:
-    instances = [m.Instance(instance_id=n, slots=[s]) for n, s in enumerate(slots)]
-    return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=f"pool {slots}")
+def _topology(epoch: int, slots: list[int]) -> Topology:
+    instances = [TopologyInstance(instance_id=n, slots=[s]) for n, s in enumerate(slots)]
+    return Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=f"pool {slots}")
 
 
 def _worker(tiny_llama_dir: Path) -> GpuWorker:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import sys
 
 import torch
+import torch.distributed as dist
+from conftest import shares_storage
 from nitsum_core.engine import tp as tpmod
 from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams, kv_num_blocks
 from nitsum_core.engine.model import load_model
@@ -19,12 +22,13 @@ def main() -> None:
     prompts = json.loads(sys.argv[6])
     max_tokens = int(sys.argv[7])
     torch.set_num_threads(1)
-    tpmod.init_world(rank, world, init, timeout_s=float(os.environ.get("NITSUM_TEST_TP_TIMEOUT", "60")))
+    timeout = dt.timedelta(seconds=float(os.environ.get("NITSUM_TEST_TP_TIMEOUT", "60")))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
     model = load_model(ckpt)
-    group = tpmod.instance_group(list(range(world)))
+    group = dist.new_group(ranks=list(range(world)), backend="gloo")
     shard = tpmod.attach(model, world, rank, group)
     zero_copy = all(
-        tpmod.shares_storage(s[k], f[k])
+        shares_storage(s[k], f[k])
         for s, f in zip(shard.layers, model.layers, strict=True)
         for k in ("qkv", "o", "gate_up", "down")
     )
@@ -52,7 +56,7 @@ def main() -> None:
         logits = shard.forward(ids, meta, engine.kv)
         tpmod.broadcast_step(None, group, 0)
         torch.save({"tokens": tokens, "logits": logits, "zero_copy": zero_copy}, out)
-    torch.distributed.destroy_process_group()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

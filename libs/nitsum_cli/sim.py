@@ -81,7 +81,8 @@ def _tiered_trace(spec: str, seed: int) -> list[wl.TraceRequest]:
     )
 
 
-def _workload(a: argparse.Namespace, rate: float) -> list[wl.TraceRequest]:
+def sim_workload(a: argparse.Namespace, rate: float) -> list[wl.TraceRequest]:
+    """The requests ``nitsum sim`` offers at ``rate`` req/s over ``--duration`` (trace or synthetic)."""
     streams = []
     if not a.trace:
         base = wl.synthetic_azure_conv(int(rate * a.duration * 1.2) + 10, seed=a.seed)
@@ -126,7 +127,7 @@ def run(a: argparse.Namespace) -> int:
     loads = {}
     t_start = time.perf_counter()
     for rate in rates:
-        workload = _workload(a, rate)
+        workload = sim_workload(a, rate)
         if not workload:
             raise ValueError(
                 f"no request arrives in the {a.duration:g} s window at {rate:g} req/s; raise the rate or --duration"
@@ -242,7 +243,7 @@ def resolve_rate(a: argparse.Namespace, perf: PerfModel, spec: str) -> float:
     spec = spec.strip()
     if not spec.lower().endswith("x"):
         return float(spec)
-    rate = rate_for_load(lambda r: _workload(a, r), perf, a.gpus, float(spec[:-1]), a.duration)
+    rate = rate_for_load(lambda r: sim_workload(a, r), perf, a.gpus, float(spec[:-1]), a.duration)
     return round(rate, 1)
 
 

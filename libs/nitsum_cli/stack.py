@@ -15,9 +15,11 @@ from pathlib import Path
 
 from nitsum_core.config import state_dir
 from nitsum_core.engine.checkpoints import DEFAULT_MODEL, resolve_checkpoint
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
 from nitsum_core.wire.bus import EmbeddedNats, connect
+from nitsum_core.wire.codec import decode
+from nitsum_core.wire.control import RouterStatus
+from nitsum_core.wire.cut import Topology
 
 STACK_FILE = "stack.json"
 
@@ -34,7 +36,6 @@ class StackConfig:
     tpot_sized_steps: bool = False  # workers cut prompt chunks to their decodes' TPOT targets
     worker_timeout_s: float = 2.0
     tp_pool: bool = True  # workers join one gloo world so instances can run and switch at TP > 1
-    worker_env: dict[int, dict[str, str]] = field(default_factory=dict)  # extra env per slot
     auto: bool = False  # the configurator drives the topology (tp_controller --auto)
     coefficients: str | None = None  # perf-model coefficients for --auto (`nitsum profile`)
     replay_workers: int = 0  # processes the controller replays candidate cuts in, for --auto
@@ -116,10 +117,10 @@ class Stack:
             "--max-model-len", str(cfg.max_model_len),
             *(["--tpot-sized-steps"] if cfg.tpot_sized_steps else []),
             *pool,
-            env={"OMP_NUM_THREADS": threads, **cfg.worker_env.get(slot, {})},
+            env={"OMP_NUM_THREADS": threads},
         )  # fmt: skip
 
-    async def wait_ready(self, timeout_s: float = 180.0) -> m.RouterStatus:
+    async def wait_ready(self, timeout_s: float = 180.0) -> RouterStatus:
         """Poll the router until every worker is alive and in the topology; raise with the logs' tail if not."""
         deadline = time.monotonic() + timeout_s
         nc = await connect(self.nats_url, name="nitsum-stack")
@@ -128,12 +129,12 @@ class Stack:
                 self._check_children()
                 try:
                     msg = await nc.request(subjects.ROUTER_STATUS, b"", timeout=1.0)
-                    status = m.decode(m.RouterStatus, msg.data)
+                    status = decode(RouterStatus, msg.data)
                     alive = sum(w.alive for w in status.workers)
                     pooled = self.config.workers == 1 or not self.config.tp_pool
                     joined = pooled or sum(w.pool_joined for w in status.workers) >= self.config.workers
                     topo = await nc.request(subjects.CONTROLLER_TOPOLOGY, b"", timeout=1.0)
-                    slots = m.decode(m.Topology, topo.data).slots
+                    slots = decode(Topology, topo.data).slots
                     if (
                         alive >= self.config.workers
                         and len(slots) >= self.config.workers
@@ -154,7 +155,7 @@ class Stack:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-3000:]
                 raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up:\n{tail}")
 
-    async def start(self, timeout_s: float = 180.0) -> m.RouterStatus:
+    async def start(self, timeout_s: float = 180.0) -> RouterStatus:
         try:
             self.launch()
             return await self.wait_ready(timeout_s)

@@ -21,9 +21,12 @@ from nats.aio.client import Client
 from nats.errors import NoServersError
 
 from nitsum_core.errors import NitsumError, NotRunning, ProtocolError, RequestTimeout
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
 from nitsum_core.wire.bus import connect
+from nitsum_core.wire.client import CancelRequest, ChatMessage, GenerateRequest, StreamChunk, Usage
+from nitsum_core.wire.codec import decode, encode
+from nitsum_core.wire.control import ReconfigureRequest, ReconfigureResult, RouterStatus
+from nitsum_core.wire.cut import TopologyInstance
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str
-    usage: m.Usage
+    usage: Usage
     first_chunk_at: float = 0.0  # client-side monotonic times, for loadgen's own TTFT
     chunk_times: list[float] = field(default_factory=list)
 
@@ -62,7 +65,7 @@ class NitsumClient:
             return
         if self._open and self.nc.is_connected:
             for request_id in self._open:
-                await self.nc.publish(subjects.ROUTER_CANCEL, m.encode(m.CancelRequest(request_id)))
+                await self.nc.publish(subjects.ROUTER_CANCEL, encode(CancelRequest(request_id)))
             await self.nc.flush()
         self._open.clear()
         await self.nc.close()
@@ -71,7 +74,7 @@ class NitsumClient:
         self,
         prompt: str | None = None,
         *,
-        messages: list[dict[str, str]] | list[m.ChatMessage] | None = None,
+        messages: list[dict[str, str]] | list[ChatMessage] | None = None,
         tier: str = "interactive",
         max_tokens: int = 128,
         temperature: float = 0.0,
@@ -81,17 +84,16 @@ class NitsumClient:
         ignore_eos: bool = False,
         timeout_s: float = 300.0,
         request_id: str | None = None,
-    ) -> AsyncIterator[m.StreamChunk]:
+    ) -> AsyncIterator[StreamChunk]:
         """Stream chunks of one generation; the last has ``finished`` and ``usage``."""
         if self.nc is None:
             raise RuntimeError("use `async with NitsumClient(url) as client`")
         chat = None
         if messages is not None:
             chat = [
-                x if isinstance(x, m.ChatMessage) else m.ChatMessage(x["role"], x["content"])
-                for x in messages
+                x if isinstance(x, ChatMessage) else ChatMessage(x["role"], x["content"]) for x in messages
             ]
-        req = m.GenerateRequest(
+        req = GenerateRequest(
             request_id=request_id or uuid.uuid4().hex,
             tier=tier,
             prompt=prompt,
@@ -109,7 +111,7 @@ class NitsumClient:
         finished = False
         self._open.add(req.request_id)
         try:
-            await self.nc.publish(subjects.ROUTER_GENERATE, m.encode(req), reply=inbox)
+            await self.nc.publish(subjects.ROUTER_GENERATE, encode(req), reply=inbox)
             deadline = time.monotonic() + timeout_s + 5.0
             accepted = False
             while True:
@@ -124,7 +126,7 @@ class NitsumClient:
                     raise RequestTimeout(
                         f"request {req.request_id} got no answer within {timeout_s}s"
                     ) from None
-                chunk = m.decode(m.StreamChunk, msg.data)
+                chunk = decode(StreamChunk, msg.data)
                 accepted = True
                 if chunk.error is not None:
                     finished = True
@@ -140,14 +142,14 @@ class NitsumClient:
                 await sub.unsubscribe()
                 if not finished:
                     # The caller stopped reading (break, cancel, error): free the worker's KV now.
-                    await self.nc.publish(subjects.ROUTER_CANCEL, m.encode(m.CancelRequest(req.request_id)))
+                    await self.nc.publish(subjects.ROUTER_CANCEL, encode(CancelRequest(req.request_id)))
 
     async def complete(self, prompt: str | None = None, **kwargs: object) -> Completion:
         """Run one generation to the end and return it whole."""
         text: list[str] = []
         ids: list[int] = []
         times: list[float] = []
-        last: m.StreamChunk | None = None
+        last: StreamChunk | None = None
         async for chunk in self.generate(prompt, **kwargs):  # type: ignore[arg-type]
             if chunk.seq == 0:
                 continue
@@ -167,37 +169,37 @@ class NitsumClient:
             chunk_times=times,
         )
 
-    async def status(self, timeout_s: float = 2.0) -> m.RouterStatus:
+    async def status(self, timeout_s: float = 2.0) -> RouterStatus:
         assert self.nc is not None
         try:
             msg = await self.nc.request(subjects.ROUTER_STATUS, b"", timeout=timeout_s)
         except Exception as exc:
             raise NotRunning(f"no router answered the status request ({type(exc).__name__})") from None
-        return m.decode(m.RouterStatus, msg.data)
+        return decode(RouterStatus, msg.data)
 
     async def reconfigure(
         self,
         tp: list[int] | None = None,
-        instances: list[m.Instance] | None = None,
+        instances: list[TopologyInstance] | None = None,
         reason: str = "manual",
         timeout_s: float = 30.0,
-    ) -> m.ReconfigureResult:
+    ) -> ReconfigureResult:
         """Switch the pool to a new cut (TP degrees in slot order, or explicit instances).
 
         In-flight requests keep generating on their new instances; raises the switch's error
         (e.g. ``ReconfigFailed``) if it was aborted -- the pool is then back on the old epoch.
         """
         assert self.nc is not None
-        req = m.ReconfigureRequest(tp=tp, instances=instances, reason=reason, timeout_s=timeout_s)
+        req = ReconfigureRequest(tp=tp, instances=instances, reason=reason, timeout_s=timeout_s)
         try:
             msg = await self.nc.request(
-                subjects.CONTROLLER_RECONFIGURE, m.encode(req), timeout=timeout_s + 30.0
+                subjects.CONTROLLER_RECONFIGURE, encode(req), timeout=timeout_s + 30.0
             )
         except Exception as exc:
             raise NotRunning(
                 f"no tp_controller answered the reconfigure request ({type(exc).__name__})"
             ) from None
-        result = m.decode(m.ReconfigureResult, msg.data)
+        result = decode(ReconfigureResult, msg.data)
         if not result.ok and result.error is not None:
             raise result.error.to_exc()
         return result

@@ -13,12 +13,10 @@ commit the old layout is intact, which is what makes abort safe.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,44 +27,30 @@ from nitsum_core.engine.model import LlamaModel, ModelShard
 from nitsum_core.engine.tp import IDLE, PeerLost, attach, broadcast_step, follower_loop, leader_hook
 from nitsum_core.errors import ReconfigFailed
 from nitsum_core.policy import reconfig
-from nitsum_core.wire import messages as m
+from nitsum_core.wire.codec import ErrorInfo
+from nitsum_core.wire.cut import Topology, TopologyInstance
+from nitsum_core.wire.kv import KvEvent, KvTransfer, RequestState
+from nitsum_core.wire.reconfiguration import (
+    ControlAck,
+    PauseAck,
+    ReconfigAbort,
+    ReconfigCommit,
+    ReconfigMigrate,
+    ReconfigPause,
+)
+from nitsum_core.wire.worker import SamplingParams, TokenItem
+from nitsum_gpu_worker.commands import Abort, Control, Submit
 
 CHUNK_UNITS = 64  # head-units per message on the wire; both sides chunk identically
-# Test hook: seconds to sleep before each engine step, so a test can keep small, fast models'
-# requests in flight long enough to race a switch against them deterministically.
-STEP_DELAY_S = float(os.environ.get("NITSUM_TEST_STEP_DELAY_S", "0") or 0)
 
-Emit = Callable[[int, dict[str, list[m.TokenItem]], list[m.KvEvent]], None]
+Emit = Callable[[int, dict[str, list[TokenItem]], list[KvEvent]], None]
 
 
 @dataclass
-class Submit:
-    request_id: str
-    router_id: str
-    prompt_ids: list[int]
-    params: RequestParams
-    priority: int
-    ttft_deadline: float | None = None  # time.monotonic() time its first token is due by
-    tpot_s: float | None = None  # its TPOT target
+class SlotRole:
+    """What this slot is in the current cut: a rank of ``instance`` (None: idle)."""
 
-
-@dataclass
-class Abort:
-    request_id: str
-
-
-@dataclass
-class Control:
-    """A reconfiguration step (or ``adopt``: apply a topology without migration) and its reply."""
-
-    phase: str
-    msg: Any
-    reply: Future = field(default_factory=Future)
-
-
-@dataclass
-class Role:
-    instance: m.Instance | None
+    instance: TopologyInstance | None
     rank: int = 0
 
     @property
@@ -96,11 +80,11 @@ class SlotRunner:
         self.groups: dict[tuple[int, ...], dist.ProcessGroup] = {}  # filled once the pool is joined
         self.commands: queue.Queue[Submit | Abort | Control | None] = queue.Queue()
         self.engine: Engine | None = None
-        self.role = Role(None)
+        self.role = SlotRole(None)
         self.follower: tuple[ModelShard, torch.Tensor, dist.ProcessGroup, int] | None = None
         self.paused = False
-        self.staged: list[tuple[m.KvTransfer, torch.Tensor]] = []
-        self.migration: m.ReconfigMigrate | None = None  # the plan between migrate and commit
+        self.staged: list[tuple[KvTransfer, torch.Tensor]] = []
+        self.migration: ReconfigMigrate | None = None  # the plan between migrate and commit
         self.routers: dict[str, str] = {}  # request id -> router id (leader only)
         self.announced: set[str] = set()
         self.weight_bytes_moved = 0
@@ -109,7 +93,7 @@ class SlotRunner:
         } | {model.embed.untyped_storage().data_ptr(), model.lm_head_t.untyped_storage().data_ptr()}
         self.switches = 0
         self._retired = [0, 0]  # tokens generated / prefilled by engines of earlier roles
-        self._apply(m.Instance(instance_id=slot, slots=[slot]))
+        self._apply(TopologyInstance(instance_id=slot, slots=[slot]))
 
     # ---- roles --------------------------------------------------------------------------------
     @property
@@ -135,7 +119,7 @@ class SlotRunner:
     def capacity_tokens(self) -> int:
         return self.kv_view(self.role.tp).shape[2]
 
-    def can_run(self, inst: m.Instance | None) -> str | None:
+    def can_run(self, inst: TopologyInstance | None) -> str | None:
         """Why this slot cannot take its place in ``inst`` (None when it can)."""
         if inst is None:
             return None
@@ -151,9 +135,9 @@ class SlotRunner:
             return f"slot {self.slot} has no communicator for {inst.slots} (TP world not joined yet?)"
         return None
 
-    def _apply(self, inst: m.Instance | None) -> None:
+    def _apply(self, inst: TopologyInstance | None) -> None:
         """Become rank of ``inst``: cached weight views, cached communicator, re-viewed KV pool."""
-        self.role = Role(inst, inst.slots.index(self.slot) if inst else 0)
+        self.role = SlotRole(inst, inst.slots.index(self.slot) if inst else 0)
         if self.engine is not None:
             self._retired[0] += self.engine.tokens_generated
             self._retired[1] += self.engine.tokens_prefilled
@@ -185,7 +169,7 @@ class SlotRunner:
                     follower_loop(shard, kv, group, leader)
                 except PeerLost as exc:
                     self.log.error("TP leader lost; this slot idles until the next topology", error=str(exc))
-                    self._apply(m.Instance(instance_id=self.slot, slots=[self.slot]))
+                    self._apply(TopologyInstance(instance_id=self.slot, slots=[self.slot]))
                     continue
                 self.paused = True  # the leader stopped at a step boundary for a reconfiguration
             engine = self.engine
@@ -244,12 +228,12 @@ class SlotRunner:
                 cmd.reply.set_exception(exc)
 
     def _finish_with_error(self, request_id: str, router_id: str, code: str, message: str) -> None:
-        item = m.TokenItem(
+        item = TokenItem(
             request_id=request_id,
             token_ids=[],
             finished=True,
             finish_reason="error",
-            error=m.ErrorInfo(code=code, message=message),
+            error=ErrorInfo(code=code, message=message),
         )
         self.emit(self.engine.steps if self.engine else 0, {router_id: [item]}, [])
 
@@ -257,8 +241,6 @@ class SlotRunner:
     def _step(self) -> None:
         engine = self.engine
         assert engine is not None
-        if STEP_DELAY_S:
-            time.sleep(STEP_DELAY_S)
         try:
             outputs = engine.step()
         except PeerLost as exc:
@@ -266,7 +248,7 @@ class SlotRunner:
             return
         except Exception as exc:  # a bug in one step must not kill the worker silently
             self.log.exception("engine step failed")
-            err = m.ErrorInfo(code="internal", message=f"engine step failed on slot {self.slot}: {exc}")
+            err = ErrorInfo(code="internal", message=f"engine step failed on slot {self.slot}: {exc}")
             outputs = [StepOutput(rid, [], "error") for rid in list(self.routers)]
             for rid in list(self.routers):
                 engine.abort(rid)
@@ -274,9 +256,9 @@ class SlotRunner:
             err = None
         self._publish_outputs(engine, outputs, err)
 
-    def _publish_outputs(self, engine: Engine, outputs: list[StepOutput], err: m.ErrorInfo | None) -> None:
-        kv_events: list[m.KvEvent] = []
-        by_router: dict[str, list[m.TokenItem]] = {}
+    def _publish_outputs(self, engine: Engine, outputs: list[StepOutput], err: ErrorInfo | None) -> None:
+        kv_events: list[KvEvent] = []
+        by_router: dict[str, list[TokenItem]] = {}
         spec = engine.model.spec
         for out in outputs:
             router_id = self.routers.get(out.request_id)
@@ -286,7 +268,7 @@ class SlotRunner:
                 self.announced.add(out.request_id)
                 per_rank = spec.num_kv_heads // self.role.tp
                 kv_events.append(
-                    m.KvEvent(
+                    KvEvent(
                         slot=self.slot,
                         request_id=out.request_id,
                         kind="alloc",
@@ -303,7 +285,7 @@ class SlotRunner:
                     self.announced.discard(out.request_id)
                     kv_events.append(self._free_event(out.request_id))
             by_router.setdefault(router_id, []).append(
-                m.TokenItem(
+                TokenItem(
                     request_id=out.request_id,
                     token_ids=out.token_ids,
                     finished=finished,
@@ -314,21 +296,21 @@ class SlotRunner:
         if by_router or kv_events:
             self.emit(engine.steps, by_router, kv_events)
 
-    def _free_event(self, request_id: str) -> m.KvEvent:
-        return m.KvEvent(slot=self.slot, request_id=request_id, kind="free")
+    def _free_event(self, request_id: str) -> KvEvent:
+        return KvEvent(slot=self.slot, request_id=request_id, kind="free")
 
     def _peer_lost(self, exc: PeerLost) -> None:
         """A rank of this leader's instance died: keep every request, continue alone at TP 1."""
         self.log.error("TP peer lost; continuing this instance's requests at TP 1", error=str(exc))
         exported = self.engine.export() if self.engine else []
-        self._apply(m.Instance(instance_id=self.slot, slots=[self.slot]))
+        self._apply(TopologyInstance(instance_id=self.slot, slots=[self.slot]))
         assert self.engine is not None
         for req in exported:
             self.engine.adopt(req, [])  # the KV view changed: recompute from the tokens, lose nothing
             self.announced.discard(req.request_id)
 
     # ---- reconfiguration steps (DESIGN §6) ----------------------------------------------------
-    def _on_adopt(self, topo: m.Topology) -> bool:
+    def _on_adopt(self, topo: Topology) -> bool:
         """Apply a topology written without a switch protocol (pool change after a fault)."""
         inst = reconfig.instance_of(topo, self.slot)
         current = self.role.instance.slots if self.role.instance else None
@@ -356,22 +338,20 @@ class SlotRunner:
         self.paused = False
         return True
 
-    def _on_pause(self, msg: m.ReconfigPause) -> m.PauseAck:
+    def _on_pause(self, msg: ReconfigPause) -> PauseAck:
         t0 = time.perf_counter()
         reason = self.can_run(reconfig.instance_of(msg.target, self.slot))
         if reason is None and self.role.tp > 1 and not self.pool_ready:
             reason = "TP world not joined"
         if reason is not None:
-            return m.PauseAck(
-                slot=self.slot, ok=False, error=m.ErrorInfo(code="invalid_request", message=reason)
-            )
-        states: list[m.RequestState] = []
+            return PauseAck(slot=self.slot, ok=False, error=ErrorInfo(code="invalid_request", message=reason))
+        states: list[RequestState] = []
         if self.engine is not None and not self.paused:
             if self.role.tp > 1:
                 broadcast_step(None, self.role_group(), self.role.leader)  # followers leave their loop
             for req in self.engine.export():
                 states.append(
-                    m.RequestState(
+                    RequestState(
                         request_id=req.request_id,
                         router_id=self.routers.get(req.request_id, ""),
                         slot=self.slot,
@@ -379,7 +359,7 @@ class SlotRunner:
                         num_prompt_tokens=req.num_prompt_tokens,
                         num_computed=req.num_computed,
                         priority=req.priority,
-                        sampling=m.SamplingParams(
+                        sampling=SamplingParams(
                             max_tokens=req.params.max_tokens,
                             temperature=req.params.temperature,
                             top_p=req.params.top_p,
@@ -395,7 +375,7 @@ class SlotRunner:
                 )
         self.paused = True
         s = self.model.spec
-        return m.PauseAck(
+        return PauseAck(
             slot=self.slot,
             ok=True,
             requests=states,
@@ -405,7 +385,7 @@ class SlotRunner:
             seconds=time.perf_counter() - t0,
         )
 
-    def _on_migrate(self, msg: m.ReconfigMigrate) -> m.ControlAck:
+    def _on_migrate(self, msg: ReconfigMigrate) -> ControlAck:
         """Gather -> send -> receive into staging; the live KV is not touched until commit."""
         t0 = time.perf_counter()
         s, bs = self.model.spec, self.config.block_size
@@ -446,7 +426,7 @@ class SlotRunner:
         except (RuntimeError, dist.DistBackendError) as exc:
             raise PeerLost(f"KV migration to/from a peer failed: {str(exc).splitlines()[0]}") from exc
         received = sum(buf.numel() * buf.element_size() for t, buf in self.staged if t.src_slot != self.slot)
-        return m.ControlAck(
+        return ControlAck(
             slot=self.slot,
             ok=True,
             bytes_sent=sent,
@@ -454,7 +434,7 @@ class SlotRunner:
             seconds=time.perf_counter() - t0,
         )
 
-    def _on_commit(self, msg: m.ReconfigCommit) -> m.ControlAck:
+    def _on_commit(self, msg: ReconfigCommit) -> ControlAck:
         t0 = time.perf_counter()
         mig = self.migration
         if mig is None or mig.plan_id != msg.plan_id:
@@ -502,15 +482,15 @@ class SlotRunner:
         self.staged, self.migration = [], None
         self.paused = False
         self.switches += 1
-        return m.ControlAck(
+        return ControlAck(
             slot=self.slot,
             ok=True,
             weight_bytes_moved=self.weight_bytes_moved - before,
             seconds=time.perf_counter() - t0,
         )
 
-    def _on_abort(self, msg: m.ReconfigAbort) -> m.ControlAck:
+    def _on_abort(self, msg: ReconfigAbort) -> ControlAck:
         self.staged, self.migration = [], None
         self.paused = False  # leader resumes stepping; a follower re-enters its loop
         self.log.warning("reconfiguration aborted; resuming the old epoch", reason=msg.reason)
-        return m.ControlAck(slot=self.slot, ok=True)
+        return ControlAck(slot=self.slot, ok=True)

@@ -29,11 +29,30 @@ from nitsum_core.engine.tokenizer import Tokenizer
 from nitsum_core.engine.tp import join_pool
 from nitsum_core.errors import InvalidRequest, NitsumError, PromptTooLong, Reconfiguring
 from nitsum_core.logs import setup_logging
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects, topology
 from nitsum_core.wire.bus import connect
+from nitsum_core.wire.codec import ErrorInfo, decode, encode
+from nitsum_core.wire.cut import Topology
+from nitsum_core.wire.kv import KvEvent
+from nitsum_core.wire.reconfiguration import (
+    ControlAck,
+    PauseAck,
+    ReconfigAbort,
+    ReconfigCommit,
+    ReconfigMigrate,
+    ReconfigPause,
+)
 from nitsum_core.wire.service import decode_or_drop, register, stop_event_on_signals
-from nitsum_gpu_worker.runner import Abort, Control, SlotRunner, Submit
+from nitsum_core.wire.worker import (
+    SubmitAck,
+    TokenBatch,
+    TokenItem,
+    WorkerAbort,
+    WorkerHeartbeat,
+    WorkerSubmit,
+)
+from nitsum_gpu_worker.commands import Abort, Control, Submit
+from nitsum_gpu_worker.runner import SlotRunner
 
 
 class GpuWorker:
@@ -72,9 +91,7 @@ class GpuWorker:
         self.accepting = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._outbox: asyncio.Queue[tuple[int, dict[str, list[m.TokenItem]], list[m.KvEvent]]]
-        # Test hook for the abort path: seconds to stall before executing a migrate step.
-        self._migrate_delay_s = float(os.environ.get("NITSUM_TEST_MIGRATE_DELAY_S", "0") or 0)
+        self._outbox: asyncio.Queue[tuple[int, dict[str, list[TokenItem]], list[KvEvent]]]
 
     # ---- start-up -------------------------------------------------------------------------
     def _load(self) -> SlotRunner:
@@ -191,7 +208,7 @@ class GpuWorker:
         )
 
     # ---- NATS handlers (asyncio side) ----------------------------------------------------
-    def _on_topology(self, topo: m.Topology) -> None:
+    def _on_topology(self, topo: Topology) -> None:
         assert self.runner is not None
         if not self.accepting:
             return  # mid-switch: the commit (not the bucket watch) moves this slot to the new epoch
@@ -209,7 +226,7 @@ class GpuWorker:
         # dropped on that stale view (pool [1], then [0] [1]) left a slot with no engine for good.
         self.runner.commands.put(Control("adopt", topo))
 
-    def _validate(self, req: m.WorkerSubmit) -> RequestParams:
+    def _validate(self, req: WorkerSubmit) -> RequestParams:
         runner = self.runner
         assert runner is not None
         engine = runner.engine
@@ -245,12 +262,12 @@ class GpuWorker:
         assert self.runner is not None
         request_id = ""
         try:
-            req = m.decode(m.WorkerSubmit, request.data)
+            req = decode(WorkerSubmit, request.data)
             request_id = req.request_id
             params = self._validate(req)
         except NitsumError as exc:
             await request.respond(
-                m.encode(m.SubmitAck(request_id=request_id, accepted=False, error=m.ErrorInfo.from_exc(exc)))
+                encode(SubmitAck(request_id=request_id, accepted=False, error=ErrorInfo.from_exc(exc)))
             )
             return
         self._owner[req.request_id] = req.router_id
@@ -258,11 +275,11 @@ class GpuWorker:
         self.runner.commands.put(
             Submit(req.request_id, req.router_id, req.prompt_ids, params, req.priority, deadline, req.tpot_s)
         )
-        await request.respond(m.encode(m.SubmitAck(request_id=req.request_id, accepted=True)))
+        await request.respond(encode(SubmitAck(request_id=req.request_id, accepted=True)))
 
     async def _on_abort(self, msg) -> None:  # noqa: ANN001 - nats Msg
         assert self.runner is not None
-        abort = decode_or_drop(self.log, m.WorkerAbort, msg.data, "abort")
+        abort = decode_or_drop(self.log, WorkerAbort, msg.data, "abort")
         if abort is None:
             return
         if self._owner.pop(abort.request_id, None) is not None:
@@ -270,25 +287,23 @@ class GpuWorker:
 
     def _control_handler(self, phase: str) -> Callable:
         types = {
-            "pause": m.ReconfigPause,
-            "migrate": m.ReconfigMigrate,
-            "commit": m.ReconfigCommit,
-            "abort": m.ReconfigAbort,
+            "pause": ReconfigPause,
+            "migrate": ReconfigMigrate,
+            "commit": ReconfigCommit,
+            "abort": ReconfigAbort,
         }
 
         async def handle(request: Request) -> None:
             assert self.runner is not None
             try:
-                msg = m.decode(types[phase], request.data)
+                msg = decode(types[phase], request.data)
             except NitsumError as exc:
                 await request.respond(
-                    m.encode(m.ControlAck(slot=self.slot, ok=False, error=m.ErrorInfo.from_exc(exc)))
+                    encode(ControlAck(slot=self.slot, ok=False, error=ErrorInfo.from_exc(exc)))
                 )
                 return
             if phase == "pause":
                 self.accepting = False  # before queueing: every acked submit precedes the pause
-            elif phase == "migrate" and self._migrate_delay_s:
-                await asyncio.sleep(self._migrate_delay_s)
             t0 = time.perf_counter()
             cmd = Control(phase, msg)
             self.runner.commands.put(cmd)
@@ -296,8 +311,8 @@ class GpuWorker:
                 reply = await asyncio.wrap_future(cmd.reply)
             except Exception as exc:
                 err = exc if isinstance(exc, NitsumError) else NitsumError(f"{type(exc).__name__}: {exc}")
-                reply = (m.PauseAck if phase == "pause" else m.ControlAck)(
-                    slot=self.slot, ok=False, error=m.ErrorInfo.from_exc(err)
+                reply = (PauseAck if phase == "pause" else ControlAck)(
+                    slot=self.slot, ok=False, error=ErrorInfo.from_exc(err)
                 )
             if phase == "pause":
                 if not reply.ok:
@@ -320,7 +335,7 @@ class GpuWorker:
                 seconds=round(time.perf_counter() - t0, 4),
                 error=reply.error.message if reply.error else None,
             )
-            await request.respond(m.encode(reply))
+            await request.respond(encode(reply))
 
         return handle
 
@@ -330,7 +345,7 @@ class GpuWorker:
         while True:
             engine = runner.engine
             cap = runner.capacity_tokens()
-            hb = m.WorkerHeartbeat(
+            hb = WorkerHeartbeat(
                 slot=self.slot,
                 worker_id=self.worker_id,
                 pid=os.getpid(),
@@ -352,7 +367,7 @@ class GpuWorker:
                 pool_joined=runner.pool_ready,
             )
             try:
-                await self.nc.publish(subjects.WORKER_HEARTBEAT, m.encode(hb))
+                await self.nc.publish(subjects.WORKER_HEARTBEAT, encode(hb))
             except Exception as exc:  # a reconnecting client may refuse a publish; try next tick
                 self.log.warning("heartbeat not sent", error=str(exc))
             await asyncio.sleep(self.heartbeat_s)
@@ -368,7 +383,7 @@ class GpuWorker:
                 self._outbox.task_done()
 
     async def _publish_step(
-        self, step: int, by_router: dict[str, list[m.TokenItem]], kv_events: list[m.KvEvent]
+        self, step: int, by_router: dict[str, list[TokenItem]], kv_events: list[KvEvent]
     ) -> None:
         assert self.nc is not None
         for item_list in by_router.values():
@@ -378,12 +393,12 @@ class GpuWorker:
         for router_id, items in by_router.items():
             await self.nc.publish(
                 subjects.router_tokens(router_id),
-                m.encode(m.TokenBatch(slot=self.slot, step=step, items=items)),
+                encode(TokenBatch(slot=self.slot, step=step, items=items)),
             )
         for ev in kv_events:
-            await self.nc.publish(subjects.KV_EVENTS, m.encode(ev))
+            await self.nc.publish(subjects.KV_EVENTS, encode(ev))
 
-    def _emit(self, step: int, by_router: dict[str, list[m.TokenItem]], kv_events: list[m.KvEvent]) -> None:
+    def _emit(self, step: int, by_router: dict[str, list[TokenItem]], kv_events: list[KvEvent]) -> None:
         # Called on the engine thread. One FIFO consumer on the loop keeps the step order.
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._outbox.put_nowait, (step, by_router, kv_events))

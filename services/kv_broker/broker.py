@@ -14,25 +14,35 @@ from nats.micro.request import Request
 from nitsum_core.errors import NitsumError, ProtocolError, ReconfigFailed
 from nitsum_core.logs import setup_logging
 from nitsum_core.policy import reconfig
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
 from nitsum_core.wire.bus import connect
+from nitsum_core.wire.codec import ErrorInfo, decode, encode
+from nitsum_core.wire.kv import (
+    KvEvent,
+    KvListReply,
+    KvListRequest,
+    KvLocation,
+    KvLookup,
+    KvPlan,
+    KvPlanRequest,
+)
 from nitsum_core.wire.service import decode_or_drop, register, stop_event_on_signals
+from nitsum_core.wire.worker import WorkerHeartbeat
 
 
 class KvDirectory:
     """request id -> where its KV lives. Pure state, no I/O (unit-testable)."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, m.KvLocation] = {}
+        self.entries: dict[str, KvLocation] = {}
 
-    def apply(self, ev: m.KvEvent) -> None:
+    def apply(self, ev: KvEvent) -> None:
         if ev.kind == "free":
             cur = self.entries.get(ev.request_id)
             if cur is not None and cur.slot == ev.slot:
                 del self.entries[ev.request_id]
             return
-        self.entries[ev.request_id] = m.KvLocation(
+        self.entries[ev.request_id] = KvLocation(
             request_id=ev.request_id,
             found=True,
             slot=ev.slot,
@@ -42,10 +52,10 @@ class KvDirectory:
             num_tokens=ev.num_tokens,
         )
 
-    def lookup(self, request_id: str) -> m.KvLocation:
-        return self.entries.get(request_id) or m.KvLocation(request_id=request_id, found=False)
+    def lookup(self, request_id: str) -> KvLocation:
+        return self.entries.get(request_id) or KvLocation(request_id=request_id, found=False)
 
-    def on_slot(self, slot: int | None) -> list[m.KvLocation]:
+    def on_slot(self, slot: int | None) -> list[KvLocation]:
         return [e for e in self.entries.values() if slot is None or e.slot == slot]
 
     def drop_slot(self, slot: int) -> int:
@@ -80,12 +90,12 @@ class KvBroker:
         await nc.drain()
 
     async def _on_event(self, msg: Msg) -> None:
-        ev = decode_or_drop(self.log, m.KvEvent, msg.data, "kv event")
+        ev = decode_or_drop(self.log, KvEvent, msg.data, "kv event")
         if ev is not None:
             self.directory.apply(ev)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        hb = decode_or_drop(self.log, m.WorkerHeartbeat, msg.data, "heartbeat")
+        hb = decode_or_drop(self.log, WorkerHeartbeat, msg.data, "heartbeat")
         if hb is not None:
             self.last_seen[hb.slot] = time.monotonic()
 
@@ -101,19 +111,19 @@ class KvBroker:
 
     async def _on_lookup(self, request: Request) -> None:
         try:
-            q = m.decode(m.KvLookup, request.data)
+            q = decode(KvLookup, request.data)
         except ProtocolError as exc:
             await request.respond_error("400", exc.message)
             return
-        await request.respond(m.encode(self.directory.lookup(q.request_id)))
+        await request.respond(encode(self.directory.lookup(q.request_id)))
 
     async def _on_list(self, request: Request) -> None:
         try:
-            q = m.decode(m.KvListRequest, request.data) if request.data else m.KvListRequest()
+            q = decode(KvListRequest, request.data) if request.data else KvListRequest()
         except ProtocolError as exc:
             await request.respond_error("400", exc.message)
             return
-        await request.respond(m.encode(m.KvListReply(entries=self.directory.on_slot(q.slot))))
+        await request.respond(encode(KvListReply(entries=self.directory.on_slot(q.slot))))
 
     async def _on_plan(self, request: Request) -> None:
         """Migration plan for a topology switch, from the paused leaders' exact block tables.
@@ -122,15 +132,15 @@ class KvBroker:
         not, so the plan is computed from it and the directory is then moved to the new homes.
         """
         try:
-            req = m.decode(m.KvPlanRequest, request.data)
+            req = decode(KvPlanRequest, request.data)
             plan = reconfig.plan_migration(req)
         except NitsumError as exc:
-            await request.respond(m.encode(m.KvPlan(error=m.ErrorInfo.from_exc(exc))))
+            await request.respond(encode(KvPlan(error=ErrorInfo.from_exc(exc))))
             return
         except Exception as exc:  # a bug here must reach the controller as an error, not silence
             self.log.exception("migration planning failed")
             err = ReconfigFailed(f"kv_broker could not plan the switch: {type(exc).__name__}: {exc}")
-            await request.respond(m.encode(m.KvPlan(error=m.ErrorInfo.from_exc(err))))
+            await request.respond(encode(KvPlan(error=ErrorInfo.from_exc(err))))
             return
         stale = [
             r.request_id
@@ -141,7 +151,7 @@ class KvBroker:
             if a.block_table:
                 inst = reconfig.instance_of(req.new, a.leader)
                 self.directory.apply(
-                    m.KvEvent(
+                    KvEvent(
                         slot=a.leader,
                         request_id=a.request_id,
                         kind="alloc",
@@ -157,4 +167,4 @@ class KvBroker:
             recomputed=len(plan.recomputed),
             not_in_directory=len(stale),
         )
-        await request.respond(m.encode(plan))
+        await request.respond(encode(plan))

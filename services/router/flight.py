@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from nitsum_core.config import Tier
 from nitsum_core.engine.tokenizer import IncrementalDetokenizer
-from nitsum_core.wire.messages import GenerateRequest
+from nitsum_core.wire.client import GenerateRequest
 
 
 @dataclass

@@ -13,42 +13,46 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.request import Request
-from nitsum_core.config import MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, Tier, check_tier
+from nitsum_core.config import Tier
 from nitsum_core.engine.checkpoints import resolve_checkpoint
 from nitsum_core.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from nitsum_core.errors import (
-    InvalidRequest,
-    NitsumError,
-    NoWorkers,
-    Overloaded,
-    PromptTooLong,
-    RequestTimeout,
-    WorkerLost,
-)
+from nitsum_core.errors import NitsumError, NoWorkers, RequestTimeout, WorkerLost
 from nitsum_core.logs import setup_logging
 from nitsum_core.policy.goodput import mean_tpot, meets_targets
 from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, leaders_for
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects, topology
 from nitsum_core.wire.bus import connect
+from nitsum_core.wire.client import CancelRequest, GenerateRequest, StreamChunk, Usage
+from nitsum_core.wire.codec import ErrorInfo, decode, encode
+from nitsum_core.wire.control import (
+    AdmissionBudgets,
+    RouterHold,
+    RouterHoldAck,
+    RouterStatus,
+    RouterWindowStats,
+)
+from nitsum_core.wire.cut import Topology
 from nitsum_core.wire.service import decode_or_drop, register, stop_event_on_signals
+from nitsum_core.wire.worker import (
+    SamplingParams,
+    SubmitAck,
+    TokenBatch,
+    WorkerAbort,
+    WorkerHeartbeat,
+    WorkerSubmit,
+)
+from nitsum_router.admission import admit
 from nitsum_router.flight import Flight
-
-
-@dataclass
-class WorkerState:
-    slot: int
-    heartbeat: m.WorkerHeartbeat
-    last_seen: float
-    alive: bool = True
-    in_flight: set[str] = field(default_factory=set)
+from nitsum_router.hold import DispatchHold
+from nitsum_router.window import TrafficWindow
+from nitsum_router.workers import WorkerState
 
 
 @dataclass(frozen=True)
@@ -78,23 +82,15 @@ class Router:
         self.tokenizer: Tokenizer | None = None
         self.workers: dict[int, WorkerState] = {}
         self.flights: dict[str, Flight] = {}
-        self.topology: m.Topology | None = None
+        self.topology: Topology | None = None
         self.completed = 0
         self.failed = 0
         self.rerouted = 0
         self._tasks: set[asyncio.Task] = set()
-        self.held_by: str | None = None  # plan id of the switch holding new dispatches
-        self._unheld = asyncio.Event()
-        self._unheld.set()
-        self._held_since = 0.0
-        # Requests aborted while a switch holds (request id -> slot): a paused leader has already
-        # exported them, so their new leader adopts them at commit. Aborted again on release.
-        self._abort_after_hold: dict[str, int] = {}
+        self.dispatch_hold = DispatchHold(self.config.max_hold_s)
         self.lanes = LanePolicy(tiers, self.config.window_s)
         self._budgets: dict[str, float] | None = None  # the controller's latest, applied next window
-        self._window: dict[str, m.TierWindowStats] = {}
-        self._window_started = time.monotonic()  # arrival offsets in the stats count from here
-        self._mean_output: dict[str, float] = {}  # per tier, EWMA of finished requests' lengths
+        self.window = TrafficWindow()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -132,7 +128,7 @@ class Router:
 
     # ---- reconfiguration hold (DESIGN §6) --------------------------------------------------------
     async def _on_hold(self, msg: Msg) -> None:
-        hold = decode_or_drop(self.log, m.RouterHold, msg.data, "hold")
+        hold = decode_or_drop(self.log, RouterHold, msg.data, "hold")
         if hold is None:
             return
         # Re-home migrated requests first: their old leader is paused (its last tokens are already
@@ -141,45 +137,30 @@ class Router:
             f = self.flights.get(request_id)
             if f is None or f.finished:
                 # Cancelled, timed out or failed while paused: it lands on ``slot`` at commit.
-                self._abort_after_hold[request_id] = slot
+                self.dispatch_hold.abort_after[request_id] = slot
                 continue
             if f.slot is not None and f.slot in self.workers:
                 self.workers[f.slot].in_flight.discard(request_id)
             f.slot = slot
             if slot in self.workers:
                 self.workers[slot].in_flight.add(request_id)
+        orphans = None
         if hold.hold:
-            self.held_by, self._held_since = hold.plan_id, time.monotonic()
-            self._unheld.clear()
-        elif self.held_by in (None, hold.plan_id):
-            self.held_by = None
-            self._unheld.set()
-            orphans, self._abort_after_hold = self._abort_after_hold, {}
-            for request_id, slot in orphans.items():
-                await self.nc.publish(subjects.worker_abort(slot), m.encode(m.WorkerAbort(request_id)))
-            if orphans:
-                self.log.info("aborted requests that finished here during the switch", count=len(orphans))
+            self.dispatch_hold.hold(hold.plan_id)
+        else:
+            orphans = self.dispatch_hold.release(hold.plan_id)
+        for request_id, slot in (orphans or {}).items():
+            await self.nc.publish(subjects.worker_abort(slot), encode(WorkerAbort(request_id)))
+        if orphans:
+            self.log.info("aborted requests that finished here during the switch", count=len(orphans))
         waiting = sum(1 for t in self._tasks if not t.done())
         self.log.info("hold" if hold.hold else "release", plan=hold.plan_id, moved=len(hold.moved))
         if msg.reply:
-            await self.nc.publish(
-                msg.reply, m.encode(m.RouterHoldAck(router_id=self.router_id, held=waiting))
-            )
-
-    async def _wait_unheld(self) -> None:
-        if self._unheld.is_set():
-            return
-        left = self.config.max_hold_s - (time.monotonic() - self._held_since)
-        try:
-            await asyncio.wait_for(self._unheld.wait(), timeout=max(0.0, left))
-        except TimeoutError:
-            self.log.warning("hold expired without a release; dispatching again", plan=self.held_by)
-            self.held_by = None
-            self._unheld.set()
+            await self.nc.publish(msg.reply, encode(RouterHoldAck(router_id=self.router_id, held=waiting)))
 
     # ---- control windows (DESIGN §1) ------------------------------------------------------------
     async def _on_budgets(self, msg: Msg) -> None:
-        budgets = decode_or_drop(self.log, m.AdmissionBudgets, msg.data, "budgets")
+        budgets = decode_or_drop(self.log, AdmissionBudgets, msg.data, "budgets")
         if budgets is not None:
             self._budgets = budgets.budgets
 
@@ -187,58 +168,26 @@ class Router:
         """Each window: report the traffic to the controller, start the lanes' next budget."""
         while True:
             await asyncio.sleep(self.config.window_s)
-            stats, self._window = self._window, {}
-            self._window_started = time.monotonic()
+            stats = self.window.close(self.flights.values())
             self.lanes.new_window(self._budgets)
             self._budgets = None
             if not stats:
                 continue
-            self._report_in_flight(stats)
-            report = m.RouterWindowStats(router_id=self.router_id, window_s=self.config.window_s, tiers=stats)
+            report = RouterWindowStats(router_id=self.router_id, window_s=self.config.window_s, tiers=stats)
             try:
-                await self.nc.publish(subjects.ROUTER_STATS, m.encode(report))
+                await self.nc.publish(subjects.ROUTER_STATS, encode(report))
             except Exception as exc:  # a reconnecting client: the controller misses one window
                 self.log.warning("window stats not sent", error=str(exc))
 
-    def _report_in_flight(self, stats: dict[str, m.TierWindowStats]) -> None:
-        """Add the requests still in flight to the window's stats: the controller's replay of each
-        candidate cut starts from this backlog instead of an empty pool."""
-        now = time.monotonic()
-        by_tier: dict[str, list[Flight]] = {}
-        for f in self.flights.values():
-            if not f.finished:
-                by_tier.setdefault(f.tier.name, []).append(f)
-        for name, flights in by_tier.items():
-            # The youngest are kept when there are too many: the oldest have likely missed their
-            # targets already, and the report must stay well under the bus's payload limit.
-            flights.sort(key=lambda f: f.arrived, reverse=True)
-            estimate = self._mean_output.get(name)
-            tier_stats = stats.setdefault(name, m.TierWindowStats())
-            for f in flights[: m.MAX_IN_FLIGHT_REPORTED]:
-                done = len(f.generated)
-                output = f.req.max_tokens if estimate is None else min(f.req.max_tokens, round(estimate))
-                tier_stats.in_flight.append(
-                    m.InFlightRequest(
-                        prompt_tokens=len(f.prompt_ids),
-                        output_tokens=max(output, done + 1),
-                        age_s=round(now - f.arrived, 4),
-                        ttft_s=None if f.first_token_at is None else round(f.first_token_at - f.arrived, 4),
-                        generated=done,
-                    )
-                )
-
-    def _tier_window(self, tier: str) -> m.TierWindowStats:
-        return self._window.setdefault(tier, m.TierWindowStats())
-
     # ---- topology and liveness ---------------------------------------------------------------
-    async def _on_topology(self, topo: m.Topology) -> None:
+    async def _on_topology(self, topo: Topology) -> None:
         self.topology = topo
         self.log.info(
             "topology", epoch=topo.epoch, instances=[i.slots for i in topo.instances], reason=topo.reason
         )
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        hb = decode_or_drop(self.log, m.WorkerHeartbeat, msg.data, "heartbeat")
+        hb = decode_or_drop(self.log, WorkerHeartbeat, msg.data, "heartbeat")
         if hb is None:
             return
         w = self.workers.get(hb.slot)
@@ -291,74 +240,35 @@ class Router:
         lens = [w.heartbeat.max_model_len for w in self.workers.values() if w.alive]
         return min(lens) if lens else None
 
-    def _admit(self, req: m.GenerateRequest) -> tuple[Tier, list[int]]:
-        tier = check_tier(self.tiers, req.tier)
-        if (req.prompt is None) == (req.messages is None):
-            raise InvalidRequest("send exactly one of 'prompt' (text) or 'messages' (chat)")
-        if req.prompt is not None and not req.prompt.strip():
-            raise InvalidRequest("the prompt is empty")
-        if req.messages is not None and (
-            not req.messages or not any(msg.content.strip() for msg in req.messages)
-        ):
-            raise InvalidRequest("the chat has no message with content")
-        if not 0 < req.max_tokens <= MAX_TOKENS_LIMIT:
-            raise InvalidRequest(f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {req.max_tokens}")
-        if req.temperature < 0 or not 0 < req.top_p <= 1:
-            raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
-        if len(req.stop) > MAX_STOP_STRINGS or any(not s for s in req.stop):
-            raise InvalidRequest(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings")
-        if req.timeout_s <= 0:
-            raise InvalidRequest("timeout_s must be positive")
-        if not req.request_id or req.request_id in self.flights:
-            raise InvalidRequest(f"request_id {req.request_id!r} is empty or already in flight")
-        if len(self.flights) >= self.config.max_in_flight:
-            raise Overloaded(
-                f"router has {len(self.flights)} requests in flight (limit {self.config.max_in_flight}); retry later"
-            )
-        limit = self._max_model_len()
-        if limit is None:
-            raise NoWorkers("no live worker; start workers (nitsum up) and retry")
-        tok = self.tokenizer
-        assert tok is not None
-        try:
-            ids = (
-                tok.encode_prompt(req.prompt)
-                if req.prompt is not None
-                else tok.encode_chat(req.messages or [])
-            )
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        if len(ids) >= limit:
-            raise PromptTooLong(
-                f"prompt is {len(ids)} tokens; the context window is {limit} tokens; shorten it"
-            )
-        if len(ids) + req.max_tokens > limit:
-            raise InvalidRequest(
-                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context window of "
-                f"{limit}; use max_tokens <= {limit - len(ids)}"
-            )
-        return tier, ids
-
     async def _on_generate(self, request: Request) -> None:
         # nats.micro exposes no public reply subject; the stream goes to the request's inbox.
         reply = request._msg.reply
         request_id = ""
         try:
-            req = m.decode(m.GenerateRequest, request.data)
+            req = decode(GenerateRequest, request.data)
             request_id = req.request_id
-            tier, ids = self._admit(req)
+            assert self.tokenizer is not None
+            tier, ids = admit(
+                req,
+                self.tiers,
+                self.tokenizer,
+                len(self.flights),
+                self.config.max_in_flight,
+                req.request_id in self.flights,
+                self._max_model_len(),
+            )
         except NitsumError as exc:
             self.failed += 1
             self.log.info("rejected", request_id=request_id, code=exc.code, reason=exc.message)
             if reply:
-                chunk = m.StreamChunk(
+                chunk = StreamChunk(
                     request_id=request_id,
                     seq=0,
                     finished=True,
                     finish_reason="error",
-                    error=m.ErrorInfo.from_exc(exc),
+                    error=ErrorInfo.from_exc(exc),
                 )
-                await self.nc.publish(reply, m.encode(chunk))
+                await self.nc.publish(reply, encode(chunk))
             return
         if not reply:
             self.log.warning("generate request without a reply inbox dropped", request_id=request_id)
@@ -373,15 +283,9 @@ class Router:
             deadline=time.monotonic() + req.timeout_s,
         )
         flight.lane = int(self.lanes.classify(tier.name))
-        stats = self._tier_window(tier.name)
-        stats.prompt_tokens.append(len(ids))
-        stats.arrival_offsets_s.append(round(time.monotonic() - self._window_started, 4))
-        # The output length is known only at the end: estimate it by the tier's recent mean.
-        stats.output_tokens.append(
-            round(min(req.max_tokens, self._mean_output.get(tier.name, req.max_tokens)))
-        )
+        self.window.arrival(tier.name, len(ids), req.max_tokens)
         self.flights[req.request_id] = flight
-        await self.nc.publish(reply, m.encode(m.StreamChunk(request_id=req.request_id, seq=0)))
+        await self.nc.publish(reply, encode(StreamChunk(request_id=req.request_id, seq=0)))
         self._spawn(self._dispatch(flight))
 
     async def _dispatch(self, f: Flight, exclude: set[int] | None = None, why: str = "") -> None:
@@ -389,11 +293,11 @@ class Router:
         assert self.nc is not None
         exclude = set(exclude or ())
         remaining = f.req.max_tokens - len(f.generated)
-        submit = m.WorkerSubmit(
+        submit = WorkerSubmit(
             request_id=f.req.request_id,
             router_id=self.router_id,
             prompt_ids=f.prompt_ids + f.generated,
-            sampling=m.SamplingParams(
+            sampling=SamplingParams(
                 max_tokens=remaining,
                 temperature=f.req.temperature,
                 top_p=f.req.top_p,
@@ -405,7 +309,8 @@ class Router:
             tpot_s=f.tier.tpot_s,
         )
         while not f.finished:
-            await self._wait_unheld()
+            if (expired := await self.dispatch_hold.wait()) is not None:
+                self.log.warning("hold expired without a release; dispatching again", plan=expired)
             alive = {s for s, w in self.workers.items() if w.alive} - exclude
             leaders, fallback = leaders_for(self.topology, f.tier.name, alive)
             if fallback and f.lane == Lane.FEASIBLE:
@@ -416,7 +321,7 @@ class Router:
             submit.ttft_left_s = (
                 f.tier.ttft_s - (time.monotonic() - f.arrived) if f.first_token_at is None else None
             )
-            payload = m.encode(submit)
+            payload = encode(submit)
             slot = self.lanes.pick(
                 [
                     Candidate(s, len(self.workers[s].in_flight) + self.workers[s].heartbeat.waiting)
@@ -439,7 +344,7 @@ class Router:
                 resp = await self.nc.request(
                     subjects.worker_submit(slot), payload, timeout=self.config.submit_timeout_s
                 )
-                ack = m.decode(m.SubmitAck, resp.data)
+                ack = decode(SubmitAck, resp.data)
             except (NoRespondersError, NatsTimeout) as exc:
                 worker.in_flight.discard(f.req.request_id)
                 f.slot = None
@@ -461,7 +366,7 @@ class Router:
                 return
             if f.finished:  # cancelled or timed out while the submit was in the air
                 worker.in_flight.discard(f.req.request_id)
-                await self.nc.publish(subjects.worker_abort(slot), m.encode(m.WorkerAbort(f.req.request_id)))
+                await self.nc.publish(subjects.worker_abort(slot), encode(WorkerAbort(f.req.request_id)))
                 return
             if why:
                 self.log.info(
@@ -471,7 +376,7 @@ class Router:
 
     # ---- token stream ---------------------------------------------------------------------------
     async def _on_tokens(self, msg: Msg) -> None:
-        batch = decode_or_drop(self.log, m.TokenBatch, msg.data, "token batch")
+        batch = decode_or_drop(self.log, TokenBatch, msg.data, "token batch")
         if batch is None:
             return
         now = time.monotonic()
@@ -499,10 +404,10 @@ class Router:
             else:
                 text = f.releasable_text(final=False)
                 if text or item.token_ids:
-                    chunk = m.StreamChunk(
+                    chunk = StreamChunk(
                         request_id=f.req.request_id, seq=f.next_seq(), text=text, token_ids=item.token_ids
                     )
-                    await self.nc.publish(f.reply, m.encode(chunk))
+                    await self.nc.publish(f.reply, encode(chunk))
 
     def _release(self, f: Flight) -> None:
         f.finished = True
@@ -517,7 +422,7 @@ class Router:
         now = time.monotonic()
         first = f.first_token_at or now
         n = len(f.generated)
-        usage = m.Usage(
+        usage = Usage(
             prompt_tokens=len(f.prompt_ids),
             completion_tokens=n,
             ttft_s=first - f.arrived,
@@ -526,12 +431,8 @@ class Router:
             worker_slot=f.slot if f.slot is not None else -1,
             reroutes=f.reroutes,
         )
-        stats = self._tier_window(f.tier.name)
-        stats.finished += 1
-        stats.good += meets_targets(usage.ttft_s, usage.tpot_s, f.tier)
-        prev = self._mean_output.get(f.tier.name)
-        self._mean_output[f.tier.name] = n if prev is None else 0.9 * prev + 0.1 * n
-        chunk = m.StreamChunk(
+        self.window.finished(f.tier.name, n, meets_targets(usage.ttft_s, usage.tpot_s, f.tier))
+        chunk = StreamChunk(
             request_id=f.req.request_id,
             seq=f.next_seq(),
             text=f.releasable_text(final=True),
@@ -540,7 +441,7 @@ class Router:
             finish_reason=reason,
             usage=usage,
         )
-        await self.nc.publish(f.reply, m.encode(chunk))
+        await self.nc.publish(f.reply, encode(chunk))
 
     async def _fail(self, f: Flight, exc: NitsumError) -> None:
         if f.finished:
@@ -548,23 +449,23 @@ class Router:
         self._release(f)
         self.failed += 1
         self.log.warning("request failed", request_id=f.req.request_id, code=exc.code, reason=exc.message)
-        chunk = m.StreamChunk(
+        chunk = StreamChunk(
             request_id=f.req.request_id,
             seq=f.next_seq(),
             finished=True,
             finish_reason="error",
-            error=m.ErrorInfo.from_exc(exc),
+            error=ErrorInfo.from_exc(exc),
         )
-        await self.nc.publish(f.reply, m.encode(chunk))
+        await self.nc.publish(f.reply, encode(chunk))
 
     async def _abort_on_worker(self, f: Flight) -> None:
         if f.slot is not None:
-            await self.nc.publish(subjects.worker_abort(f.slot), m.encode(m.WorkerAbort(f.req.request_id)))
-            if not self._unheld.is_set():  # mid-switch: its state may already be on its way elsewhere
-                self._abort_after_hold[f.req.request_id] = f.slot
+            await self.nc.publish(subjects.worker_abort(f.slot), encode(WorkerAbort(f.req.request_id)))
+            if self.dispatch_hold.held:  # mid-switch: its state may already be on its way elsewhere
+                self.dispatch_hold.abort_after[f.req.request_id] = f.slot
 
     async def _on_cancel(self, msg: Msg) -> None:
-        cancel = decode_or_drop(self.log, m.CancelRequest, msg.data, "cancel")
+        cancel = decode_or_drop(self.log, CancelRequest, msg.data, "cancel")
         if cancel is None:
             return
         f = self.flights.get(cancel.request_id)
@@ -579,28 +480,10 @@ class Router:
         by_tier: dict[str, int] = dict.fromkeys(self.tiers, 0)
         for f in self.flights.values():
             by_tier[f.tier.name] = by_tier.get(f.tier.name, 0) + 1
-        status = m.RouterStatus(
+        status = RouterStatus(
             router_id=self.router_id,
             epoch=self.topology.epoch if self.topology else -1,
-            workers=[
-                m.WorkerView(
-                    slot=w.slot,
-                    alive=w.alive,
-                    running=w.heartbeat.running,
-                    waiting=w.heartbeat.waiting,
-                    in_flight=len(w.in_flight),
-                    free_blocks=w.heartbeat.free_blocks,
-                    total_blocks=w.heartbeat.total_blocks,
-                    last_seen_s=now - w.last_seen,
-                    epoch=w.heartbeat.epoch,
-                    tp=w.heartbeat.tp,
-                    rank=w.heartbeat.rank,
-                    pool_joined=w.heartbeat.pool_joined,
-                    tokens_prefilled=w.heartbeat.tokens_prefilled,
-                    weight_bytes_moved=w.heartbeat.weight_bytes_moved,
-                )
-                for w in sorted(self.workers.values(), key=lambda w: w.slot)
-            ],
+            workers=[w.view(now) for w in sorted(self.workers.values(), key=lambda w: w.slot)],
             in_flight_by_tier=by_tier,
             completed=self.completed,
             failed=self.failed,
@@ -609,4 +492,4 @@ class Router:
             budgets=dict(self.lanes.budgets),
             budget_scale=self.lanes.scale,
         )
-        await request.respond(m.encode(status))
+        await request.respond(encode(status))

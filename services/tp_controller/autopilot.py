@@ -32,8 +32,10 @@ from nitsum_core.policy.control_loop import ControlLoop, InFlight
 from nitsum_core.policy.cuts import boot_plan
 from nitsum_core.policy.plan import SHARED, Assignment, Plan, only_tiers_change
 from nitsum_core.sim.simulator import PlanReplay
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
+from nitsum_core.wire.codec import encode
+from nitsum_core.wire.control import AdmissionBudgets, RouterWindowStats
+from nitsum_core.wire.cut import Topology
 from nitsum_core.wire.service import decode_or_drop
 
 if TYPE_CHECKING:
@@ -67,7 +69,7 @@ class AutoPilot:
         self._routers: set[str] = set()  # routers that reported this window
         # Stats wait here until the window closes: the loop's window runs in a thread (replaying
         # candidate plans through the simulator takes a while) and must not be fed meanwhile.
-        self._stats: list[m.RouterWindowStats] = []
+        self._stats: list[RouterWindowStats] = []
         self._task: asyncio.Task | None = None
         # Spawned, not forked: this process runs threads (the event loop's, the window's).
         self._pool = (
@@ -97,7 +99,7 @@ class AutoPilot:
                 self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _on_stats(self, msg: Msg) -> None:
-        stats = decode_or_drop(self.log, m.RouterWindowStats, msg.data, "router stats")
+        stats = decode_or_drop(self.log, RouterWindowStats, msg.data, "router stats")
         if stats is not None:
             self._routers.add(stats.router_id)
             self._stats.append(stats)
@@ -112,7 +114,7 @@ class AutoPilot:
         # real rate, with their arrival times piled into one second. So each router's reports
         # fill the last windows in order (its latest in the window about to be decided), and what
         # is in flight, a snapshot, comes from its latest report only.
-        by_router: dict[str, list[m.RouterWindowStats]] = {}
+        by_router: dict[str, list[RouterWindowStats]] = {}
         for s in stats:
             by_router.setdefault(s.router_id, []).append(s)
         windows = max((len(reports) for reports in by_router.values()), default=1)
@@ -126,7 +128,7 @@ class AutoPilot:
                 if k >= first:
                     self._feed_report(loop, reports[k - first], latest=k == windows - 1)
 
-    def _feed_report(self, loop: ControlLoop, report: m.RouterWindowStats, latest: bool) -> None:
+    def _feed_report(self, loop: ControlLoop, report: RouterWindowStats, latest: bool) -> None:
         """One router window's arrivals and finishes; its in-flight list only if ``latest``."""
         for name, t in report.tiers.items():
             if name not in self.config.tiers:
@@ -226,7 +228,7 @@ class AutoPilot:
         if decision.budgets is not None:
             share = {t: rps / routers for t, rps in decision.budgets.items()}
             await nc.publish(
-                subjects.CONTROLLER_BUDGETS, m.encode(m.AdmissionBudgets(epoch=current.epoch, budgets=share))
+                subjects.CONTROLLER_BUDGETS, encode(AdmissionBudgets(epoch=current.epoch, budgets=share))
             )
         if decision.switch_to is None:
             return
@@ -248,7 +250,7 @@ class AutoPilot:
         self.log.info("switching", plan=plan.describe(), slots=self._slots, reason=reason)
         self._task = asyncio.create_task(self._apply(target))
 
-    async def _apply(self, target: m.Topology) -> None:
+    async def _apply(self, target: Topology) -> None:
         assert self.controller.current is not None
         moves = bool(reconfig.changed_slots(self.controller.current, target))
         t0 = time.perf_counter()

@@ -18,19 +18,22 @@ from nats.micro.request import Request
 from nitsum_core.errors import InvalidRequest, NitsumError
 from nitsum_core.logs import setup_logging
 from nitsum_core.policy import reconfig
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects, topology
 from nitsum_core.wire.bus import connect
+from nitsum_core.wire.codec import ErrorInfo, decode, encode
+from nitsum_core.wire.control import ReconfigureRequest, ReconfigureResult
+from nitsum_core.wire.cut import Topology, TopologyInstance
 from nitsum_core.wire.service import decode_or_drop, register, stop_event_on_signals
+from nitsum_core.wire.worker import WorkerHeartbeat
 from nitsum_tp_controller.autopilot import AutoPilot, AutoPilotConfig
 from nitsum_tp_controller.switch import SwitchDriver
 
 
-def static_tp1(slots: list[int], epoch: int, reason: str) -> m.Topology:
+def static_tp1(slots: list[int], epoch: int, reason: str) -> Topology:
     """One mixed-role TP-1 instance per slot, serving every tier."""
-    return m.Topology(
+    return Topology(
         epoch=epoch,
-        instances=[m.Instance(instance_id=i, slots=[s]) for i, s in enumerate(sorted(slots))],
+        instances=[TopologyInstance(instance_id=i, slots=[s]) for i, s in enumerate(sorted(slots))],
         written_at=time.time(),
         reason=reason,
     )
@@ -54,7 +57,7 @@ class Controller:
         # Slots whose latest heartbeat says they hold the pool's TP communicators: only those can
         # run in a TP > 1 instance (a worker restarted after the pool formed never joins it).
         self.pool_joined: set[int] = set()
-        self.current: m.Topology | None = None
+        self.current: Topology | None = None
         self.revision = 0
         self.kv = None
         self.known_routers: set[str] = set()  # routers that answered a hold (a dead one costs a 2 s wait)
@@ -87,7 +90,7 @@ class Controller:
         await nc.drain()
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        hb = decode_or_drop(self.log, m.WorkerHeartbeat, msg.data, "heartbeat")
+        hb = decode_or_drop(self.log, WorkerHeartbeat, msg.data, "heartbeat")
         if hb is None:
             return
         self.last_seen[hb.slot] = time.monotonic()
@@ -126,8 +129,8 @@ class Controller:
                 )
 
     async def _on_topology_request(self, request: Request) -> None:
-        topo = self.current or m.Topology(epoch=0, instances=[], written_at=0.0, reason="no topology yet")
-        await request.respond(m.encode(topo))
+        topo = self.current or Topology(epoch=0, instances=[], written_at=0.0, reason="no topology yet")
+        await request.respond(encode(topo))
 
     def _topology_slots(self) -> list[int]:
         assert self.current is not None
@@ -142,11 +145,11 @@ class Controller:
             raise InvalidRequest(f"the pool is changing (live {live}, topology {have}); retry in a moment")
         return live
 
-    def _refused(self, exc: NitsumError) -> m.ReconfigureResult:
+    def _refused(self, exc: NitsumError) -> ReconfigureResult:
         epoch = self.current.epoch if self.current else 0
-        return m.ReconfigureResult(ok=False, epoch=epoch, error=m.ErrorInfo.from_exc(exc))
+        return ReconfigureResult(ok=False, epoch=epoch, error=ErrorInfo.from_exc(exc))
 
-    def _target(self, req: m.ReconfigureRequest) -> m.Topology:
+    def _target(self, req: ReconfigureRequest) -> Topology:
         """The topology a ReconfigureRequest asks for, validated against the live pool."""
         live = self._settled_pool()
         assert self.current is not None
@@ -168,12 +171,12 @@ class Controller:
                 )
             used |= set(inst.slots)
         instances = [
-            m.Instance(instance_id=n, slots=i.slots, role=i.role, tiers=i.tiers)
+            TopologyInstance(instance_id=n, slots=i.slots, role=i.role, tiers=i.tiers)
             for n, i in enumerate(req.instances)
         ]
-        return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
+        return Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
-    async def reconfigure(self, req: m.ReconfigureRequest) -> m.ReconfigureResult:
+    async def reconfigure(self, req: ReconfigureRequest) -> ReconfigureResult:
         async with self._switch_lock:
             try:
                 target = self._target(req)
@@ -181,7 +184,7 @@ class Controller:
                 return self._refused(exc)
             return await self._switch(target, req.timeout_s)
 
-    async def switch_to(self, target: m.Topology, timeout_s: float = 30.0) -> m.ReconfigureResult:
+    async def switch_to(self, target: Topology, timeout_s: float = 30.0) -> ReconfigureResult:
         """Move to ``target`` (built on the current epoch + 1) unless the pool or topology moved on."""
         async with self._switch_lock:
             try:
@@ -201,30 +204,28 @@ class Controller:
                 return self._refused(exc)
             return await self._switch(target, timeout_s)
 
-    async def _switch(self, target: m.Topology, timeout_s: float) -> m.ReconfigureResult:
+    async def _switch(self, target: Topology, timeout_s: float) -> ReconfigureResult:
         assert self.nc is not None and self.current is not None
 
-        async def write(topo: m.Topology) -> None:
+        async def write(topo: Topology) -> None:
             self.revision = await topology.write_cas(self.kv, topo, self.revision)
             self.current = topo
 
         if not reconfig.changed_slots(self.current, target):
             # Only which tiers an instance serves changes: nothing pauses, routers follow the bucket.
             if [i.tiers for i in target.instances] == [i.tiers for i in self.current.instances]:
-                return m.ReconfigureResult(ok=True, epoch=self.current.epoch, phases={"total": 0.0})
+                return ReconfigureResult(ok=True, epoch=self.current.epoch, phases={"total": 0.0})
             await write(target)
             self.log.info("topology written", epoch=target.epoch, reason=target.reason)
-            return m.ReconfigureResult(ok=True, epoch=target.epoch, phases={"total": 0.0})
+            return ReconfigureResult(ok=True, epoch=target.epoch, phases={"total": 0.0})
         driver = SwitchDriver(self.nc, self.log, self.known_routers)
         return await driver.run(self.current, target, write, migrate_timeout_s=timeout_s)
 
     async def _on_reconfigure(self, request: Request) -> None:
         try:
-            req = m.decode(m.ReconfigureRequest, request.data)
+            req = decode(ReconfigureRequest, request.data)
         except NitsumError as exc:
-            await request.respond(
-                m.encode(m.ReconfigureResult(ok=False, epoch=0, error=m.ErrorInfo.from_exc(exc)))
-            )
+            await request.respond(encode(ReconfigureResult(ok=False, epoch=0, error=ErrorInfo.from_exc(exc))))
             return
         result = await self.reconfigure(req)
-        await request.respond(m.encode(result))
+        await request.respond(encode(result))

@@ -18,9 +18,19 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nitsum_core.errors import NitsumError, ReconfigFailed
 from nitsum_core.policy import reconfig
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
-from nitsum_core.wire.messages import T
+from nitsum_core.wire.codec import ErrorInfo, T, decode, encode
+from nitsum_core.wire.control import ReconfigureResult, RouterHold, RouterHoldAck
+from nitsum_core.wire.cut import Topology
+from nitsum_core.wire.kv import KvPlan, KvPlanRequest, RequestState
+from nitsum_core.wire.reconfiguration import (
+    ControlAck,
+    PauseAck,
+    ReconfigAbort,
+    ReconfigCommit,
+    ReconfigMigrate,
+    ReconfigPause,
+)
 
 PAUSE_TIMEOUT_S = 10.0
 COMMIT_TIMEOUT_S = 10.0
@@ -36,12 +46,12 @@ class SwitchDriver:
 
     async def _ask(self, subject: str, msg: msgspec.Struct, reply: type[T], timeout: float) -> T:
         try:
-            resp = await self.nc.request(subject, m.encode(msg), timeout=timeout)
+            resp = await self.nc.request(subject, encode(msg), timeout=timeout)
         except NoRespondersError:
             raise ReconfigFailed(f"nobody answers on {subject} (worker or service down)") from None
         except NatsTimeout:
             raise ReconfigFailed(f"no answer on {subject} within {timeout:.0f}s") from None
-        return m.decode(reply, resp.data)
+        return decode(reply, resp.data)
 
     async def _all_slots(
         self, slots: list[int], phase: str, msg: msgspec.Struct, reply: type[T], timeout: float
@@ -69,19 +79,19 @@ class SwitchDriver:
             raise ReconfigFailed(f"{phase} failed: " + "; ".join(failed))
         return [t.result() for t in tasks]
 
-    async def _routers(self, hold: m.RouterHold, wait_s: float = 2.0) -> int:
+    async def _routers(self, hold: RouterHold, wait_s: float = 2.0) -> int:
         """Tell every router (plain subscription, no queue group); return how many answered."""
         inbox = self.nc.new_inbox()
-        got: list[m.RouterHoldAck] = []
+        got: list[RouterHoldAck] = []
         first = asyncio.Event()
 
         async def on_reply(msg) -> None:  # noqa: ANN001
-            got.append(m.decode(m.RouterHoldAck, msg.data))
+            got.append(decode(RouterHoldAck, msg.data))
             if {a.router_id for a in got} >= self.known_routers:
                 first.set()
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
-        await self.nc.publish(subjects.ROUTER_HOLD, m.encode(hold), reply=inbox)
+        await self.nc.publish(subjects.ROUTER_HOLD, encode(hold), reply=inbox)
         try:
             await asyncio.wait_for(first.wait(), wait_s)
             if not self.known_routers:
@@ -100,51 +110,51 @@ class SwitchDriver:
 
     async def run(
         self,
-        old: m.Topology,
-        new: m.Topology,
-        write: Callable[[m.Topology], Awaitable[None]],
+        old: Topology,
+        new: Topology,
+        write: Callable[[Topology], Awaitable[None]],
         migrate_timeout_s: float = 30.0,
-    ) -> m.ReconfigureResult:
+    ) -> ReconfigureResult:
         plan_id = uuid.uuid4().hex[:10]
         affected = reconfig.changed_slots(old, new)
         log = self.log.bind(plan=plan_id, epoch=new.epoch)
         phases: dict[str, float] = {}
         t_start = time.perf_counter()
         if not affected:
-            return m.ReconfigureResult(ok=True, epoch=old.epoch, phases={"total": 0.0})
+            return ReconfigureResult(ok=True, epoch=old.epoch, phases={"total": 0.0})
         log.info(
             "switch starting", old=[i.slots for i in old.instances], new=[i.slots for i in new.instances]
         )
         t = time.perf_counter()
-        await self._routers(m.RouterHold(plan_id=plan_id, hold=True))
+        await self._routers(RouterHold(plan_id=plan_id, hold=True))
         phases["hold"] = time.perf_counter() - t
         paused: list[int] = []
-        states: list[m.RequestState] = []
+        states: list[RequestState] = []
         try:
             t = time.perf_counter()
-            pause = m.ReconfigPause(plan_id=plan_id, target=new)
+            pause = ReconfigPause(plan_id=plan_id, target=new)
             raw = await asyncio.gather(
                 *(
-                    self._ask(subjects.worker_control(s, "pause"), pause, m.PauseAck, PAUSE_TIMEOUT_S)
+                    self._ask(subjects.worker_control(s, "pause"), pause, PauseAck, PAUSE_TIMEOUT_S)
                     for s in affected
                 ),
                 return_exceptions=True,
             )
-            paused = [s for s, a in zip(affected, raw, strict=True) if isinstance(a, m.PauseAck) and a.ok]
+            paused = [s for s, a in zip(affected, raw, strict=True) if isinstance(a, PauseAck) and a.ok]
             bad = [
                 f"slot {s}: {a.message if isinstance(a, NitsumError) else a.error.message if a.error else a}"
                 for s, a in zip(affected, raw, strict=True)
-                if not (isinstance(a, m.PauseAck) and a.ok)
+                if not (isinstance(a, PauseAck) and a.ok)
             ]
             if bad:
                 raise ReconfigFailed("pause failed: " + "; ".join(bad))
-            acks: list[m.PauseAck] = raw  # type: ignore[assignment]
+            acks: list[PauseAck] = raw  # type: ignore[assignment]
             states = [r for a in acks for r in a.requests]
             paused_at = time.perf_counter()  # the moved requests are held from here to the commit
             phases["pause"] = paused_at - t
 
             t = time.perf_counter()
-            plan_req = m.KvPlanRequest(
+            plan_req = KvPlanRequest(
                 old=old,
                 new=new,
                 requests=states,
@@ -152,20 +162,20 @@ class SwitchDriver:
                 num_kv_heads=acks[0].num_kv_heads,
                 block_size=acks[0].block_size,
             )
-            plan = await self._ask(subjects.KV_PLAN, plan_req, m.KvPlan, 5.0)
+            plan = await self._ask(subjects.KV_PLAN, plan_req, KvPlan, 5.0)
             if plan.error is not None:
                 raise ReconfigFailed(f"kv_broker could not plan the migration: {plan.error.message}")
             phases["plan"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            migrate = m.ReconfigMigrate(plan_id=plan_id, target=new, plan=plan, requests=states)
-            moved_acks = await self._all_slots(affected, "migrate", migrate, m.ControlAck, migrate_timeout_s)
+            migrate = ReconfigMigrate(plan_id=plan_id, target=new, plan=plan, requests=states)
+            moved_acks = await self._all_slots(affected, "migrate", migrate, ControlAck, migrate_timeout_s)
             phases["migrate"] = time.perf_counter() - t
 
             t = time.perf_counter()
             # Re-home the requests at the routers while every old leader is still paused.
             await self._routers(
-                m.RouterHold(
+                RouterHold(
                     plan_id=plan_id, hold=True, moved={a.request_id: a.leader for a in plan.assignments}
                 )
             )
@@ -175,28 +185,26 @@ class SwitchDriver:
             log.warning("switch aborted; resuming the old epoch", error=err.message, paused=paused)
             await self._abort(plan_id, affected, err.message)  # harmless where not paused
             await self._routers(
-                m.RouterHold(plan_id=plan_id, hold=False, moved={r.request_id: r.slot for r in states})
+                RouterHold(plan_id=plan_id, hold=False, moved={r.request_id: r.slot for r in states})
             )
             phases["total"] = time.perf_counter() - t_start
-            return m.ReconfigureResult(
-                ok=False, epoch=old.epoch, error=m.ErrorInfo.from_exc(err), phases=phases
-            )
+            return ReconfigureResult(ok=False, epoch=old.epoch, error=ErrorInfo.from_exc(err), phases=phases)
 
-        commit = m.ReconfigCommit(plan_id=plan_id, target=new, held_s=time.perf_counter() - paused_at)
+        commit = ReconfigCommit(plan_id=plan_id, target=new, held_s=time.perf_counter() - paused_at)
         error = None
         weight_bytes = 0
         try:
-            commit_acks = await self._all_slots(affected, "commit", commit, m.ControlAck, COMMIT_TIMEOUT_S)
+            commit_acks = await self._all_slots(affected, "commit", commit, ControlAck, COMMIT_TIMEOUT_S)
             weight_bytes = sum(a.weight_bytes_moved for a in commit_acks)
         except ReconfigFailed as exc:  # past the CAS there is no going back: report it loudly
             log.error("commit failed on some slots after the topology was written", error=exc.message)
-            error = m.ErrorInfo.from_exc(exc)
+            error = ErrorInfo.from_exc(exc)
         phases["commit"] = time.perf_counter() - t
         t = time.perf_counter()
-        await self._routers(m.RouterHold(plan_id=plan_id, hold=False))
+        await self._routers(RouterHold(plan_id=plan_id, hold=False))
         phases["resume"] = time.perf_counter() - t
         phases["total"] = time.perf_counter() - t_start
-        result = m.ReconfigureResult(
+        result = ReconfigureResult(
             ok=error is None,
             epoch=new.epoch,
             error=error,
@@ -216,10 +224,10 @@ class SwitchDriver:
         return result
 
     async def _abort(self, plan_id: str, slots: list[int], reason: str) -> None:
-        msg = m.ReconfigAbort(plan_id=plan_id, reason=reason)
+        msg = ReconfigAbort(plan_id=plan_id, reason=reason)
         acks = await asyncio.gather(
             *(
-                self._ask(subjects.worker_control(s, "abort"), msg, m.ControlAck, ABORT_TIMEOUT_S)
+                self._ask(subjects.worker_control(s, "abort"), msg, ControlAck, ABORT_TIMEOUT_S)
                 for s in slots
             ),
             return_exceptions=True,

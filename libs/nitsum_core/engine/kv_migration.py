@@ -9,19 +9,8 @@ next chunk is gathered while the previous one is on the wire.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.distributed as dist
-
-
-class UnitMove(NamedTuple):
-    """Source (block, head) on the sender -> destination (block, head) on the receiver."""
-
-    src_block: int
-    src_head: int
-    dst_block: int
-    dst_head: int
 
 
 def _blocked(kv: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -55,20 +44,6 @@ def unit_shape(kv: torch.Tensor, block_size: int) -> tuple[int, int, int, int]:
     return (layers, two, block_size, hd)
 
 
-def send_units(
-    kv: torch.Tensor,
-    block_size: int,
-    moves: list[UnitMove],
-    dst: int,
-    group: dist.ProcessGroup | None = None,
-    chunk: int = 64,
-) -> int:
-    """Send the source side of ``moves`` to rank ``dst``; return the bytes sent."""
-    return send_unit_list(
-        kv, block_size, [m.src_block for m in moves], [m.src_head for m in moves], dst, group, chunk
-    )
-
-
 def send_unit_list(
     kv: torch.Tensor,
     block_size: int,
@@ -98,35 +73,3 @@ def send_unit_list(
         if work is not None:
             work.wait()
     return sent
-
-
-def recv_units(
-    kv: torch.Tensor,
-    block_size: int,
-    moves: list[UnitMove],
-    src: int,
-    group: dist.ProcessGroup | None = None,
-    chunk: int = 64,
-) -> int:
-    """Receive ``moves`` from rank ``src`` and scatter them; return the bytes received."""
-    shape = unit_shape(kv, block_size)
-    received = 0
-    starts = list(range(0, len(moves), chunk))
-    bufs = [torch.empty(min(chunk, len(moves) - s), *shape, dtype=kv.dtype) for s in starts[:2]]
-    works = {}
-    # Post the first two receives, then scatter each chunk as it lands and re-post into its buffer.
-    for i in range(min(2, len(starts))):
-        works[i] = dist.irecv(bufs[i][: min(chunk, len(moves) - starts[i])], src, group=group)
-    for i, start in enumerate(starts):
-        part = moves[start : start + chunk]
-        works.pop(i).wait()
-        data = bufs[i % 2][: len(part)]
-        scatter_units(kv, block_size, [m.dst_block for m in part], [m.dst_head for m in part], data)
-        received += data.numel() * data.element_size()
-        nxt = i + 2
-        if nxt < len(starts):
-            n = min(chunk, len(moves) - starts[nxt])
-            if bufs[nxt % 2].shape[0] < n:
-                bufs[nxt % 2] = torch.empty(n, *shape, dtype=kv.dtype)
-            works[nxt] = dist.irecv(bufs[nxt % 2][:n], src, group=group)
-    return received

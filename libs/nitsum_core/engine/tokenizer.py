@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from nitsum_core.wire.messages import ChatMessage
+from nitsum_core.wire.client import ChatMessage
 
 
 class Tokenizer:

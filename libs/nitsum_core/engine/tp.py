@@ -29,21 +29,6 @@ def _collective(what: str, fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         raise PeerLost(f"TP peer lost during {what}: {str(exc).splitlines()[0]}") from exc
 
 
-def init_world(
-    rank: int, world_size: int, init_method: str, timeout_s: float = 30.0, backend: str = "gloo"
-) -> None:
-    """Join the pool's process group; a peer that never shows up fails after ``timeout_s``."""
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("the NCCL backend needs CUDA; use gloo on CPU")
-    dist.init_process_group(
-        backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=dt.timedelta(seconds=timeout_s),
-    )
-
-
 def aligned_groups(pool_size: int) -> list[tuple[int, ...]]:
     """Every aligned block of TP >= 2 in a pool of ``pool_size`` slots, in a fixed order."""
     out = []
@@ -73,11 +58,6 @@ def join_pool(
     return mine
 
 
-def instance_group(slots: list[int]) -> dist.ProcessGroup:
-    """The communicator of one aligned instance (every rank of the world must call this)."""
-    return dist.new_group(ranks=slots, backend=dist.get_backend())
-
-
 def attach(model: LlamaModel, tp: int, rank_in_instance: int, group: dist.ProcessGroup | None) -> ModelShard:
     """The shard of ``model`` for this rank with its all-reduce bound to ``group``."""
     shard = model.shard(tp, rank_in_instance)
@@ -90,11 +70,6 @@ def attach(model: LlamaModel, tp: int, rank_in_instance: int, group: dist.Proces
 
         shard.all_reduce = all_reduce
     return shard
-
-
-def shares_storage(view: torch.Tensor, resident: torch.Tensor) -> bool:
-    """True when ``view`` is a view into ``resident``'s memory (no weight bytes were copied)."""
-    return view.untyped_storage().data_ptr() == resident.untyped_storage().data_ptr()
 
 
 def broadcast_step(step: object | None, group: dist.ProcessGroup, leader: int) -> object | None:

@@ -85,11 +85,6 @@ def layer_params(s: ModelSpec) -> int:
     return q + kv + o + mlp
 
 
-def total_params(s: ModelSpec) -> int:
-    head = 0 if s.tie_word_embeddings else s.vocab_size * s.hidden_size
-    return s.num_layers * layer_params(s) + s.vocab_size * s.hidden_size + head
-
-
 @dataclass(frozen=True)
 class Coefficients:
     """Multipliers on each roofline term plus a fixed per-step overhead, fitted per backend."""

@@ -90,7 +90,3 @@ class BlockManager(KVBlockPool):
 
     def block_table(self, seq_id: str) -> list[int]:
         return self._tables.get(seq_id, [])
-
-    def owners(self) -> dict[str, list[int]]:
-        """Every sequence and its blocks (a copy), for the kv_broker directory and tests."""
-        return {k: list(v) for k, v in self._tables.items()}

@@ -13,7 +13,8 @@ from typing import NamedTuple
 from nitsum_core.errors import InvalidRequest
 from nitsum_core.policy.kv_cache import BlockManager, blocks_needed
 from nitsum_core.policy.plan import Assignment, Plan, TierSet
-from nitsum_core.wire import messages as m
+from nitsum_core.wire.cut import Topology, TopologyInstance
+from nitsum_core.wire.kv import KvPlan, KvPlanRequest, KvTransfer, MovedRequest
 
 
 def is_aligned_block(slots: Sequence[int]) -> bool:
@@ -25,7 +26,7 @@ def is_aligned_block(slots: Sequence[int]) -> bool:
     )
 
 
-def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: str) -> m.Topology:
+def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: str) -> Topology:
     """Instances of TP ``degrees[i]`` laid out in slot order, each on an aligned block.
 
     ``[2, 1, 1]`` on slots 0-3 gives [0, 1], [2], [3]; ``[1, 2, 1]`` is rejected because [1, 2]
@@ -45,9 +46,9 @@ def aligned_topology(degrees: list[int], slots: list[int], epoch: int, reason: s
                 f"instance {i} (TP {k}) would start at slot {start}: an instance of TP k must sit on an "
                 f"aligned block [j*k, (j+1)*k) with k a power of two; reorder the degrees, e.g. largest first"
             )
-        instances.append(m.Instance(instance_id=i, slots=list(range(start, start + k))))
+        instances.append(TopologyInstance(instance_id=i, slots=list(range(start, start + k))))
         start += k
-    return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
+    return Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
 
 def _placed(a: Assignment, slots: Sequence[int] | None) -> list[int]:
@@ -83,7 +84,7 @@ def placement_error(
     return None
 
 
-def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | None = None) -> m.Topology:
+def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | None = None) -> Topology:
     """The topology of a plan: one instance per assignment, in slot order.
 
     ``slots``: the live slots that the plan's positions 0..n-1 stand for, in order (the
@@ -94,13 +95,13 @@ def plan_topology(plan: Plan, epoch: int, reason: str, slots: Sequence[int] | No
     if error is not None:
         raise InvalidRequest(error)
     instances = [
-        m.Instance(instance_id=i, slots=_placed(a, slots), role=a.role, tiers=a.tier.to_wire())
+        TopologyInstance(instance_id=i, slots=_placed(a, slots), role=a.role, tiers=a.tier.to_wire())
         for i, a in enumerate(sorted(plan.assignments, key=lambda a: a.start))
     ]
-    return m.Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
+    return Topology(epoch=epoch, instances=instances, written_at=time.time(), reason=reason)
 
 
-def topology_plan(topo: m.Topology, slots: Sequence[int] | None = None) -> Plan:
+def topology_plan(topo: Topology, slots: Sequence[int] | None = None) -> Plan:
     """The plan a topology runs (an instance serves every tier, one, or a set).
 
     ``slots``: the topology's live slots in order; an instance's start is then its position among
@@ -119,23 +120,23 @@ def topology_plan(topo: m.Topology, slots: Sequence[int] | None = None) -> Plan:
     return Plan(sorted(out, key=lambda a: a.start))
 
 
-def changed_slots(old: m.Topology, new: m.Topology) -> list[int]:
+def changed_slots(old: Topology, new: Topology) -> list[int]:
     """Slots whose instance differs between ``old`` and ``new`` (only they pause)."""
     same = {tuple(i.slots) for i in old.instances} & {tuple(i.slots) for i in new.instances}
     every = {s for t in (old, new) for i in t.instances for s in i.slots}
     return sorted(s for s in every if not any(s in keep for keep in same))
 
 
-def instance_of(topo: m.Topology, slot: int) -> m.Instance | None:
+def instance_of(topo: Topology, slot: int) -> TopologyInstance | None:
     return next((i for i in topo.instances if slot in i.slots), None)
 
 
-def head_owner(inst: m.Instance, head: int, num_kv_heads: int) -> int:
+def head_owner(inst: TopologyInstance, head: int, num_kv_heads: int) -> int:
     """The slot of ``inst`` holding KV head ``head`` (rank r of TP k holds heads [r*h/k, (r+1)*h/k))."""
     return inst.slots[head // (num_kv_heads // inst.tp)]
 
 
-def plan_migration(req: m.KvPlanRequest) -> m.KvPlan:
+def plan_migration(req: KvPlanRequest) -> KvPlan:
     """Which instance continues each paused request, its new block table, and the head moves.
 
     Merges keep every request on the new instance that contains its old one; splits spread the
@@ -157,7 +158,7 @@ def plan_migration(req: m.KvPlanRequest) -> m.KvPlan:
         units = min(req.kv_units[s] for s in inst.slots)
         pools[inst.instance_id] = BlockManager(max(1, units // (h // inst.tp)), bs)
         load[inst.instance_id] = 0
-    plan = m.KvPlan()
+    plan = KvPlan()
     for state in req.requests:
         old = instance_of(req.old, state.slot)
         if old is None:
@@ -181,7 +182,7 @@ def plan_migration(req: m.KvPlanRequest) -> m.KvPlan:
         elif state.num_computed:
             plan.recomputed.append(state.request_id)
         plan.assignments.append(
-            m.Assignment(request_id=state.request_id, leader=target.leader, block_table=table)
+            MovedRequest(request_id=state.request_id, leader=target.leader, block_table=table)
         )
         if not table:
             continue
@@ -190,7 +191,7 @@ def plan_migration(req: m.KvPlanRequest) -> m.KvPlan:
             pair = (head_owner(old, start, h), head_owner(target, start, h))
             if head == h or (head_owner(old, head, h), head_owner(target, head, h)) != pair:
                 plan.transfers.append(
-                    m.KvTransfer(
+                    KvTransfer(
                         request_id=state.request_id,
                         src_slot=pair[0],
                         dst_slot=pair[1],
@@ -211,7 +212,12 @@ class Units(NamedTuple):
 
 
 def transfer_units(
-    transfer: m.KvTransfer, table: list[int], inst: m.Instance, slot: int, num_kv_heads: int, block_size: int
+    transfer: KvTransfer,
+    table: list[int],
+    inst: TopologyInstance,
+    slot: int,
+    num_kv_heads: int,
+    block_size: int,
 ) -> Units:
     """Units of ``transfer`` as addressed in ``slot``'s pool while it is rank of ``inst``.
 

@@ -13,7 +13,7 @@ from typing import NamedTuple, TypeVar
 
 from nitsum_core.config import Tier
 from nitsum_core.policy.plan import TierSet, serves
-from nitsum_core.wire.messages import Topology
+from nitsum_core.wire.cut import Topology
 
 
 class Candidate(NamedTuple):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from nitsum_core.config import Tier
 from nitsum_core.perf.perf_model import PerfModel
 from nitsum_core.policy.capacity import valid_tp_choices
-from nitsum_core.policy.cuts import hybrid_cut, tight_and_rest, uniform_cut
+from nitsum_core.policy.cuts import uniform_cut
 from nitsum_core.policy.goodput import GoodputReport, summarize
 from nitsum_core.policy.plan import SHARED, Assignment, Plan, TierSet
 from nitsum_core.sim.replay import PlanReplay
@@ -68,16 +68,6 @@ def split_clusters_by_degree(pool: int, tps: list[int], tiers: list[str]) -> Ite
                 plan += [Assignment(s, tp, "mixed", TierSet.of(tier)) for s in range(start, start + size, tp)]
                 start += size
             yield Plan(plan)
-
-
-def hybrid_cuts(pool: int, tps: list[int], tiers: dict[str, Tier]) -> Iterator[Plan]:
-    """Every static hybrid cut (``cuts.hybrid_cut``): some instances at a higher degree
-    serving every tier, the rest at the lowest degree serving all but the strictest-TPOT tier.
-    Not a baseline preset: ``dynamic_headroom.py`` runs them as static plans of any shape."""
-    _, rest = tight_and_rest({name: t.tpot_s for name, t in tiers.items()})
-    for tp in tps[1:]:
-        for n in range(1, pool // tp):
-            yield Plan(hybrid_cut(pool, tp, n, tps[0], rest))
 
 
 def prefill_decode(pool: int, tps: list[int]) -> Iterator[Plan]:

@@ -12,7 +12,7 @@ from nats.micro.service import Service
 
 from nitsum_core import __version__
 from nitsum_core.errors import ProtocolError
-from nitsum_core.wire.messages import T, decode
+from nitsum_core.wire.codec import T, decode
 
 
 async def register(

@@ -15,8 +15,9 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from nitsum_core.wire import messages as m
 from nitsum_core.wire import subjects
+from nitsum_core.wire.codec import decode, encode
+from nitsum_core.wire.cut import Topology
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ async def open_bucket(js: JetStreamContext, create: bool = False, wait_s: float 
             await asyncio.sleep(0.2)
 
 
-async def read(kv: KeyValue) -> tuple[m.Topology | None, int]:
+async def read(kv: KeyValue) -> tuple[Topology | None, int]:
     """The current topology and its revision (None, 0 when none was written yet)."""
     try:
         entry = await kv.get(subjects.TOPOLOGY_KEY)
@@ -45,16 +46,16 @@ async def read(kv: KeyValue) -> tuple[m.Topology | None, int]:
         return None, 0
     if entry.value is None:
         return None, entry.revision or 0
-    return m.decode(m.Topology, entry.value), entry.revision or 0
+    return decode(Topology, entry.value), entry.revision or 0
 
 
 class TopologyConflict(Exception):
     """Someone else wrote the topology since we read it (another controller): re-read and decide again."""
 
 
-async def write_cas(kv: KeyValue, topology: m.Topology, last_revision: int) -> int:
+async def write_cas(kv: KeyValue, topology: Topology, last_revision: int) -> int:
     """Write ``topology`` only if the stored revision is still ``last_revision``; return the new one."""
-    data = m.encode(topology)
+    data = encode(topology)
     try:
         if last_revision == 0:
             return await kv.create(subjects.TOPOLOGY_KEY, data)
@@ -67,7 +68,7 @@ async def write_cas(kv: KeyValue, topology: m.Topology, last_revision: int) -> i
         raise
 
 
-async def watch(kv: KeyValue, on_change: Callable[[m.Topology], Awaitable[None] | None]) -> None:
+async def watch(kv: KeyValue, on_change: Callable[[Topology], Awaitable[None] | None]) -> None:
     """Call ``on_change`` with every topology written (the current one first); runs until cancelled."""
     watcher = await kv.watch(subjects.TOPOLOGY_KEY)
     try:
@@ -75,7 +76,7 @@ async def watch(kv: KeyValue, on_change: Callable[[m.Topology], Awaitable[None] 
             if entry is None or entry.value is None:
                 continue
             try:
-                topo = m.decode(m.Topology, entry.value)
+                topo = decode(Topology, entry.value)
             except Exception as exc:
                 log.error("ignored undecodable topology revision %s: %s", entry.revision, exc)
                 continue
