@@ -33,7 +33,7 @@ from study_setup import add_study_args, load_study
 
 
 def hybrid_cuts(pool: int, tps: list[int], tiers: dict[str, Tier]) -> Iterator[Plan]:
-    """Every static hybrid cut (``configurator.hybrid_cut``): some instances at a higher degree
+    """Every static hybrid cut (``cuts.hybrid_cut``): some instances at a higher degree
     serving every tier, the rest at the lowest degree serving all but the strictest-TPOT tier.
     Not a baseline preset: this study runs them as static plans of any shape."""
     _, rest = tight_and_rest({name: t.tpot_s for name, t in tiers.items()})
