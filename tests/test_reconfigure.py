@@ -1,4 +1,4 @@
-"""Runtime TP switches through the real services (DESIGN §6): 4 worker processes, gloo, NATS.
+"""Runtime TP switches through the real services (docs/architecture.md#switch-protocol): 4 worker processes, gloo, NATS.
 
 Requests generate while the pool goes [1,1,1,1] -> [2,2] -> [4] -> [1,1,1,1]; every output must
 equal the unswitched run token for token, with zero weight bytes moved and nothing re-prefilled.

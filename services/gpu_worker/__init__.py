@@ -1,1 +1,1 @@
-"""gpu_worker: one process per device slot; resident weights, paged KV, the engine (DESIGN §2, §5)."""
+"""gpu_worker: one process per device slot; resident weights, paged KV, the engine (docs/architecture.md#processes, #engine)."""

@@ -2,9 +2,9 @@
 
 Everything that touches torch or a collective runs here, on one thread: engine steps, the
 leader's per-step broadcast, a follower's loop, and the pause / migrate / commit / abort steps of
-a reconfiguration (DESIGN §6). The asyncio side talks to it through ``commands`` only.
+a reconfiguration (docs/architecture.md#switch-protocol). The asyncio side talks to it through ``commands`` only.
 
-KV lives in one flat head-unit pool per slot (DESIGN §5): at TP k it is viewed as
+KV lives in one flat head-unit pool per slot (docs/architecture.md#resident-weights-and-communicators): at TP k it is viewed as
 ``[layers, 2, blocks_k * block_size, h / k, head_dim]`` with ``blocks_k = units / (h / k)``, so a
 TP change re-views the same memory. Units move through staging buffers, never in place: until
 commit the old layout is intact, which is what makes abort safe.
@@ -309,7 +309,7 @@ class SlotRunner:
             self.engine.adopt(req, [])  # the KV view changed: recompute from the tokens, lose nothing
             self.announced.discard(req.request_id)
 
-    # ---- reconfiguration steps (DESIGN §6) ----------------------------------------------------
+    # ---- reconfiguration steps (docs/architecture.md#switch-protocol) ----------------------------------------------------
     def _on_adopt(self, topo: Topology) -> bool:
         """Apply a topology written without a switch protocol (pool change after a fault)."""
         inst = reconfig.instance_of(topo, self.slot)

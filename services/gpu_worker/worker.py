@@ -3,7 +3,7 @@
 Commands (submit / abort / reconfiguration steps) cross into the engine thread through a queue;
 each step's outputs come back with ``call_soon_threadsafe`` and leave as one TokenBatch per
 router. With ``pool_size > 1`` the worker joins the pool's gloo world at start-up (rendezvous
-through a NATS KV bucket) and builds every aligned group's communicator once (DESIGN §4).
+through a NATS KV bucket) and builds every aligned group's communicator once (docs/architecture.md#resident-weights-and-communicators).
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""router: ingress, tokenisation, admission, routing, streaming and TTFT/TPOT accounting (DESIGN §2)."""
+"""router: ingress, tokenisation, admission, routing, streaming and TTFT/TPOT accounting (docs/architecture.md#processes)."""

@@ -1,4 +1,4 @@
-"""A switch's hold on new dispatches (DESIGN §6), and the aborts it must replay on release."""
+"""A switch's hold on new dispatches (docs/architecture.md#switch-protocol), and the aborts it must replay on release."""
 
 from __future__ import annotations
 

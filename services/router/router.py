@@ -64,7 +64,7 @@ class RouterConfig:
     # A hold from a controller that then died must not stall dispatch forever.
     max_hold_s: float = 30.0
     # Control window: the router reports its traffic to the controller and starts a new lane
-    # budget this often (the controller's window, DESIGN §1).
+    # budget this often (the controller's window, docs/architecture.md#controller-policy).
     window_s: float = 1.0
 
 
@@ -126,7 +126,7 @@ class Router:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # ---- reconfiguration hold (DESIGN §6) --------------------------------------------------------
+    # ---- reconfiguration hold (docs/architecture.md#switch-protocol) --------------------------------------------------------
     async def _on_hold(self, msg: Msg) -> None:
         hold = decode_or_drop(self.log, RouterHold, msg.data, "hold")
         if hold is None:
@@ -158,7 +158,7 @@ class Router:
         if msg.reply:
             await self.nc.publish(msg.reply, encode(RouterHoldAck(router_id=self.router_id, held=waiting)))
 
-    # ---- control windows (DESIGN §1) ------------------------------------------------------------
+    # ---- control windows (docs/architecture.md#controller-policy) ------------------------------------------------------------
     async def _on_budgets(self, msg: Msg) -> None:
         budgets = decode_or_drop(self.log, AdmissionBudgets, msg.data, "budgets")
         if budgets is not None:

@@ -1,4 +1,4 @@
-"""The router's traffic over one control window, reported to the controller (DESIGN §1)."""
+"""The router's traffic over one control window, reported to the controller (docs/architecture.md#controller-policy)."""
 
 from __future__ import annotations
 

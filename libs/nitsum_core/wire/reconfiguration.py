@@ -1,4 +1,4 @@
-"""Controller <-> workers, one switch of the cut (DESIGN §6): pause, migrate, commit or abort."""
+"""Controller <-> workers, one switch of the cut (docs/architecture.md#switch-protocol): pause, migrate, commit or abort."""
 
 from __future__ import annotations
 
