@@ -27,6 +27,7 @@ from nitsum_core.engine.checkpoints import resolve_checkpoint
 from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.engine.model import load_model
 from nitsum_core.engine.tokenizer import Tokenizer
+from nitsum_core.policy.goodput import mean_tpot
 from nitsum_loadgen.replay import synth_prompt
 
 
@@ -48,7 +49,7 @@ class InProcess:
         while self.engine.has_work():
             if self.engine.step():
                 times.append(time.perf_counter())
-        return times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
+        return times[0] - t0, mean_tpot(times[0], times[-1], len(times))
 
 
 async def via_stack(client: NitsumClient, text: str, n: int) -> tuple[float, float]:
@@ -57,7 +58,7 @@ async def via_stack(client: NitsumClient, text: str, n: int) -> tuple[float, flo
     async for chunk in client.generate(text, max_tokens=n, ignore_eos=True):
         if chunk.token_ids:
             times.append(time.perf_counter())
-    return times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
+    return times[0] - t0, mean_tpot(times[0], times[-1], len(times))
 
 
 async def measure(prompts: list[str], n: int, threads: int) -> dict[str, list[tuple[float, float]]]:

@@ -26,6 +26,7 @@ import torch
 from nitsum_core.engine.checkpoints import resolve_checkpoint
 from nitsum_core.engine.engine import Engine, EngineConfig, RequestParams
 from nitsum_core.engine.model import LlamaModel, load_model
+from nitsum_core.policy.goodput import mean_tpot
 
 
 def _tokens(n: int, seed: int) -> list[int]:
@@ -63,7 +64,7 @@ def run_scenario(engine: Engine, a: argparse.Namespace, tpot_s: float, seed: int
                 added[rid] = time.monotonic()
     chats = [r for r in added if r.startswith("chat")]
     docs = [r for r in added if r.startswith("doc")]
-    tpots = [(done[r] - first[r]) / (count[r] - 1) for r in chats]
+    tpots = [mean_tpot(first[r], done[r], count[r]) for r in chats]
     return {
         "chat_tpot_s": tpots,
         "chat_tpot_mean_s": statistics.mean(tpots),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from nitsum_core.policy.batching import late_prompts, prefill_rank, seat_fits
 from nitsum_core.policy.kv_cache import BlockManager, blocks_needed
-from nitsum_core.policy.scheduler import Scheduler, SchedulerConfig, Sequence
+from nitsum_core.policy.scheduler import EngineSequence, Scheduler, SchedulerConfig
 
 
 def test_block_manager_reserve_grow_release() -> None:
@@ -22,8 +22,8 @@ def test_block_manager_reserve_grow_release() -> None:
     assert blocks_needed(0, 4) == 0 and blocks_needed(4, 4) == 1 and blocks_needed(5, 4) == 2
 
 
-def _seq(name: str, n: int, priority: int = 0) -> Sequence:
-    return Sequence(name, list(range(1, n + 1)), n, priority)
+def _seq(name: str, n: int, priority: int = 0) -> EngineSequence:
+    return EngineSequence(name, list(range(1, n + 1)), n, priority)
 
 
 def test_new_requests_join_at_step_boundaries_and_priority_orders_admission() -> None:
@@ -75,12 +75,12 @@ def test_decodes_are_never_starved_and_prompts_share_what_they_leave() -> None:
 def test_a_prompt_sure_to_miss_its_ttft_goes_after_those_that_can_still_meet_theirs() -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=8), BlockManager(64, 4))
     sched.prefill_s_per_token = 0.01  # as the engine measures it
-    doomed = Sequence("doomed", list(range(1, 21)), 20, priority=0, ttft_deadline=10.1)
+    doomed = EngineSequence("doomed", list(range(1, 21)), 20, priority=0, ttft_deadline=10.1)
     sched.add(doomed)
     (first,) = sched.schedule(now=10.0)  # 20 tokens need 0.2 s alone: late, but nothing else waits
     assert (first.seq.seq_id, first.num_new) == ("doomed", 8)
     doomed.num_computed = 8
-    sched.add(Sequence("on-time", list(range(1, 13)), 12, priority=2, ttft_deadline=11.0))
+    sched.add(EngineSequence("on-time", list(range(1, 13)), 12, priority=2, ttft_deadline=11.0))
     plan = sched.schedule(now=10.05)
     # A lower-priority, later request takes the budget: the earlier one can no longer count.
     assert doomed.late and [(p.seq.seq_id, p.num_new) for p in plan] == [("on-time", 8)]
@@ -90,8 +90,8 @@ def test_a_prompt_sure_to_miss_its_ttft_goes_after_those_that_can_still_meet_the
     assert [(p.seq.seq_id, p.num_new) for p in plan] == [("on-time", 4), ("doomed", 4)]  # still served
     # Without a clock (or a deadline) the scheduler ranks by priority and arrival alone.
     plain = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=8), BlockManager(64, 4))
-    plain.add(Sequence("a", [1] * 20, 20, priority=0, ttft_deadline=0.0))
-    plain.add(Sequence("b", [1] * 20, 20, priority=1, ttft_deadline=99.0))
+    plain.add(EngineSequence("a", [1] * 20, 20, priority=0, ttft_deadline=0.0))
+    plain.add(EngineSequence("b", [1] * 20, 20, priority=1, ttft_deadline=99.0))
     assert [p.seq.seq_id for p in plain.schedule()] == ["a"]
 
 
@@ -100,8 +100,8 @@ def test_a_prompt_that_would_make_it_alone_but_not_behind_those_ahead_goes_late(
     sched.prefill_s_per_token = 0.01
     # Three equal prompts, each 0.1 s of prefill alone, all due at 0.25 s: only two fit in turn.
     for name in ("a", "b", "c"):
-        sched.add(Sequence(name, [1] * 10, 10, priority=0, ttft_deadline=0.25))
-    sched.add(Sequence("relaxed", [1] * 10, 10, priority=1, ttft_deadline=5.0))
+        sched.add(EngineSequence(name, [1] * 10, 10, priority=0, ttft_deadline=0.25))
+    sched.add(EngineSequence("relaxed", [1] * 10, 10, priority=1, ttft_deadline=5.0))
     plan = sched.schedule(now=0.0)
     assert [p.seq.seq_id for p in plan] == ["a"]
     assert [s.seq_id for s in sched.waiting_in_order()] == ["b", "relaxed", "c"]
@@ -118,10 +118,10 @@ def test_a_prompt_that_would_make_it_alone_but_not_behind_those_ahead_goes_late(
 
 def test_prompts_prefill_earliest_deadline_first_within_a_priority() -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_batched_tokens=10), BlockManager(64, 4))
-    sched.add(Sequence("agent", [1] * 10, 10, priority=0, ttft_deadline=1.0))
-    sched.add(Sequence("interactive", [1] * 10, 10, priority=0, ttft_deadline=0.3))
-    sched.add(Sequence("background", [1] * 10, 10, priority=1, ttft_deadline=0.1))
-    sched.add(Sequence("no-target", [1] * 10, 10, priority=0))
+    sched.add(EngineSequence("agent", [1] * 10, 10, priority=0, ttft_deadline=1.0))
+    sched.add(EngineSequence("interactive", [1] * 10, 10, priority=0, ttft_deadline=0.3))
+    sched.add(EngineSequence("background", [1] * 10, 10, priority=1, ttft_deadline=0.1))
+    sched.add(EngineSequence("no-target", [1] * 10, 10, priority=0))
     assert [s.seq_id for s in sched.waiting_in_order()] == ["interactive", "agent", "no-target", "background"]
 
 
@@ -130,10 +130,10 @@ def test_a_long_prompt_gives_way_to_the_short_ones_it_would_make_miss() -> None:
     sched.prefill_s_per_token = 0.01
     # A 0.3 s prompt due at 0.35 s and three 0.1 s ones due at 0.42-0.44 s: behind the long one,
     # one short one makes it; without it, all three do.
-    long = Sequence("long", [1] * 30, 30, priority=0, ttft_deadline=0.35)
+    long = EngineSequence("long", [1] * 30, 30, priority=0, ttft_deadline=0.35)
     sched.add(long)
     for i in range(3):
-        sched.add(Sequence(f"short{i}", [1] * 10, 10, priority=0, ttft_deadline=0.42 + 0.01 * i))
+        sched.add(EngineSequence(f"short{i}", [1] * 10, 10, priority=0, ttft_deadline=0.42 + 0.01 * i))
     plan = sched.schedule(now=0.0)
     assert long.late and [p.seq.seq_id for p in plan] == ["short0"]
     served = ["short0"]
@@ -151,8 +151,8 @@ def test_a_waiting_prompt_turns_late_in_the_queue_and_moves_behind() -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_batched_tokens=4), BlockManager(64, 4))
     sched.add(_seq("busy", 2))
     sched.schedule(now=0.0)  # takes the only seat
-    sched.add(Sequence("first", [1] * 4, 4, priority=0, ttft_deadline=1.0))
-    sched.add(Sequence("second", [1] * 4, 4, priority=0, ttft_deadline=5.0))
+    sched.add(EngineSequence("first", [1] * 4, 4, priority=0, ttft_deadline=1.0))
+    sched.add(EngineSequence("second", [1] * 4, 4, priority=0, ttft_deadline=5.0))
     assert [s.seq_id for s in sched.waiting_in_order()] == ["first", "second"]
     sched.schedule(now=2.0)  # "first" is past its deadline while it waits
     assert [s.seq_id for s in sched.waiting_in_order()] == ["second", "first"]
@@ -205,8 +205,8 @@ def _linear_step(p: int, d: int, _ctx: int) -> float:
     return 0.010 + 0.0001 * p + 0.001 * d
 
 
-def _decoding(name: str, tpot_s: float, generated: int, since_first_s: float, now: float) -> Sequence:
-    seq = Sequence(name, [1] * (8 + generated), 8, tpot_s=tpot_s, first_token_at=now - since_first_s)
+def _decoding(name: str, tpot_s: float, generated: int, since_first_s: float, now: float) -> EngineSequence:
+    seq = EngineSequence(name, [1] * (8 + generated), 8, tpot_s=tpot_s, first_token_at=now - since_first_s)
     seq.num_computed = len(seq.token_ids) - 1
     return seq
 
@@ -217,7 +217,7 @@ def _tpot_sched(max_batched_tokens: int = 512, max_num_seqs: int = 8) -> Schedul
     return sched
 
 
-def _doc_chunk_beside(decoding: Sequence, sized: bool = True) -> int:
+def _doc_chunk_beside(decoding: EngineSequence, sized: bool = True) -> int:
     """Prompt tokens a 1000-token document gets in the step beside ``decoding`` (at now = 100 s)."""
     sched = _tpot_sched()
     if not sized:
@@ -269,7 +269,7 @@ def test_seats_are_gated_by_the_shared_tpot_rule_and_an_idle_engine_takes_work()
     sched = _tpot_sched(max_num_seqs=16)
     sched.add_running(_decoding("d0", 0.016, generated=3, since_first_s=0.02, now=100.0))
     for i in range(3):
-        sched.add(Sequence(f"new{i}", [1] * 4, 4, tpot_s=0.016))
+        sched.add(EngineSequence(f"new{i}", [1] * 4, 4, tpot_s=0.016))
     plan = sched.schedule(now=100.0)
     assert [p.seq.seq_id for p in plan if p.start == 0] == ["new0"]
     assert sched.num_waiting == 2
@@ -282,13 +282,13 @@ def test_seats_are_gated_by_the_shared_tpot_rule_and_an_idle_engine_takes_work()
     untargeted.tpot_s = None
     free.add_running(untargeted)
     for i in range(3):
-        free.add(Sequence(f"new{i}", [1] * 4, 4))
+        free.add(EngineSequence(f"new{i}", [1] * 4, 4))
     free_plan = free.schedule(now=100.0)
     assert [p.seq.seq_id for p in free_plan if p.start == 0] == ["new0", "new1", "new2"]
     # An empty engine always takes its first sequence, even where one step is over the target.
     idle = _tpot_sched()
     idle.step_time = lambda p, d, c: 1.0
-    idle.add(Sequence("only", [1] * 4, 4, tpot_s=0.001))
+    idle.add(EngineSequence("only", [1] * 4, 4, tpot_s=0.001))
     assert [p.seq.seq_id for p in idle.schedule(now=0.0)] == ["only"]
 
 
@@ -298,7 +298,7 @@ def test_the_engine_seats_a_newcomer_exactly_when_the_shared_rule_does(decodes: 
     running = [_decoding(f"d{i}", 0.018, generated=3, since_first_s=0.02, now=100.0) for i in range(decodes)]
     for seq in running:
         sched.add_running(seq)
-    sched.add(Sequence("new", [1] * 4, 4, tpot_s=0.018))
+    sched.add(EngineSequence("new", [1] * 4, 4, tpot_s=0.018))
     admitted = any(p.seq.seq_id == "new" for p in sched.schedule(now=100.0))
     ctx = sum(len(s.token_ids) for s in running) + 4
     fits = seat_fits(_linear_step, decodes + 1, ctx, 0.018, 32, _linear_step(32, 1, 0))
@@ -318,3 +318,33 @@ def test_the_late_rule_in_token_units_lets_the_longest_prompt_ahead_give_way() -
     # Late prompts rank after every lane, in arrival order whatever their deadlines.
     assert prefill_rank(3, 0.1, 5.0, 1) > prefill_rank(2, 9.0, 0.0, 0)
     assert prefill_rank(3, 0.1, 5.0, 1) > prefill_rank(3, 9.0, 4.0, 2)
+
+
+def test_a_tpot_target_no_step_can_meet_does_not_bound_the_steps() -> None:
+    # A 5 ms target sits below the smallest decode step (11 ms): bounding by it would cut every
+    # step to the smallest chunk; the sequence runs best-effort and the steps are sized for the
+    # others (batching.strictest_reachable, as the simulator's instances).
+    hopeless = _decoding("hopeless", 0.005, generated=5, since_first_s=0.02, now=100.0)
+    assert _doc_chunk_beside(hopeless) == 511
+    sched = _tpot_sched()
+    sched.add_running(_decoding("hopeless", 0.005, generated=5, since_first_s=0.02, now=100.0))
+    sched.add_running(_decoding("chat", 0.040, generated=20, since_first_s=0.5, now=100.0))
+    sched.add(_seq("doc", 1000))
+    # Two decodes: 10 ms + 2 ms + 0.1 ms x 280 tokens = 40 ms, the chat's target.
+    assert {p.seq.seq_id: p.num_new for p in sched.schedule(now=100.0)}["doc"] == 280
+
+
+def test_a_re_prefilling_sequence_that_already_missed_its_ttft_goes_late() -> None:
+    # Preempted after its first token, which came after its TTFT deadline: it can no longer
+    # count, so it ranks behind an on-time prompt of a lower priority (the simulator's rule for a
+    # request re-prefilled after a slow re-cut). One whose first token was on time keeps its rank.
+    sched = Scheduler(SchedulerConfig(8, 22), BlockManager(64, 4))
+    missed = EngineSequence("missed", [1] * 12, 10, priority=0, ttft_deadline=5.0, first_token_at=6.0)
+    kept = EngineSequence("kept", [1] * 12, 10, priority=0, ttft_deadline=5.0, first_token_at=4.0)
+    sched.add(missed)
+    sched.add(kept)
+    sched.add(EngineSequence("fresh", [1] * 10, 10, priority=1, ttft_deadline=50.0))
+    plan = sched.schedule(now=10.0)
+    assert missed.late and not kept.late
+    # 22 tokens: the on-time ones take them all, the late one waits.
+    assert [(p.seq.seq_id, p.num_new) for p in plan] == [("kept", 12), ("fresh", 10)]

@@ -4,7 +4,7 @@ Routers report their traffic each window (RouterWindowStats); the shared ``Contr
 same object the simulator drives -- turns it into demand, admission budgets for the routers'
 lane policy, and, when a candidate cut replayed through the simulator on the recent requests at
 the offsets the routers reported, starting from the requests they still had in flight
-(``simulator.PlanReplay``, with this controller's performance model), beats the current one by
+(``sim.replay.PlanReplay``, with this controller's performance model), beats the current one by
 more than the switching cost, a new cut that the controller applies with the switch protocol. The
 replay runs in a thread, off the event loop; with ``replay_workers`` the window's candidate replays
 run side by side in that many processes. The switching cost it weighs is what its own
@@ -31,7 +31,7 @@ from nitsum_core.policy import reconfig
 from nitsum_core.policy.control_loop import ControlLoop, InFlight
 from nitsum_core.policy.cuts import boot_plan
 from nitsum_core.policy.plan import SHARED, Assignment, Plan, only_tiers_change
-from nitsum_core.sim.simulator import PlanReplay
+from nitsum_core.sim.replay import PlanReplay
 from nitsum_core.wire import subjects
 from nitsum_core.wire.codec import encode
 from nitsum_core.wire.control import AdmissionBudgets, RouterWindowStats

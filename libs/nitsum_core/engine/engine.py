@@ -18,7 +18,7 @@ from nitsum_core.engine.model import AttentionMetadata, LlamaModel, ModelShard
 from nitsum_core.engine.sampling import sample_one
 from nitsum_core.perf.step_time import StepTimeModel
 from nitsum_core.policy.kv_cache import BlockManager
-from nitsum_core.policy.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, Sequence
+from nitsum_core.policy.scheduler import EngineSequence, ScheduledSeq, Scheduler, SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class Engine:
         self.kv = kv if kv is not None else model.new_kv_cache(num_blocks * config.block_size)
         self._params: dict[str, RequestParams] = {}
         self._generators: dict[str, torch.Generator] = {}
-        self._seqs: dict[str, Sequence] = {}
+        self._seqs: dict[str, EngineSequence] = {}
         self.steps = 0
         self.tokens_generated = 0
         self.tokens_prefilled = 0  # prompt/context tokens run through the model (re-prefill shows here)
@@ -143,7 +143,9 @@ class Engine:
             gen = torch.Generator()
             gen.manual_seed(params.seed if params.seed is not None else hash(request_id) & 0x7FFFFFFF)
             self._generators[request_id] = gen
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), priority, ttft_deadline=ttft_deadline)
+        seq = EngineSequence(
+            request_id, list(prompt_ids), len(prompt_ids), priority, ttft_deadline=ttft_deadline
+        )
         seq.tpot_s, seq.max_tokens = tpot_s, params.max_tokens
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -200,7 +202,9 @@ class Engine:
             gen.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
             self._generators[req.request_id] = gen
         computed = req.num_computed if block_table else 0
-        seq = Sequence(req.request_id, list(req.token_ids), req.num_prompt_tokens, req.priority, computed)
+        seq = EngineSequence(
+            req.request_id, list(req.token_ids), req.num_prompt_tokens, req.priority, computed
+        )
         now = time.monotonic()
         if req.ttft_left_s is not None:
             seq.ttft_deadline = now + req.ttft_left_s

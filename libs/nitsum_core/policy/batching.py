@@ -152,6 +152,12 @@ def largest_chunk(step_s: Callable[[int], float | None], bound: float, most: int
     return max(lo, min(least, most))
 
 
+def ttft_settled_late(first_token: float | None, deadline: float | None) -> bool:
+    """Whether a prompt re-prefilling after its first token (a preemption, a slow re-cut) got that
+    token after its TTFT deadline: it can no longer count, so it ranks with the late prompts."""
+    return first_token is not None and deadline is not None and first_token > deadline
+
+
 def strictest_reachable(targets: Iterable[float], floor_s: float) -> float | None:
     """The strictest of the TPOT ``targets`` at or above ``floor_s`` (the smallest decode step:
     one sequence, no context), None if none. A target below it cannot be met at any batch size;

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from nitsum_core.perf.perf_model import PerfModel
 from nitsum_core.perf.saturation import saturation_tokens_per_s
+from nitsum_core.policy.batching import largest_chunk, strictest_reachable
 from nitsum_core.policy.plan import Assignment, TierDemand, TierSet, serves
 
 
@@ -44,14 +45,8 @@ def _max_decode_batch(
     hi = max(1, int(kv_cap // max(1.0, kv_tokens_per_seq)))
     if perf.step_time(tp, 0, 1, int(ctx_per_seq)) > tpot_s:
         return 0
-    lo = 1
-    while lo < hi:  # step time grows with the batch: binary search the last feasible size
-        mid = (lo + hi + 1) // 2
-        if perf.step_time(tp, 0, mid, int(mid * ctx_per_seq)) <= tpot_s:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    # The step time grows with the batch: the largest feasible size by the shared bisection.
+    return largest_chunk(lambda b: perf.step_time(tp, 0, b, int(b * ctx_per_seq)), tpot_s, hi, 1)
 
 
 def slo_safe_capacity(perf: PerfModel, tp: int, demand: TierDemand) -> Capacity:
@@ -128,9 +123,7 @@ def reachable_tpot(perf: PerfModel, tp: int, targets: Iterable[float]) -> float 
     can serve (a TP 1 instance of a 14B model cannot decode within 8 ms, and so served nothing),
     so such a tier's requests run there best-effort and the steps are sized for the others.
     """
-    floor = smallest_decode_step(perf, tp)
-    reachable = [t for t in targets if t >= floor]
-    return min(reachable) if reachable else None
+    return strictest_reachable(targets, smallest_decode_step(perf, tp))
 
 
 def shared_caps(perf: PerfModel, tp: int, demands: dict[str, TierDemand]) -> dict[str, float]:

@@ -67,12 +67,12 @@ class TierSet:
         return "*" if self.names is None else "+".join(sorted(self.names))
 
     def to_wire(self) -> list[str]:
-        """The names for a topology's ``Instance.tiers``: sorted, empty for every tier."""
+        """The names for a topology's ``TopologyInstance.tiers``: sorted, empty for every tier."""
         return [] if self.names is None else sorted(self.names)
 
     @classmethod
     def from_wire(cls, names: Iterable[str]) -> TierSet:
-        """The set an ``Instance.tiers`` list names (empty: every tier)."""
+        """The set an ``TopologyInstance.tiers`` list names (empty: every tier)."""
         names = frozenset(names)
         return cls(names) if names else SHARED
 

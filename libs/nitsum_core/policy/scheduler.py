@@ -16,7 +16,7 @@ any more, and ahead of them it would make them miss too. Where a longer prompt a
 give way for it to fit, that one goes instead. Late prompts still run, after the others, so
 nothing is dropped.
 
-SLO-sized steps (docs/architecture.md#request-scheduling: "sized to stay SLO-safe"). Given a ``StepTimePredictor`` (the engine
+SLO-sized steps (docs/architecture.md#engine). Given a ``StepTimePredictor`` (the engine
 learns one from its own steps), a step's prompt tokens are cut (``batching.largest_chunk``) so
 that the step is predicted to take no longer than the tightest bound of the sequences decoding in
 it: their tier's TPOT target, less the time any of them is behind it, paid back over
@@ -41,7 +41,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from nitsum_core.policy.batching import (
@@ -50,27 +50,13 @@ from nitsum_core.policy.batching import (
     StepTimePredictor,
     largest_chunk,
     late_prompts,
-    misses_ttft,
     prefill_rank,
     repay_bound,
     seat_fits,
     strictest_reachable,
-    tpot_step_bound,
+    ttft_settled_late,
 )
 from nitsum_core.policy.kv_cache import BlockManager
-
-# Re-exported: the rules' old home.
-__all__ = [
-    "TPOT_REPAY_TOKENS",
-    "ScheduledSeq",
-    "Scheduler",
-    "SchedulerConfig",
-    "SeqStatus",
-    "Sequence",
-    "StepTimePredictor",
-    "misses_ttft",
-    "tpot_step_bound",
-]
 
 
 class SeqStatus(Enum):
@@ -80,7 +66,7 @@ class SeqStatus(Enum):
 
 
 @dataclass
-class Sequence:
+class EngineSequence:
     """One request inside a worker: prompt + generated ids and how many of them have KV cached."""
 
     seq_id: str
@@ -96,7 +82,6 @@ class Sequence:
     tpot_s: float | None = None  # its tier's mean time-per-output-token target; None: no target
     first_token_at: float | None = None  # clock time (as ``now``) its first output token came out
     max_tokens: int | None = None  # most output tokens it may generate (bounds how long it can repay)
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_generated(self) -> int:
@@ -107,7 +92,7 @@ class Sequence:
 class ScheduledSeq:
     """``seq`` runs ``num_new`` tokens this step, starting at position ``start``."""
 
-    seq: Sequence
+    seq: EngineSequence
     start: int
     num_new: int
 
@@ -136,8 +121,8 @@ class Scheduler:
         self.prefill_s_per_token = 0.0
         # Step-time prediction for SLO-sized steps (module docstring); None: fixed token budget.
         self.step_time: StepTimePredictor | None = None
-        self._waiting: list[tuple[tuple[int, float, int], Sequence]] = []
-        self.running: list[Sequence] = []
+        self._waiting: list[tuple[tuple[int, float, int], EngineSequence]] = []
+        self.running: list[EngineSequence] = []
         self._counter = itertools.count()
         self.num_preempted = 0
 
@@ -148,22 +133,22 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self.running)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: EngineSequence) -> None:
         seq.arrival = next(self._counter)
         seq.status = SeqStatus.WAITING
         heapq.heappush(self._waiting, (_rank(seq), seq))
 
-    def add_running(self, seq: Sequence) -> None:
+    def add_running(self, seq: EngineSequence) -> None:
         """Join the running batch directly: the sequence arrives with its KV blocks already filled."""
         seq.arrival = next(self._counter)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
 
-    def waiting_in_order(self) -> list[Sequence]:
+    def waiting_in_order(self) -> list[EngineSequence]:
         """The waiting queue in admission order (rank: late last, then priority, deadline, arrival)."""
         return [seq for _, seq in sorted(self._waiting, key=lambda e: e[0])]
 
-    def remove(self, seq_id: str) -> Sequence | None:
+    def remove(self, seq_id: str) -> EngineSequence | None:
         """Drop a sequence wherever it is (abort or finish) and free its blocks."""
         self.blocks.release(seq_id)
         for i, seq in enumerate(self.running):
@@ -178,7 +163,7 @@ class Scheduler:
                 return seq
         return None
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: EngineSequence) -> None:
         # Recompute preemption: the KV is dropped and the sequence re-prefills later with the
         # tokens it already generated, so no output is lost or repeated.
         self.blocks.release(seq.seq_id)
@@ -192,6 +177,9 @@ class Scheduler:
         ``batching.late_prompts`` over the on-time prompts, running and waiting, in rank order."""
         prompts = [seq for seq in self.running if not _is_decoding(seq)]
         prompts += [seq for _, seq in self._waiting]
+        settled = [seq for seq in prompts if not seq.late and _settled_late(seq)]
+        for seq in settled:  # re-prefilling after a preemption with its TTFT already missed
+            seq.late = True
         on_time = sorted((seq for seq in prompts if not seq.late), key=_rank)
         late, _, _ = late_prompts(
             (
@@ -207,7 +195,7 @@ class Scheduler:
             now,
             self.prefill_s_per_token,
         )
-        if late:
+        if late or settled:
             for seq in late:
                 seq.late = True
             self._waiting = [(_rank(seq), seq) for _, seq in self._waiting]
@@ -227,7 +215,7 @@ class Scheduler:
         budget = self.config.max_batched_tokens - tpot.decodes
         if tpot.bound is not None:
             budget = min(budget, tpot.prefill_budget(budget, self.config.min_prefill_chunk))
-        scheduled: list[Sequence] = []
+        scheduled: list[EngineSequence] = []
         admitting = True
         while running or (admitting and self._waiting):
             if admitting and self._waiting and (not running or self._waiting[0][0] < _rank(running[0])):
@@ -258,8 +246,8 @@ class Scheduler:
     def _admit(
         self,
         plan: list[ScheduledSeq],
-        scheduled: list[Sequence],
-        unplanned: list[Sequence],
+        scheduled: list[EngineSequence],
+        unplanned: list[EngineSequence],
         budget: int,
         tpot: _TpotBound,
     ) -> int:
@@ -280,7 +268,7 @@ class Scheduler:
         plan.append(ScheduledSeq(seq, seq.num_computed, num_new))
         return num_new
 
-    def _seat_free(self, seq: Sequence, seated: list[Sequence], tpot: _TpotBound) -> bool:
+    def _seat_free(self, seq: EngineSequence, seated: list[EngineSequence], tpot: _TpotBound) -> bool:
         """Whether ``seq`` may join ``seated`` by the simulator's TPOT seat rule (module docstring):
         ``batching.seat_fits`` at the strictest reachable TPOT target among them, lowered by what
         a decoding one is paying back."""
@@ -304,7 +292,7 @@ class _TpotBound:
     """One step's TPOT bound (the tightest of its decoding sequences') and the prompt tokens it allows."""
 
     def __init__(
-        self, step_time: StepTimePredictor | None, running: list[Sequence], now: float | None
+        self, step_time: StepTimePredictor | None, running: list[EngineSequence], now: float | None
     ) -> None:
         self.step_time = step_time
         decoding = [seq for seq in running if _is_decoding(seq)]
@@ -317,8 +305,14 @@ class _TpotBound:
         decode_only = step_time(0, self.decodes, self.ctx)
         if decode_only is None:
             return
+        # A target below the smallest decode step cannot be met at any batch: bounding steps by it
+        # would shrink every step to the smallest chunk, so those sequences run best-effort and
+        # the steps are sized for the others (``batching.strictest_reachable``, as the simulator).
+        floor = step_time(0, 1, 0)
         for seq in decoding:
-            if seq.tpot_s is None:
+            if seq.tpot_s is None or (
+                floor is not None and strictest_reachable((seq.tpot_s,), floor) is None
+            ):
                 continue
             bound = seq.tpot_s
             if seq.first_token_at is not None:
@@ -342,13 +336,18 @@ class _TpotBound:
         return largest_chunk(lambda n: step_time(n, self.decodes, self.ctx), bound, most, least)
 
 
-def _rank(seq: Sequence) -> tuple[int, float, int]:
+def _settled_late(seq: EngineSequence) -> bool:
+    """A sequence past its first token whose TTFT came after its deadline (``batching.ttft_settled_late``)."""
+    return seq.num_generated > 0 and ttft_settled_late(seq.first_token_at, seq.ttft_deadline)
+
+
+def _rank(seq: EngineSequence) -> tuple[int, float, int]:
     # ``batching.prefill_rank``: the priority is the router's lane, a late prompt is in Lane.LATE;
     # a prompt without a deadline goes after those with one in its lane.
     due = math.inf if seq.ttft_deadline is None else seq.ttft_deadline
     return prefill_rank(LATE if seq.late else seq.priority, due, seq.arrival, seq.arrival)
 
 
-def _is_decoding(seq: Sequence) -> bool:
+def _is_decoding(seq: EngineSequence) -> bool:
     """Past its prompt: the next step feeds its one newest token."""
     return len(seq.token_ids) - seq.num_computed <= 1

@@ -13,7 +13,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from nitsum_core.policy.batching import LATE, prefill_rank
+from nitsum_core.policy.batching import LATE, prefill_rank, ttft_settled_late
 from nitsum_core.policy.plan import Assignment
 
 
@@ -112,7 +112,7 @@ def enqueue(inst: SimInstance, r: SimRequest) -> None:
     # An on-time prompt joining can only add its own tokens to what each other one waits for,
     # and waits for at most all of theirs and its own: the skip bound stays a lower bound.
     left = r.prompt - r.prefilled
-    if r.first_token is not None and r.first_token > r.due:
+    if ttft_settled_late(r.first_token, r.due):
         inst.late_safe_until = -math.inf  # settled late already: the next check must move it
         return
     inst.late_safe_until -= left * inst.late_s_per_token

@@ -30,8 +30,6 @@ from nitsum_core.sim.recut import Recuts
 from nitsum_core.sim.steps import InstanceSteps
 from nitsum_core.workload import TraceRequest
 
-__all__ = ["Preset", "QueueOrder", "ReplayFactory", "SimInstance", "SimRequest", "SimResult", "Simulator"]
-
 QueueOrder = Literal["fcfs", "priority", "slo"]
 
 
@@ -319,12 +317,3 @@ class Simulator(InstanceSteps, Recuts):
         arrived = reqs[len(resumed) :]
         duration = (arrived[-1].arrival - arrived[0].arrival) if len(arrived) > 1 else 1.0
         return SimResult(records, duration, self.switches, self.timeline, self.rejected)
-
-
-def __getattr__(name: str) -> object:
-    # ``PlanReplay`` lives in ``replay`` (it imports this module); the old import path still works.
-    if name == "PlanReplay":
-        from nitsum_core.sim.replay import PlanReplay
-
-        return PlanReplay
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,7 @@ from nitsum_core.policy.batching import (
     late_prompts,
     repay_bound,
     seat_fits,
+    ttft_settled_late,
 )
 from nitsum_core.policy.capacity import reachable_tpot
 from nitsum_core.policy.control_loop import ControlLoop
@@ -177,9 +178,9 @@ class InstanceSteps:
         if now < inst.late_safe_until - inst.late_tokens * slower - _SAFE_MARGIN_S:
             self.late_checks_skipped += 1
             return
-        # Prefilling and queued on-time prompts as queue entries (lane, deadline, rid, request):
+        # Prefilling and queued on-time prompts as queue entries (``prefill_order``, then the request):
         # sorted as tuples, a large part of this check's cost at 400 req/s.
-        on_time = [(r.lane, r.due, r.rid, r) for r in inst.prefilling if r.lane != LATE]
+        on_time = [(*prefill_order(r), r) for r in inst.prefilling if r.lane != LATE]
         on_time += inst.queue
         on_time.sort()
         moved = False
@@ -188,7 +189,7 @@ class InstanceSteps:
             first = r.first_token
             if first is None:
                 prompts.append((deadline, r.prompt - r.prefilled, rid, r))
-            elif first > deadline:  # re-prefilling after a slow switch, its TTFT settled late
+            elif ttft_settled_late(first, deadline):  # re-prefilling after a slow switch
                 r.lane, moved = LATE, True
             else:  # settled on time: it has no deadline left, but holds up those after it
                 prompts.append((None, r.prompt - r.prefilled, rid, r))
