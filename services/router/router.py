@@ -26,7 +26,7 @@ from nitsum_core.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from nitsum_core.errors import NitsumError, NoWorkers, RequestTimeout, WorkerLost
 from nitsum_core.logs import setup_logging
 from nitsum_core.policy.goodput import mean_tpot, meets_targets
-from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, leaders_for
+from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, fallback_lane, leaders_for
 from nitsum_core.wire import subjects, topology
 from nitsum_core.wire.bus import connect
 from nitsum_core.wire.client import CancelRequest, GenerateRequest, StreamChunk, Usage
@@ -313,8 +313,7 @@ class Router:
                 self.log.warning("hold expired without a release; dispatching again", plan=expired)
             alive = {s for s, w in self.workers.items() if w.alive} - exclude
             leaders, fallback = leaders_for(self.topology, f.tier.name, alive)
-            if fallback and f.lane == Lane.FEASIBLE:
-                f.lane = int(Lane.BEST_EFFORT)  # no instance is dedicated to its tier right now
+            f.lane = fallback_lane(f.lane, fallback)  # no instance is dedicated to its tier right now
             submit.priority = f.lane
             # Its TTFT clock keeps running across re-dispatches; once the first token is out the
             # target is met or missed and the worker need not know it.

@@ -54,6 +54,12 @@ def leaders_for(topology: Topology | None, tier: str, alive: set[int]) -> tuple[
     return [inst.leader for inst in targets], fallback
 
 
+def fallback_lane(lane: int, fallback: bool) -> int:
+    """The lane a request routed by ``route_targets`` runs in: a feasible one sent to instances
+    that do not serve its tier (a fallback) runs best-effort there, behind their own tiers."""
+    return int(Lane.BEST_EFFORT) if fallback and lane == Lane.FEASIBLE else lane
+
+
 def least_loaded(candidates: list[Candidate]) -> int | None:
     """The slot with the smallest load (lowest slot on ties, so routing is deterministic)."""
     if not candidates:

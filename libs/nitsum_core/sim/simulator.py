@@ -24,7 +24,7 @@ from nitsum_core.policy.control_loop import Arrival, ControlLoop, Forecast, InFl
 from nitsum_core.policy.cuts import boot_plan
 from nitsum_core.policy.goodput import RequestRecord, mean_tpot
 from nitsum_core.policy.plan import Plan, Role, serves
-from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, route_targets
+from nitsum_core.policy.routing import Candidate, Lane, LanePolicy, fallback_lane, route_targets
 from nitsum_core.sim.instance import SimInstance, SimRequest, decoded, enqueue
 from nitsum_core.sim.recut import Recuts
 from nitsum_core.sim.steps import InstanceSteps
@@ -145,9 +145,7 @@ class Simulator(InstanceSteps, Recuts):
             r.due = r.arrival + tier.ttft_s
             # A request that can no longer meet its TTFT target must not hold up those that can.
             lane = Lane.BEST_EFFORT if r.late else self.lanes.classify(r.tier)
-            if fallback and lane == Lane.FEASIBLE:
-                lane = Lane.BEST_EFFORT
-            r.lane = int(lane)
+            r.lane = fallback_lane(int(lane), fallback)
             by_start = {i.a.start: i for i in cands}
             slot = self.lanes.pick([Candidate(i.a.start, i.load) for i in cands], lane)
             inst = by_start[slot]  # type: ignore[index]
