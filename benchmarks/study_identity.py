@@ -18,17 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nitsum_cli.main import main as nitsum_main
-
-
-def nitsum(argv: list[str]) -> int:
-    """Run the ``nitsum`` CLI in this process; its exit status."""
-    try:
-        nitsum_main(argv)
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
-
+from nitsum_cli.main import run as nitsum
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "traces"

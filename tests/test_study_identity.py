@@ -11,17 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nitsum_cli.main import main
-
-
-def nitsum(argv: list[str]) -> int:
-    """Run the ``nitsum`` CLI in this process; its exit status."""
-    try:
-        main(argv)
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
-
+from nitsum_cli.main import run as nitsum
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT.parent / "shared" / "traces"

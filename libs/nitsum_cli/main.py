@@ -381,7 +381,8 @@ async def _bench(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run one ``nitsum`` command in this process; its exit status."""
     args = build_parser().parse_args(argv)
     handler = {
         "up": _up,
@@ -409,7 +410,11 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
-    sys.exit(code)
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
 
 
 if __name__ == "__main__":
